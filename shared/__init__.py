@@ -1,0 +1,1 @@
+"""The common language of kdfleet: messages, topics, model packages, config and the numpy core."""

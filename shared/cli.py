@@ -1,0 +1,58 @@
+"""The `kdfleet` command: one entry point, each subcommand served by its own package.
+
+A subcommand's package is imported only when it runs, so the agent's
+commands work on a device that has no torch and no Flask.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("shared.demo", "main", "run the whole fleet locally: data, model, broker, hub, 3 stations"),
+    "data": ("trainer.cli", "data_main", "make datasets (`data synth OUT --seed N`)"),
+    "train": ("trainer.cli", "train_main", "train STFPM / RD / US, unified or one-class"),
+    "evaluate": ("trainer.cli", "evaluate_main", "evaluate a checkpoint or package on an MVTec-layout set"),
+    "export": ("trainer.cli", "export_main", "export a checkpoint to ONNX and pack a model package"),
+    "quantize": ("trainer.quantize.cli", "quantize_main", "FP16 / PTQ / QAT variants and their accuracy-speed report"),
+    "demo-model": ("trainer.cli", "demo_model_main", "train (or reuse) the small unified model the demo runs"),
+    "agent": ("agent.cli", "main", "the station agent (`agent run`, `agent check`)"),
+    "hub": ("hub.cli", "main", "the hub: MQTT ingest, database and dashboard"),
+}
+
+GROUPS = {"trainer": ("data", "train", "evaluate", "export", "quantize", "demo-model")}
+
+
+def usage(names: list[str]) -> str:
+    width = max(len(n) for n in names)
+    lines = ["usage: kdfleet <command> [options]   (kdfleet <command> --help for more)", "", "commands:"]
+    lines += [f"  {n.ljust(width)}  {COMMANDS[n][2]}" for n in names]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, group: str | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = list(GROUPS[group]) if group else list(COMMANDS)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(names))
+        return 0
+    name = argv[0]
+    if name not in names:
+        print(f"kdfleet: unknown command {name!r}\n\n{usage(names)}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    try:
+        target = getattr(importlib.import_module(module), func)
+    except ImportError as exc:
+        extra = module.split(".")[0]
+        print(f"kdfleet {name}: needs a package that is not installed ({exc.name}); "
+              f"install it with: pip install 'kdfleet[{'train' if extra == 'trainer' else extra}]'",
+              file=sys.stderr)
+        return 2
+    result = target(argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Shared fixtures: a real Mosquitto broker and a real PostgreSQL database.
+
+Neither is assumed to be running: the broker on 127.0.0.1:1883 is used when it
+answers, otherwise a private Mosquitto is started; PostgreSQL on
+127.0.0.1:5432 is used when it answers (a fresh database per test session),
+and its tests skip with the reason when no server can be reached.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from collections.abc import Callable, Iterator
+
+import pytest
+
+
+def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A private Mosquitto process on its own port, stoppable and restartable (same port)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(self.binary).exists():
+            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.conf = workdir / f"mosquitto-{self.port}.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"max_queued_messages 100000\n{extra_conf}"
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Mosquitto:
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not port_open(self.host, self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not start on port {self.port}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """(host, port) of a running MQTT broker: the local one if up, else a private Mosquitto."""
+    if port_open("127.0.0.1", 1883):
+        yield ("127.0.0.1", 1883)
+        return
+    m = Mosquitto(tmp_path_factory.mktemp("broker"), port=1883)
+    m.start()
+    yield (m.host, m.port)
+    m.stop()
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
+    """Factory for private brokers a test may stop and restart (outage tests)."""
+    started: list[Mosquitto] = []
+
+    def make(**kw) -> Mosquitto:
+        m = Mosquitto(tmp_path, **kw).start()
+        started.append(m)
+        return m
+
+    yield make
+    for m in started:
+        m.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique token for site/device names, so tests sharing a broker never collide."""
+    return uuid.uuid4().hex[:8]
+
+
+def _pg_admin_url() -> str | None:
+    url = os.environ.get("KDFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    return url if port_open("127.0.0.1", 5432) else None
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """URL of a fresh PostgreSQL database for this test session, dropped afterwards."""
+    admin = _pg_admin_url()
+    if admin is None:
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (.ci/run starts it)")
+    from sqlalchemy import create_engine, text
+
+    name = f"kdfleet_test_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    yield admin.rsplit("/", 1)[0] + f"/{name}"
+    with engine.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs against SQLite and against PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    return request.getfixturevalue("pg_url")

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from shared import scoring
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0, 4.0])
+def test_smooth_matches_scipy(sigma):
+    amap = np.random.default_rng(0).random((40, 56)).astype(np.float32)
+    ours = scoring.smooth(amap, sigma)
+    ref = ndimage.gaussian_filter(amap, sigma, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(ours, ref, atol=2e-3)
+
+
+def test_image_score_is_max_of_smoothed_map():
+    amap = np.zeros((32, 32), np.float32)
+    amap[10:14, 20:24] = 5.0
+    assert scoring.image_score(amap, 1.0) == pytest.approx(scoring.smooth(amap, 1.0).max())
+    assert scoring.image_score(amap, 0) == 5.0
+
+
+def test_calibration_flags_about_one_percent_of_normals():
+    normal = np.random.default_rng(1).normal(10, 1, 5000)
+    cal = scoring.calibrate(normal)
+    assert (normal > cal.threshold).mean() < 0.01
+    assert cal.normalise(cal.threshold) == pytest.approx(1.0)
+    assert scoring.ClassCalibration.from_dict(cal.to_dict()) == cal
+
+
+def test_components_match_scipy_labels():
+    mask = np.random.default_rng(2).random((50, 50)) > 0.6
+    labels, n = scoring.label_components(mask)
+    ref, n_ref = ndimage.label(mask)
+    assert n == n_ref
+    # same partition, up to label names
+    pairs = set(zip(labels[mask].tolist(), ref[mask].tolist(), strict=True))
+    assert len(pairs) == n
+
+
+def test_regions_and_boxes():
+    amap = np.zeros((64, 64), np.float32)
+    amap[5:9, 10:20] = 3.0
+    amap[40:50, 40:42] = 6.0
+    regions = scoring.find_regions(amap, 1.0)
+    assert [(r.x, r.y, r.w, r.h) for r in regions] == [(40, 40, 2, 10), (10, 5, 10, 4)]
+    x, y, w, h = scoring.scale_box(regions[1], 4.0, 4.0, 0.0, (256, 256))
+    assert (x, y, w, h) == (40, 20, 40, 16)
+    assert scoring.scale_box(regions[0], 4.0, 4.0, 10.0, (256, 256))[2] <= 256
