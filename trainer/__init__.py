@@ -1,0 +1,1 @@
+"""kdfleet trainer: data, models, training, evaluation, export."""

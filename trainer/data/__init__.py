@@ -1,0 +1,1 @@
+"""Data sets: the MVTec AD layout loader and the synthetic generator."""

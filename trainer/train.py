@@ -1,0 +1,332 @@
+"""Training: one model on the normal images of a list of classes.
+
+Unified = one model on the shuffled union of every class's normal training
+images; one-class = the same function once per class (`one_class_configs`).
+The normal training images are split into train and validation parts
+(`split_train_val`, stratified by the data module); the validation loss picks
+the best checkpoint, and the same validation images later calibrate the
+per-class thresholds (evaluate.py), so they are never trained on.
+
+Determinism: the student's initialisation, each epoch's shuffle and each
+epoch's augmentations derive from the seed alone (not from the RNG state of
+earlier epochs), so a resumed run continues exactly where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shared.imaging import Placement, letterbox, read_image
+from trainer.inference_graph import IMAGENET_MEAN, IMAGENET_STD, Normalize, to_float_nchw
+from trainer.models import build_model, get_method, model_config
+
+BEST, LAST = "best.pt", "last.pt"
+# keys that may differ when resuming: where things are, and how long to go on
+RESUMABLE_CHANGES = {"data", "out", "epochs", "threads"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in every checkpoint."""
+
+    data: str                                   # MVTec-layout root folder
+    classes: tuple[str, ...] = ()               # empty: every class found under `data`
+    method: str = "stfpm"
+    model: Any = None                           # the method's config (dataclass or dict); None: its defaults
+    size: int = 256                             # letterboxed input side; a multiple of 32 for the backbones
+    epochs: int = 60                            # ~2.4k student updates on 600 images: enough to pass the kNN yardstick
+    batch_size: int = 16                        # BatchNorm needs a few images; 2 CPU cores need few
+    optimizer: str = "sgd"                      # "sgd" (the paper's) or "adam"
+    lr: float = 0.4                             # SGD, the paper's; lower rates left the student far from the teacher
+    momentum: float = 0.9                       # SGD momentum / Adam beta1
+    weight_decay: float = 1e-4                  # the STFPM paper's
+    warmup_epochs: float = 1.0                  # linear warm-up, then cosine decay to lr_min_ratio * lr
+    lr_min_ratio: float = 0.01
+    val_fraction: float = 0.2                   # held-out normal images: best checkpoint and calibration
+    seed: int = 0
+    hflip: bool = False                         # only where orientation is not semantic (textures)
+    vflip: bool = False
+    brightness: float = 0.1                     # +-10 % gain: lighting drift that stays normal
+    out: str = "runs/stfpm"
+    threads: int = 0                            # torch CPU threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(self.classes)
+        get_method(self.method)   # refuses unknown or unavailable methods early
+        if self.model is None or isinstance(self.model, dict):
+            self.model = model_config(self.method, self.model)
+        if type(self.model).method != self.method:
+            raise ValueError(f"model config is for {type(self.model).method!r}, not {self.method!r}")
+        if self.size < 64 or self.size % 32:
+            raise ValueError(f"size must be a multiple of 32 and at least 64, got {self.size}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be between 0 and 1")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.lr <= 0 or not 0 <= self.brightness < 1:
+            raise ValueError("lr must be positive and brightness in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"train config: unknown key(s) {unknown}")
+        return cls(**d)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    epoch: int        # 1-based, the epoch in progress
+    epochs: int
+    step: int         # steps done in this epoch
+    steps: int
+    loss: float       # running mean of this epoch's training loss
+    val_loss: float | None   # set once the epoch's validation is done
+    lr: float
+    eta_s: float      # seconds left for the whole run
+
+
+def print_progress(p: Progress) -> None:
+    """Progress line on stderr: rewritten in place on a terminal, one line per epoch otherwise."""
+    eta = f"{int(p.eta_s // 60)}:{int(p.eta_s % 60):02d}"
+    line = (f"epoch {p.epoch}/{p.epochs} step {p.step}/{p.steps} loss {p.loss:.4f} "
+            f"lr {p.lr:.3g} eta {eta}")
+    if p.val_loss is not None:
+        print(f"\r{line} val {p.val_loss:.4f}", file=sys.stderr, flush=True)
+    elif sys.stderr.isatty():
+        print(f"\r{line}", end="", file=sys.stderr, flush=True)
+
+
+# -- data ----------------------------------------------------------------------
+
+def load_frames(paths: list[str | Path], size: int, threads: int = 2
+                ) -> tuple[np.ndarray, list[Placement], list[tuple[int, int]]]:
+    """Read and letterbox images: uint8 (N, size, size, 3), where each frame landed, each frame's (H, W)."""
+    def one(p: str | Path) -> tuple[np.ndarray, Placement, tuple[int, int]]:
+        img = read_image(p)
+        return (*letterbox(img, size), img.shape[:2])
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:   # decoding releases the GIL
+        done = list(pool.map(one, paths))
+    if not done:
+        return np.zeros((0, size, size, 3), np.uint8), [], []
+    return np.stack([d[0] for d in done]), [d[1] for d in done], [d[2] for d in done]
+
+
+def load_letterboxed(paths: list[str | Path], size: int, threads: int = 2) -> tuple[np.ndarray, list[Placement]]:
+    """Read and letterbox images: uint8 (N, size, size, 3) and where each frame landed."""
+    images, places, _ = load_frames(paths, size, threads)
+    return images, places
+
+
+def split_normal(data: str | Path, classes: list[str], val_fraction: float, seed: int) -> tuple[list, list]:
+    """The normal training images of `classes`, split into (train, validation) samples."""
+    from trainer.data.mvtec import load_samples, split_train_val
+
+    samples = load_samples(data, classes, "train")
+    normal = [s for s in samples if s.label == 0]
+    if not normal:
+        raise ValueError(f"{data}: no normal training images for {classes}")
+    return split_train_val(normal, val_fraction=val_fraction, seed=seed)
+
+
+def resolve_classes(cfg: TrainConfig) -> list[str]:
+    from trainer.data.mvtec import discover_classes
+
+    found = discover_classes(cfg.data)
+    if not cfg.classes:
+        return list(found)
+    missing = [c for c in cfg.classes if c not in found]
+    if missing:
+        raise ValueError(f"{cfg.data}: class(es) {missing} not found; have {', '.join(found)}")
+    return list(cfg.classes)
+
+
+def one_class_configs(cfg: TrainConfig) -> list[TrainConfig]:
+    """One config per class, each writing under `out/<class>`: the one-class mode."""
+    return [dataclasses.replace(cfg, classes=(c,), out=str(Path(cfg.out) / c)) for c in resolve_classes(cfg)]
+
+
+def augment(x: Tensor, cfg: TrainConfig, gen: torch.Generator) -> Tensor:
+    """Augmentations that keep a normal image normal: optional flips, a brightness gain. x: (B, 3, S, S) 0..255."""
+    b = x.shape[0]
+    if cfg.hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+    if cfg.vflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip.view(b, 1, 1, 1), x.flip(2), x)
+    if cfg.brightness > 0:
+        gain = 1 + (torch.rand(b, generator=gen) * 2 - 1) * cfg.brightness
+        x = (x * gain.view(b, 1, 1, 1)).clamp(0, 255)
+    return x
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up for `warmup_epochs`, then cosine decay to lr_min_ratio * lr."""
+    warm = max(1, round(cfg.warmup_epochs * total / cfg.epochs)) if cfg.warmup_epochs > 0 else 0
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    lo = cfg.lr * cfg.lr_min_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+def save_checkpoint(path: Path, cfg: TrainConfig, model: torch.nn.Module, epoch: int, best_val: float,
+                    optimizer: torch.optim.Optimizer, history: list[dict[str, float]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
+                "best_val": best_val, "optimizer": optimizer.state_dict(), "history": history}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[TrainConfig, torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, with its weights, in eval mode: (config, model, raw dict)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_model(cfg.model, pretrained=False)   # the checkpoint carries the teacher too
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return cfg, model.eval(), ckpt
+
+
+# -- the loop ------------------------------------------------------------------
+
+def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_progress,
+          resume: bool = False) -> Path:
+    """Train one model on the normal images of `cfg.classes`; returns the best checkpoint's path.
+
+    resume: continue from `out/last.pt` when it exists (same config, `epochs` may grow).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = resolve_classes(cfg)
+    cfg = dataclasses.replace(cfg, classes=tuple(classes))
+    method = get_method(cfg.method)
+
+    train_s, val_s = split_normal(cfg.data, classes, cfg.val_fraction, cfg.seed)
+    threads = cfg.threads or torch.get_num_threads()
+    train_x, _ = load_letterboxed([s.path for s in train_s], cfg.size, threads)   # (N, S, S, 3) uint8
+    val_x, _ = load_letterboxed([s.path for s in val_s], cfg.size, threads)
+    if len(train_x) < 2:
+        raise ValueError(f"need at least 2 normal training images, found {len(train_x)}")
+
+    torch.manual_seed(cfg.seed)   # the student's initialisation
+    model = build_model(cfg.model)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(cfg, params)
+
+    start, best_val, history = 0, math.inf, []
+    if resume and (out / LAST).exists():
+        ckpt = torch.load(out / LAST, map_location="cpu", weights_only=True)
+        check_resumable(TrainConfig.from_dict(ckpt["config"]), cfg)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, best_val, history = ckpt["epoch"], ckpt["best_val"], list(ckpt.get("history", []))
+
+    bs = min(cfg.batch_size, len(train_x))
+    if start == 0 and method.prepare is not None:   # e.g. US: the teacher's descriptor statistics
+        run_hook(method.prepare, model, normalize, train_x, bs)
+    steps = len(train_x) // bs          # the last partial batch is dropped: BatchNorm dislikes tiny ones
+    total = steps * cfg.epochs
+    t0, done_steps = time.monotonic(), 0
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        rng = np.random.default_rng([cfg.seed, epoch])
+        gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        order = rng.permutation(len(train_x))
+        running = 0.0
+        for i in range(steps):
+            step = epoch * steps + i
+            lr = lr_at(cfg, step, total)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            idx = order[i * bs:(i + 1) * bs]
+            x = augment(to_float_nchw(torch.from_numpy(train_x[idx])), cfg, gen)   # (B, 3, S, S)
+            loss = method.training_loss(model, normalize(x))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+            done_steps += 1
+            if progress:
+                eta = (time.monotonic() - t0) / done_steps * (total - step - 1)
+                progress(Progress(epoch + 1, cfg.epochs, i + 1, steps, running / (i + 1), None, lr, eta))
+        val = validation_loss(model, method, normalize, val_x if len(val_x) else train_x, bs)
+        history.append({"epoch": epoch + 1, "train_loss": running / steps, "val_loss": val})
+        if val < best_val:
+            best_val = val
+            save_checkpoint(out / BEST, cfg, model, epoch + 1, best_val, optimizer, history)
+        save_checkpoint(out / LAST, cfg, model, epoch + 1, best_val, optimizer, history)
+        if progress:
+            eta = (time.monotonic() - t0) / max(1, done_steps) * (total - (epoch + 1) * steps)
+            progress(Progress(epoch + 1, cfg.epochs, steps, steps, running / steps, val, lr, eta))
+    if method.finalize is not None and (out / BEST).exists():   # e.g. US: the chosen model's score statistics
+        finalize_best(out / BEST, model, method, normalize, train_x, bs)
+    return out / BEST
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, method, normalize: Normalize, images: np.ndarray, bs: int) -> float:
+    """Mean distillation loss over `images` (uint8 NHWC), model in eval mode."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(images), bs):
+        x = normalize(to_float_nchw(torch.from_numpy(images[i:i + bs])))
+        total += method.training_loss(model, x).item() * len(x)
+    return total / len(images)
+
+
+@torch.no_grad()
+def run_hook(hook: Callable, model: torch.nn.Module, normalize: Normalize, images: np.ndarray, bs: int) -> None:
+    """A method's `prepare` / `finalize` on `images` (uint8 NHWC), as one pass of normalised batches, eval mode."""
+    model.eval()
+    hook(model, (normalize(to_float_nchw(torch.from_numpy(images[i:i + bs]))) for i in range(0, len(images), bs)))
+
+
+def finalize_best(path: Path, model: torch.nn.Module, method, normalize: Normalize, images: np.ndarray,
+                  bs: int) -> None:
+    """Load the best checkpoint into `model`, run the method's `finalize` and save it back in place."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    run_hook(method.finalize, model, normalize, images, bs)
+    ckpt["state_dict"] = model.state_dict()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def check_resumable(saved: TrainConfig, now: TrainConfig) -> None:
+    a, b = saved.to_dict(), now.to_dict()
+    changed = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ValueError(f"cannot resume: the checkpoint was trained with different {changed}; "
+                         f"use a new --out or the same settings")
