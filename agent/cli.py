@@ -1,0 +1,139 @@
+"""`kdfleet agent`: run a station, or check that it could run."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from agent.config import AgentConfig, load
+from shared.config import ConfigError
+
+
+def _add_quick_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--config", type=Path, help="agent TOML config (flags below override it)")
+    ap.add_argument("--package", help="model package (.kdpkg)")
+    ap.add_argument("--broker", help="broker URL, e.g. mqtt://user:pass@host:1883")
+    ap.add_argument("--site", help="site name")
+    ap.add_argument("--device", help="device name")
+    ap.add_argument("--station", help="station name")
+    ap.add_argument("--folder", "--source", dest="source",
+                    help="one source (folder, video file, camera index or stream URL) instead of [[sources]]")
+    ap.add_argument("--cls", help="the class the --source shows")
+    ap.add_argument("--fps", type=float, default=0.0, help="pace of --source (0: as fast as possible)")
+    ap.add_argument("--loop", action="store_true", help="replay --source forever")
+    ap.add_argument("--watch", action="store_true", help="keep watching the --source folder for new files")
+    ap.add_argument("--runtime", choices=("auto", "onnxruntime", "tensorrt"))
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--spool", help="spool database path")
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    overrides = {k: getattr(args, k) for k in ("package", "broker", "site", "device", "station", "runtime",
+                                                "threads")}
+    if args.source:
+        if not args.cls:
+            raise ConfigError("--source needs --cls (the class it shows)")
+        overrides["sources"] = [{"uri": args.source, "cls": args.cls, "fps": args.fps, "loop": args.loop,
+                                 "watch": args.watch}]
+    if args.spool:
+        overrides["spool"] = {"path": args.spool}
+    cfg = load(args.config, overrides)
+    return cfg
+
+
+def run_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="kdfleet agent run", description="Run a station until Ctrl-C.")
+    _add_quick_flags(ap)
+    ap.add_argument("--until-drained", action="store_true",
+                    help="exit once every source has ended and every result is delivered")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        from agent.pipeline import Agent
+
+        agent = Agent(_config(args))
+    except (ConfigError, ValueError, OSError) as exc:
+        print(f"kdfleet agent: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    agent.run(until_drained=args.until_drained)
+    return 0
+
+
+def check_main(argv: list[str]) -> int:
+    """Validate the config, the package, the runtime and the broker; print what is wrong."""
+    ap = argparse.ArgumentParser(prog="kdfleet agent check",
+                                 description="Check config, package, runtime and broker; exit 1 if any fails.")
+    _add_quick_flags(ap)
+    args = ap.parse_args(argv)
+    ok = True
+
+    def report(what: str, error: str | None) -> None:
+        nonlocal ok
+        ok = ok and error is None
+        print(f"{'ok  ' if error is None else 'FAIL'} {what}{'' if error is None else ': ' + error}")
+
+    try:
+        cfg = _config(args)
+        report("config", None)
+    except ConfigError as exc:
+        report("config", str(exc))
+        return 1
+    from shared.package import PackageError, load_public_key, read_package
+
+    package = None
+    try:
+        keys = [load_public_key(k) for k in cfg.trusted_keys] or None
+        package = read_package(cfg.package, trusted_keys=keys)
+        m = package.manifest
+        missing = [s.cls for s in cfg.sources if s.cls not in m["classes"]]
+        report(f"package {m['model_id']} {m['version']} ({m['precision']}, "
+               f"{'signed' if package.signed_by else 'unsigned'})",
+               f"classes {missing} not in the model {m['classes']}" if missing else None)
+    except (PackageError, OSError, ValueError) as exc:
+        report("package", str(exc))
+    if package is not None:
+        try:
+            from agent.runtimes import open_runtime
+            from shared.imaging import decode_image
+            from shared.scoring import image_score
+
+            rt = open_runtime(cfg.runtime, package.model, package.manifest, cfg.threads)
+            worst = 0.0
+            for g in package.golden:
+                score = image_score(rt.infer(decode_image(g.png)[None])[0], package.manifest["sigma"])
+                worst = max(worst, abs(score - g.score) / max(abs(g.score), 1e-6))
+            report(f"runtime {rt.name}, golden self-test ({len(package.golden)} images, worst error {worst:.1e})",
+                   None if worst < 0.05 else "scores differ from the manifest's by more than 5 %")
+        except Exception as exc:  # any runtime failure is what check must report
+            report("runtime", f"{type(exc).__name__}: {exc}")
+    import threading
+
+    from agent.sources import SourceError, open_source
+
+    for s in cfg.sources:
+        try:
+            open_source(s.uri, s.fps, threading.Event(), s.loop, s.watch)
+            report(f"source {s.uri}", None)
+        except SourceError as exc:
+            report(f"source {s.uri}", str(exc))
+    from shared.mqtt import MqttLink
+
+    link = MqttLink(cfg.broker_config(), f"kdfleet-check-{cfg.device}").start()
+    connected = link.wait_connected(5)
+    report(f"broker {cfg.broker_config().url}", None if connected else (link.fatal or "no connection within 5 s"))
+    link.stop()
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run": run_main, "check": check_main}
+    if not argv or argv[0] not in commands:
+        print("usage: kdfleet agent {run,check} [options]   (kdfleet agent run --help)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])

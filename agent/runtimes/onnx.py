@@ -1,0 +1,31 @@
+"""ONNX Runtime on the CPU."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+class OnnxRuntime:
+    """One ONNX Runtime session; thread count set for this machine."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: bytes, manifest: dict[str, Any], threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.output = manifest.get("output_name", "anomaly_map")
+        self.size = int(manifest["input_size"])
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 -> (N, m, m) float32."""
+        out = self.session.run([self.output], {self.input: np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+        return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.float32, copy=False)
