@@ -1,0 +1,640 @@
+"""The hub's command line (``kdfleet hub COMMAND`` or ``python -m hub COMMAND``).
+
+serve, ingest: run the hub; init-db: create or upgrade the schema; add-user,
+create-admin: dashboard users; add-token, revoke-token: API tokens for
+services; add-device, revoke-device, write-mqtt-auth: broker credentials and
+ACL; prune: the retention policy; export-training: reviewed results as a
+training set.
+
+Settings come from an optional TOML file (``--config``, see hub.config) and
+are overridden by the flags given. Start order: database check, image store,
+ingest, web, retention; shutdown runs in reverse on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from hub import mosquitto
+from hub.config import HubConfig, load
+from hub.db.models import REVIEW_LABELS, ROLES
+from hub.db.session import Database, SchemaError, check_schema, head_revision, upgrade
+from hub.ingest import Ingest
+from hub.services import devices, retention, reviews, users
+from hub.services.common import NotFound, QueryError, parse_time
+from hub.store import ImageStore
+from shared.config import ConfigError
+
+log = logging.getLogger("hub")
+
+STATS_EVERY_S = 60.0  # how often serve/ingest log their counters
+
+
+class CliError(RuntimeError):
+    """A failure to report in one line, without a traceback."""
+
+
+# -- arguments ------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML settings file (see hub/config.py); flags override it"
+    )
+    p.add_argument(
+        "--db",
+        metavar="URL",
+        help="database URL: sqlite:///path/hub.db (default "
+        "sqlite:///var/hub/hub.db) or postgresql+psycopg://user@host/dbname",
+    )
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def _data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", metavar="DIR", help="image store and secret key (default var/hub)")
+
+
+def _broker(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="MQTT broker, mqtt://[user:pass@]host[:port] or mqtts://... "
+        "(default mqtt://127.0.0.1:1883)",
+    )
+    p.add_argument("--site", help="ingest one site's messages only (default: every site)")
+    p.add_argument(
+        "--client-id",
+        help="MQTT client id; give each ingest process its own (default kdfleet-hub-<hostname>)",
+    )
+    p.add_argument(
+        "--shared-group",
+        metavar="NAME",
+        help="MQTT 5 shared-subscription group that ingest "
+        "processes split the load in (default hub; '' to have every process read everything)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hub",
+        description="kdfleet hub: ingest inspection results from MQTT into SQL "
+        "and serve the dashboard.",
+        epilog="First run: `python -m hub init-db`, `python -m hub create-admin NAME`, "
+        "`python -m hub serve`.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve",
+        help="ingest from MQTT and serve the dashboard",
+        description="Run the ingest worker and the web dashboard in one process.",
+    )
+    _common(p)
+    _data_dir(p)
+    _broker(p)
+    p.add_argument(
+        "--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the plant network)"
+    )
+    p.add_argument("--port", type=int, help="TCP port (default 8080)")
+
+    p = sub.add_parser(
+        "ingest",
+        help="ingest from MQTT only (run several to scale out)",
+        description="Run only the ingest worker; several processes with the same shared "
+        "group split the results between them on an MQTT 5 broker.",
+    )
+    _common(p)
+    _data_dir(p)
+    _broker(p)
+
+    p = sub.add_parser(
+        "init-db",
+        help="create or upgrade the database schema",
+        description="Run the Alembic migrations up to the newest revision. Safe to repeat: "
+        "existing tables and data are kept.",
+    )
+    _common(p)
+
+    for name, text in (
+        ("add-user", "add a dashboard user"),
+        ("create-admin", "add the first admin (refused once an admin exists)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _common(p)
+        p.add_argument("username")
+        if name == "add-user":
+            p.add_argument("--role", choices=ROLES, default="viewer", help="default viewer")
+        p.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input instead of asking",
+        )
+
+    p = sub.add_parser(
+        "add-token",
+        help="create an API token for a service (printed once)",
+        description="Create a bearer token for the JSON API. Only its hash is stored: "
+        "the token is printed this once.",
+    )
+    _common(p)
+    p.add_argument("name", help="the service, e.g. trainer")
+    p.add_argument("--role", choices=ROLES, default="viewer", help="default viewer")
+
+    p = sub.add_parser("revoke-token", help="revoke an API token by name")
+    _common(p)
+    p.add_argument("name")
+
+    p = sub.add_parser(
+        "add-device",
+        help="give a device MQTT credentials; rewrite Mosquitto's password file and ACL",
+        description="Create broker credentials for SITE/DEVICE (printed once), then rewrite "
+        "the password file and ACL (settings [mqtt_auth]) so the device may publish only its "
+        "own topics and read only its own model topic. The hub's account comes from the "
+        "user and password in --broker. Reload Mosquitto afterwards (SIGHUP).",
+    )
+    _common(p)
+    _broker_only(p)
+    p.add_argument("site")
+    p.add_argument("device")
+    p.add_argument(
+        "--new-password", action="store_true", help="replace the password of a provisioned device"
+    )
+
+    p = sub.add_parser(
+        "revoke-device",
+        help="take a device's MQTT credentials away; rewrite the password file and ACL",
+    )
+    _common(p)
+    _broker_only(p)
+    p.add_argument("site")
+    p.add_argument("device")
+
+    p = sub.add_parser(
+        "write-mqtt-auth",
+        help="rewrite Mosquitto's password file and ACL from the database",
+        description="Rewrite the password file and ACL, e.g. after changing the hub's own "
+        "broker password in --broker.",
+    )
+    _common(p)
+    _broker_only(p)
+
+    p = sub.add_parser(
+        "prune",
+        help="apply the retention policy once (reviewed results are never deleted)",
+        description="Delete results and images past the limits of the [retention] settings. "
+        "Results with a review keep their rows, crops and images.",
+    )
+    _common(p)
+    _data_dir(p)
+    p.add_argument("--results-days", type=int, help="override retention.results_days")
+    p.add_argument("--images-days", type=int, help="override retention.images_days")
+    p.add_argument("--images-max-gb", type=float, help="override retention.images_max_gb")
+    p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+
+    p = sub.add_parser(
+        "export-training",
+        help="write reviewed results as a training set (false alarms: CLASS/train/good)",
+        description="Write the frames of results whose latest review is LABEL into OUT in the "
+        "MVTec AD layout (false alarms into CLASS/train/good, confirmed defects into "
+        "CLASS/test/reviewed_defect) with a manifest.jsonl; files already there are kept.",
+    )
+    _common(p)
+    _data_dir(p)
+    p.add_argument("out", help="output folder")
+    p.add_argument("--label", choices=REVIEW_LABELS, default="false_alarm")
+    p.add_argument("--cls", help="one product class only")
+    p.add_argument("--since", help="reviewed at or after this ISO 8601 time")
+    return parser
+
+
+def _broker_only(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--broker",
+        metavar="URL",
+        help="the hub's broker URL with its own account, mqtt://USER:PASSWORD@host:port",
+    )
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def settings(args: argparse.Namespace) -> HubConfig:
+    """The config file's settings with the command-line flags applied on top, validated."""
+    cfg = load(args.config)
+    cfg = dataclasses.replace(
+        cfg,
+        **_given(args, "db", "data_dir", "broker"),
+        ingest=dataclasses.replace(cfg.ingest, **_given(args, "site", "client_id", "shared_group")),
+        web=dataclasses.replace(cfg.web, **_given(args, "host", "port")),
+        retention=dataclasses.replace(
+            cfg.retention, **_given(args, "results_days", "images_days", "images_max_gb")
+        ),
+    )
+    cfg.validate()
+    return cfg
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def _open_db(cfg: HubConfig, *, check: bool = True) -> Database:
+    db = Database(cfg.db)
+    try:
+        if check:
+            check_schema(db)
+    except OperationalError as exc:
+        db.dispose()
+        raise CliError(
+            f"cannot reach the database {db.display_url}: {str(exc.orig).strip().splitlines()[0]}"
+        ) from None
+    return db
+
+
+def cmd_init_db(cfg: HubConfig) -> int:
+    db = _open_db(cfg, check=False)
+    try:
+        revision = upgrade(db)
+    except OperationalError as exc:
+        raise CliError(
+            f"cannot migrate {db.display_url}: {str(exc.orig).strip().splitlines()[0]}"
+        ) from None
+    finally:
+        db.dispose()
+    print(f"database {db.display_url} is at revision {revision} (newest: {head_revision()})")
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise CliError("no terminal to ask for the password on: pipe it in with --password-stdin")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Repeat password: ") != first:
+        raise CliError("the passwords differ; nothing was changed")
+    return first
+
+
+def cmd_add_user(
+    cfg: HubConfig, username: str, role: str, password_stdin: bool, *, first_admin: bool
+) -> int:
+    db = _open_db(cfg)
+    try:
+        if first_admin:
+            with db.transaction() as session:
+                if users.has_admin(session):
+                    raise CliError(
+                        "an admin exists already; add further users with "
+                        "`python -m hub add-user NAME --role ROLE`"
+                    )
+        password = _read_password(password_stdin)
+        with db.transaction() as session:
+            users.create_user(session, username, password, role)
+    except users.UserError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        db.dispose()
+    print(f"added {role} {username!r}")
+    return 0
+
+
+def _make_ingest(cfg: HubConfig, db: Database) -> Ingest:
+    return Ingest(
+        db,
+        ImageStore(cfg.images_dir),
+        cfg.broker_config(),
+        client_id=cfg.ingest.resolved_client_id(),
+        site=cfg.ingest.site,
+        shared_group=cfg.ingest.shared_group or None,
+        batch_size=cfg.ingest.batch_size,
+        flush_ms=cfg.ingest.flush_ms,
+        linger_ms=cfg.ingest.linger_ms,
+        inflight=cfg.ingest.inflight,
+        persistent=cfg.ingest.persistent,
+        manual_ack=cfg.ingest.manual_ack,
+    )
+
+
+def _wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
+    """Block until SIGINT or SIGTERM sets `stop`, logging the ingest counters now and then."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    last = None
+    while not stop.wait(STATS_EVERY_S):
+        stats = ingest.stats()
+        if stats != last:
+            log.info("ingest: %s", stats)
+            last = stats
+    log.info("stopping")
+
+
+def cmd_ingest(cfg: HubConfig) -> int:
+    db = _open_db(cfg)
+    ingest = _make_ingest(cfg, db).start()
+    log.info("ingest from %s into %s", cfg.broker_config().url, db.display_url)
+    try:
+        _wait_for_signal(ingest, threading.Event())
+    finally:
+        ingest.stop()
+        db.dispose()
+        log.info("ingest stopped: %s", ingest.stats())
+    return 0
+
+
+def _policy(cfg: HubConfig) -> retention.Policy:
+    r = cfg.retention
+    return retention.Policy(r.results_days, r.images_days, int(r.images_max_gb * 1e9))
+
+
+def _retention_loop(cfg: HubConfig, db: Database, stop: threading.Event) -> None:
+    """Prune every retention.interval_min minutes until `stop`; a failure waits for the next run."""
+    interval = cfg.retention.interval_min * 60
+    store = ImageStore(cfg.images_dir)
+    while not stop.wait(interval):
+        try:
+            retention.prune(db, store, _policy(cfg))
+        except Exception:
+            log.exception("retention run failed; trying again in %d min", cfg.retention.interval_min)
+
+
+def cmd_serve(cfg: HubConfig) -> int:
+    # imported here: an ingest-only process needs no web stack
+    from werkzeug.serving import make_server
+
+    from hub.web import create_app
+
+    db = _open_db(cfg)
+    app = create_app(cfg.web_settings())
+    try:
+        server = make_server(cfg.web.host, cfg.web.port, app, threaded=True)
+    except OSError as exc:
+        db.dispose()
+        raise CliError(
+            f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
+            "choose another --port or stop what holds it"
+        ) from None
+    stop = threading.Event()
+    ingest = _make_ingest(cfg, db).start()
+    web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
+    web.start()
+    pruner = None
+    if cfg.retention.interval_min:
+        pruner = threading.Thread(
+            target=_retention_loop, args=(cfg, db, stop), name="hub-retention", daemon=True
+        )
+        pruner.start()
+    log.info(
+        "dashboard on http://%s:%d/, ingest from %s into %s",
+        cfg.web.host,
+        server.server_port,
+        cfg.broker_config().url,
+        db.display_url,
+    )
+    try:
+        _wait_for_signal(ingest, stop)
+    finally:
+        stop.set()
+        if pruner is not None:
+            pruner.join(30)
+        server.shutdown()
+        web.join(10)
+        ingest.stop()
+        app.extensions["hub.db"].dispose()
+        db.dispose()
+        log.info("hub stopped: %s", ingest.stats())
+    return 0
+
+
+def cmd_add_token(cfg: HubConfig, name: str, role: str) -> int:
+    db = _open_db(cfg)
+    try:
+        with db.transaction() as session:
+            view, token = users.create_token(session, name, role)
+    except users.UserError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        db.dispose()
+    print(f"API token for {view.name!r} ({view.role}); it is shown only now, store it safely:")
+    print(token)
+    return 0
+
+
+def cmd_revoke_token(cfg: HubConfig, name: str) -> int:
+    db = _open_db(cfg)
+    try:
+        with db.transaction() as session:
+            users.revoke_token(session, name=name)
+    except NotFound as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        db.dispose()
+    print(f"revoked API token {name!r}")
+    return 0
+
+
+def _hub_account(cfg: HubConfig) -> tuple[str, str]:
+    broker = cfg.broker_config()
+    if not broker.username or not broker.password:
+        raise CliError(
+            f"the broker URL {broker.url} names no user and password for the hub: once devices "
+            "need passwords the hub needs one too. Give it as --broker "
+            "mqtt://kdfleet-hub:PASSWORD@HOST:PORT or as `broker` in the hub config"
+        )
+    return broker.username, broker.password
+
+
+def _write_mqtt_auth(cfg: HubConfig, db: Database) -> None:
+    hub_user, hub_password = _hub_account(cfg)
+    with db.session() as session:
+        accounts = devices.mqtt_accounts(session)
+    try:
+        mosquitto.write_files(
+            cfg.mqtt_auth.password_file,
+            cfg.mqtt_auth.acl_file,
+            hub_user,
+            hub_password,
+            accounts,
+            group=cfg.mqtt_auth.group,
+        )
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot write the Mosquitto files: {exc}") from None
+    print(
+        f"wrote {cfg.mqtt_auth.password_file} and {cfg.mqtt_auth.acl_file} "
+        f"({len(accounts)} devices and the hub's account {hub_user!r}); "
+        "reload Mosquitto to apply them (systemctl reload mosquitto, or kill -HUP its pid)"
+    )
+
+
+def cmd_add_device(cfg: HubConfig, site: str, device: str, replace: bool) -> int:
+    _hub_account(cfg)  # refuse before changing anything
+    db = _open_db(cfg)
+    password = mosquitto.new_password()
+    try:
+        with db.transaction() as session:
+            account = devices.provision(
+                session, site, device, mosquitto.hash_password(password), replace=replace
+            )
+        _write_mqtt_auth(cfg, db)
+    except QueryError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        db.dispose()
+    host = cfg.broker_config()
+    print(f"device {device!r} at site {site!r}: MQTT user {account.username!r}, password shown only now:")
+    print(password)
+    print(f"agent broker URL: mqtt{'s' if host.tls else ''}://{account.username.replace('@', '%40')}:"
+          f"{password}@{host.host}:{host.port}")
+    return 0
+
+
+def cmd_revoke_device(cfg: HubConfig, site: str, device: str) -> int:
+    _hub_account(cfg)
+    db = _open_db(cfg)
+    try:
+        with db.transaction() as session:
+            devices.revoke(session, site, device)
+        _write_mqtt_auth(cfg, db)
+    except NotFound as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        db.dispose()
+    print(f"revoked the broker credentials of {device!r} at site {site!r}")
+    return 0
+
+
+def cmd_write_mqtt_auth(cfg: HubConfig) -> int:
+    db = _open_db(cfg)
+    try:
+        _write_mqtt_auth(cfg, db)
+    finally:
+        db.dispose()
+    return 0
+
+
+def cmd_prune(cfg: HubConfig, dry_run: bool) -> int:
+    db = _open_db(cfg)
+    try:
+        report = retention.prune(db, ImageStore(cfg.images_dir), _policy(cfg), dry_run=dry_run)
+    finally:
+        db.dispose()
+    print(report)
+    return 0
+
+
+def cmd_export_training(
+    cfg: HubConfig, out: str, label: str, cls: str | None, since: str | None
+) -> int:
+    """Write the frames of results whose latest review is `label` in the MVTec AD layout."""
+    db = _open_db(cfg)
+    store = ImageStore(cfg.images_dir)
+    folder = ("train", "good") if label == "false_alarm" else ("test", "reviewed_defect")
+    root = Path(out)
+    written = missing = 0
+    try:
+        since_at = parse_time(since, "--since") if since else None
+        root.mkdir(parents=True, exist_ok=True)
+        with db.session() as session, open(root / "manifest.jsonl", "a") as manifest:
+            before = None
+            while True:
+                page = reviews.training_data(
+                    session, label=label, cls=cls, since=since_at, before=before, limit=500
+                )
+                for item in page.items:
+                    sha = item.frame_sha or item.thumbnail_sha
+                    stored = store.find(sha) if sha else None
+                    if stored is None:
+                        missing += 1
+                        continue
+                    target = root / item.cls / folder[0] / folder[1] / f"{item.result_id}{stored.suffix}"
+                    if not target.exists():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(stored.read_bytes())
+                        record = {
+                            "file": str(target.relative_to(root)),
+                            "result_id": item.result_id,
+                            "label": item.label,
+                            "note": item.note,
+                            "reviewer": item.reviewer,
+                            "reviewed_at": item.created_at.isoformat(),
+                            "site": item.site,
+                            "device": item.device,
+                            "station": item.station,
+                            "cls": item.cls,
+                            "score": item.score,
+                            "threshold": item.threshold,
+                            "full_frame": item.frame_sha is not None,
+                        }
+                        manifest.write(json.dumps(record) + "\n")
+                        written += 1
+                if page.next_before is None:
+                    break
+                before = page.next_before
+    except QueryError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write into {root}: {exc}") from None
+    finally:
+        db.dispose()
+    print(
+        f"wrote {written} images to {root} ({label}); {missing} reviewed results had no image left"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.log_level != "DEBUG":  # Alembic narrates every step at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        cfg = settings(args)
+        command = args.command
+        if command == "init-db":
+            return cmd_init_db(cfg)
+        if command in ("add-user", "create-admin"):
+            first = command == "create-admin"
+            return cmd_add_user(
+                cfg,
+                args.username,
+                "admin" if first else args.role,
+                args.password_stdin,
+                first_admin=first,
+            )
+        if command == "add-token":
+            return cmd_add_token(cfg, args.name, args.role)
+        if command == "revoke-token":
+            return cmd_revoke_token(cfg, args.name)
+        if command == "add-device":
+            return cmd_add_device(cfg, args.site, args.device, args.new_password)
+        if command == "revoke-device":
+            return cmd_revoke_device(cfg, args.site, args.device)
+        if command == "write-mqtt-auth":
+            return cmd_write_mqtt_auth(cfg)
+        if command == "prune":
+            return cmd_prune(cfg, args.dry_run)
+        if command == "export-training":
+            return cmd_export_training(cfg, args.out, args.label, args.cls, args.since)
+        if command == "ingest":
+            return cmd_ingest(cfg)
+        return cmd_serve(cfg)
+    except ConfigError as exc:
+        print(f"hub: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (CliError, SchemaError, ValueError) as exc:
+        print(f"hub: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,185 @@
+"""The hub's settings: a strict, typed TOML file (optional) with command-line overrides.
+
+Example ``hub.toml`` (every key optional; unknown keys are refused)::
+
+    db = "postgresql+psycopg://kdfleet@db/kdfleet"
+    data_dir = "/var/lib/kdfleet-hub"
+    broker = "mqtt://hub:secret@broker:1883"
+
+    [ingest]
+    batch_size = 500
+    flush_ms = 200
+
+    [web]
+    host = "0.0.0.0"
+    port = 8080
+
+    [retention]
+    results_days = 365
+    images_days = 30
+    images_max_gb = 50.0
+
+    [mqtt_auth]
+    password_file = "/etc/mosquitto/kdfleet.passwd"
+    acl_file = "/etc/mosquitto/kdfleet.acl"
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared import topics
+from shared.config import BrokerConfig, ConfigError, build, load_toml
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    site: str = "+"  # one site's topics only, or "+" for every site
+    shared_group: str = "hub"  # MQTT 5 shared subscription; "" makes every process read all
+    client_id: str = ""  # "" -> kdfleet-hub-<hostname>; must differ between ingest processes
+    batch_size: int = 500  # rows per transaction at most
+    flush_ms: int = 200  # longest a received message waits for its transaction
+    linger_ms: int = 5  # a batch is written once no message came for this long
+    inflight: int = 1000  # unacknowledged messages the broker may send (MQTT 5 Receive Maximum)
+    persistent: bool = True  # broker keeps QoS 1 messages for the hub while it restarts
+    manual_ack: bool = True  # acknowledge after the commit: a hub crash loses nothing
+
+    def validate(self) -> None:
+        if self.site != "+":
+            _check_name(self.site, "site", "ingest.site")
+        if self.shared_group:
+            _check_name(self.shared_group, "group", "ingest.shared_group")
+        if not 1 <= self.batch_size <= 10_000:
+            raise ConfigError(f"ingest.batch_size: {self.batch_size} is not within 1..10000")
+        if not 1 <= self.flush_ms <= 60_000:
+            raise ConfigError(f"ingest.flush_ms: {self.flush_ms} is not within 1..60000")
+        if not 0 <= self.linger_ms <= self.flush_ms:
+            raise ConfigError(f"ingest.linger_ms: {self.linger_ms} is not within 0..flush_ms")
+        if not 1 <= self.inflight <= 65_535:
+            raise ConfigError(f"ingest.inflight: {self.inflight} is not within 1..65535")
+
+    def resolved_client_id(self) -> str:
+        return self.client_id or f"kdfleet-hub-{socket.gethostname()}"[:64]
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    host: str = "127.0.0.1"  # 0.0.0.0 to serve the plant network
+    port: int = 8080
+    secret_key: str | None = None  # None -> a random key kept in <data_dir>/secret_key
+    silent_after_s: int = 120  # an online device unheard this long shows as silent
+    refresh_s: int = 10  # the fleet page reloads itself this often; 0: never
+    session_hours: int = 12  # a login lasts this long
+    secure_cookies: bool = False  # true when the dashboard is served over HTTPS
+    live_poll_ms: int = 1000  # how often the live feed looks for new results
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"web.port: {self.port} is not a TCP port (1..65535)")
+        if not 1 <= self.session_hours <= 24 * 30:
+            raise ConfigError(f"web.session_hours: {self.session_hours} is not within 1..720")
+        if not 50 <= self.live_poll_ms <= 60_000:
+            raise ConfigError(f"web.live_poll_ms: {self.live_poll_ms} is not within 50..60000")
+        if self.secret_key is not None and len(self.secret_key) < 32:
+            raise ConfigError(
+                "web.secret_key: use at least 32 random characters, or leave it out "
+                "to have one generated"
+            )
+        if self.silent_after_s < 1 or self.refresh_s < 0:
+            raise ConfigError("web.silent_after_s must be positive and web.refresh_s not negative")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """What `kdfleet hub prune` (and `serve`, every `interval_min`) deletes. Reviewed results,
+    their crops and images are never deleted. 0 switches a limit off."""
+
+    results_days: int = 365  # results captured longer ago are deleted (with their crops)
+    images_days: int = 30  # images no result received since then names are deleted
+    images_max_gb: float = 0.0  # beyond this, the least recently used images go first
+    interval_min: int = 60  # how often `serve` prunes; 0: only `kdfleet hub prune`
+
+    def validate(self) -> None:
+        if min(self.results_days, self.images_days, self.interval_min) < 0:
+            raise ConfigError("retention: days and interval_min must not be negative")
+        if self.images_max_gb < 0:
+            raise ConfigError(f"retention.images_max_gb: {self.images_max_gb} is negative")
+        if self.results_days and not 0 < self.images_days <= self.results_days:
+            raise ConfigError(
+                f"retention.images_days ({self.images_days}) must be within 1..results_days "
+                f"({self.results_days}): images of deleted results would linger"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAuthConfig:
+    """Where `kdfleet hub add-device` writes the broker's password file and ACL.
+
+    Point Mosquitto at them (``password_file`` and ``acl_file`` in mosquitto.conf)
+    and reload it (SIGHUP) after each change. The hub's own account is the user
+    and password of the `broker` URL.
+    """
+
+    password_file: str = "var/hub/mosquitto/passwd"
+    acl_file: str = "var/hub/mosquitto/acl"
+    group: str = "mosquitto"  # the files' group (mode 0640), so the broker may read them; "": leave
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    db: str = "sqlite:///var/hub/hub.db"
+    data_dir: str = "var/hub"  # images/ and secret_key live here
+    broker: str = "mqtt://127.0.0.1:1883"
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    mqtt_auth: MqttAuthConfig = field(default_factory=MqttAuthConfig)
+
+    def validate(self) -> None:
+        self.broker_config()
+        self.ingest.validate()
+        self.web.validate()
+        self.retention.validate()
+
+    def broker_config(self) -> BrokerConfig:
+        return BrokerConfig.from_url(self.broker)
+
+    def web_settings(self) -> dict[str, Any]:
+        """The mapping `hub.web.create_app` takes."""
+        settings: dict[str, Any] = {
+            "HUB_DB_URL": self.db,
+            "HUB_DATA_DIR": self.data_dir,
+            "HUB_SILENT_AFTER_S": self.web.silent_after_s,
+            "HUB_REFRESH_S": self.web.refresh_s,
+            "HUB_LIVE_POLL_S": self.web.live_poll_ms / 1000,
+            "PERMANENT_SESSION_LIFETIME": self.web.session_hours * 3600,
+            "SESSION_COOKIE_SECURE": self.web.secure_cookies,
+        }
+        if self.web.secret_key:
+            settings["SECRET_KEY"] = self.web.secret_key
+        return settings
+
+    @property
+    def images_dir(self) -> Path:
+        return Path(self.data_dir) / "images"
+
+
+def _check_name(value: str, what: str, key: str) -> None:
+    try:
+        topics.check_name(value, what)
+    except topics.TopicError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def load(path: str | Path | None) -> HubConfig:
+    """The settings in `path` (TOML), or the defaults when `path` is None."""
+    if path is None:
+        return HubConfig()
+    mapping = load_toml(path)  # its errors name the file and line already
+    try:
+        return build(HubConfig, mapping)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

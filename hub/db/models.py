@@ -1,0 +1,331 @@
+"""The hub's tables as SQLAlchemy 2 typed declarative models.
+
+Rows hold metadata only; images live in the content-addressed store and rows
+refer to them by sha256. A result's primary key is the ULID the agent gave it,
+so a result re-sent after an outage is recognised and stored once.
+Stations and product classes are rows of their own that results refer to;
+`models` and `rollouts` hold the model registry the OTA rollouts work from.
+Schema changes go through Alembic (hub/migrations), never `create_all`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAME_LEN = 64  # site and device names (shared.topics.check_name)
+TEXT_LEN = 256  # free text from the wire (shared.messages.MAX_TEXT)
+ULID_LEN = 26
+SHA_LEN = 64
+URL_LEN = 2048
+
+ROLES = ("viewer", "operator", "admin")  # each role may do what the ones before it may
+VERDICTS = ("ok", "anomaly")
+REVIEW_LABELS = ("defect", "false_alarm")
+ROLLOUT_STATES = ("draft", "canary", "rolling", "paused", "completed", "rolled_back", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def from_unix(ts: float) -> datetime:
+    """A unix timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend.
+
+    PostgreSQL keeps `timestamptz`; SQLite has no time zones, so values are
+    stored as naive UTC and given their zone back on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: give the hub aware UTC datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    # constraint names fixed by convention so migrations name them the same on every backend
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+def _in(column: str, choices: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(c) for c in choices)})"
+
+
+# a partial index: rows judged ok (most of them) cost it nothing at insert time
+_ANOMALY_ONLY = {
+    "postgresql_where": text("verdict = 'anomaly'"),
+    "sqlite_where": text("verdict = 'anomaly'"),
+}
+
+
+class Site(Base):
+    """A factory site: the `{site}` level of the topic tree."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    devices: Mapped[list[Device]] = relationship(back_populates="site", lazy="raise")
+
+
+class Station(Base):
+    """An inspection point on a site's line; results and devices name it."""
+
+    __tablename__ = "stations"
+    __table_args__ = (UniqueConstraint("site_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    name: Mapped[str] = mapped_column(String(TEXT_LEN))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    site: Mapped[Site] = relationship(lazy="raise")
+
+
+class ProductClass(Base):
+    """A product class a model inspects (``cls`` on the wire), with its drift reference window."""
+
+    __tablename__ = "classes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(TEXT_LEN), unique=True)
+    # scores captured in this window are the reference the drift chart compares against;
+    # NULL: the period of equal length just before the window shown
+    reference_start: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reference_end: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Device(Base):
+    """An edge device, kept current from its status (birth / last will) and metrics messages."""
+
+    __tablename__ = "devices"
+    __table_args__ = (UniqueConstraint("site_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    station_id: Mapped[int | None] = mapped_column(ForeignKey("stations.id"))
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)  # hub clock, last message heard
+    # from the status message
+    status_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # device clock
+    agent_version: Mapped[str] = mapped_column(String(TEXT_LEN), default="")
+    model_id: Mapped[str] = mapped_column(String(TEXT_LEN), default="")
+    model_version: Mapped[str] = mapped_column(String(TEXT_LEN), default="")
+    runtime: Mapped[str] = mapped_column(String(TEXT_LEN), default="")
+    hardware: Mapped[str] = mapped_column(String(TEXT_LEN), default="")
+    # from the latest metrics message; NULL until the first one arrives
+    metrics_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # device clock
+    fps: Mapped[float | None] = mapped_column(Double)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Double)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Double)
+    frames_dropped: Mapped[int | None] = mapped_column(Integer)
+    results_dropped: Mapped[int | None] = mapped_column(Integer)
+    spool_depth: Mapped[int | None] = mapped_column(Integer)
+    cpu_percent: Mapped[float | None] = mapped_column(Double)
+    temperature_c: Mapped[float | None] = mapped_column(Double)
+    # MQTT credentials (`kdfleet hub add-device`); the hash is in Mosquitto's own format
+    mqtt_username: Mapped[str | None] = mapped_column(String(TEXT_LEN), unique=True)
+    mqtt_password_hash: Mapped[str | None] = mapped_column(String(TEXT_LEN))
+    provisioned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    site: Mapped[Site] = relationship(back_populates="devices", lazy="raise")
+    station: Mapped[Station | None] = relationship(lazy="raise")
+
+
+class Result(Base):
+    """One inspected frame; `id` is the agent's ULID."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
+        Index(None, "device_id", "id"),
+        Index(None, "station_id", "id"),
+        Index(None, "class_id", "id"),
+        Index(None, "ts"),
+        Index(None, "received_at"),  # the live feed's cursor
+        # anomalies only (a few percent of rows): the gallery, the review queue, the verdict filter
+        Index("ix_results_anomaly_id", "id", **_ANOMALY_ONLY),
+        Index("ix_results_anomaly_score_id", "score", "id", **_ANOMALY_ONLY),
+    )
+
+    id: Mapped[str] = mapped_column(String(ULID_LEN), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)  # capture time, device clock
+    station_id: Mapped[int] = mapped_column(ForeignKey("stations.id"))
+    class_id: Mapped[int] = mapped_column(ForeignKey("classes.id"))
+    model_version: Mapped[str] = mapped_column(String(TEXT_LEN))
+    score: Mapped[float] = mapped_column(Double)
+    norm_score: Mapped[float] = mapped_column(Double)
+    threshold: Mapped[float] = mapped_column(Double)
+    verdict: Mapped[str] = mapped_column(String(16))
+    latency_ms: Mapped[float] = mapped_column(Double)
+    heatmap_sha: Mapped[str | None] = mapped_column(String(SHA_LEN))
+    thumbnail_sha: Mapped[str | None] = mapped_column(String(SHA_LEN))
+    frame_sha: Mapped[str | None] = mapped_column(String(SHA_LEN))
+    source: Mapped[str] = mapped_column(String(TEXT_LEN), default="")
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)  # hub clock
+
+    device: Mapped[Device] = relationship(lazy="raise")
+    station: Mapped[Station] = relationship(lazy="raise")
+    product_class: Mapped[ProductClass] = relationship(lazy="raise")
+    crops: Mapped[list[Crop]] = relationship(
+        back_populates="result", lazy="raise", order_by="Crop.idx", passive_deletes=True
+    )
+
+
+class Crop(Base):
+    """An anomalous region of a result: box in frame pixels, peak score, image in the store."""
+
+    __tablename__ = "crops"
+    __table_args__ = (UniqueConstraint("result_id", "idx"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"))
+    idx: Mapped[int] = mapped_column(Integer)  # position in the result's crop list
+    x: Mapped[int] = mapped_column(Integer)
+    y: Mapped[int] = mapped_column(Integer)
+    w: Mapped[int] = mapped_column(Integer)
+    h: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Double)
+    image_sha: Mapped[str | None] = mapped_column(String(SHA_LEN))
+
+    result: Mapped[Result] = relationship(back_populates="crops", lazy="raise")
+
+
+class User(Base):
+    """A dashboard user; the password is stored as a salted hash only."""
+
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(TEXT_LEN))
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # bumped when the password, role or active flag changes: older sessions stop working
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A service's bearer token for the JSON API; only its sha256 is stored."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_in("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(SHA_LEN), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the token's first characters, to recognise it
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Review(Base):
+    """A person's judgement of a result (confirmed defect or false alarm); feeds retraining."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        CheckConstraint(_in("label", REVIEW_LABELS), name="label"),
+        Index(None, "label", "id"),  # training data: the false alarms, newest first
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[str] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    label: Mapped[str] = mapped_column(String(16))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    result: Mapped[Result] = relationship(lazy="raise")
+    user: Mapped[User | None] = relationship(lazy="raise")
+
+
+class Model(Base):
+    """A model package in the registry: what a rollout ships to devices."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(TEXT_LEN))  # the package's model id, as devices report it
+    version: Mapped[str] = mapped_column(String(TEXT_LEN))
+    method: Mapped[str] = mapped_column(String(32), default="")  # stfpm | rd | us
+    classes: Mapped[str] = mapped_column(Text, default="")  # product classes it scores, comma-separated
+    precision: Mapped[str] = mapped_column(String(16), default="")  # fp32 | fp16 | int8
+    sha256: Mapped[str] = mapped_column(String(SHA_LEN))  # of the .kdpkg file
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    url: Mapped[str] = mapped_column(String(URL_LEN))  # where devices download the package
+    notes: Mapped[str] = mapped_column(Text, default="")
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Rollout(Base):
+    """Shipping one model to a site (or every site): canary devices first, then the rest."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (CheckConstraint(_in("state", ROLLOUT_STATES), name="state"),)
+
+    id: Mapped[str] = mapped_column(String(ULID_LEN), primary_key=True)  # the wire's rollout_id
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"))  # NULL: every site
+    state: Mapped[str] = mapped_column(String(16), default="draft")
+    canary_devices: Mapped[int] = mapped_column(Integer, default=1)  # devices updated first
+    note: Mapped[str] = mapped_column(Text, default="")  # why it was started, paused or rolled back
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    model: Mapped[Model] = relationship(lazy="raise")

@@ -1,0 +1,720 @@
+"""MQTT -> SQL: the hub's ingest worker.
+
+The MQTT network thread only decodes and validates (`Ingest.handle`); valid
+messages go through a bounded queue to one writer thread that stores them in
+batches. A batch is written as soon as the queue runs dry for `linger_ms`, is
+`batch_size` long, or its first message has waited `flush_ms`: under light
+load every result is written at once, under heavy load the batches grow by
+themselves while the previous one commits.
+
+Messages are acknowledged to the broker only after the transaction holding
+them has committed (MQTT 5 manual acknowledgement, `manual_ack`): the broker
+keeps what the hub has not acknowledged in the hub's persistent session, so a
+hub that crashes, or is stopped while the database is down, loses nothing;
+the broker delivers it again and the duplicates are ignored. `inflight` asks
+the broker to send at most that many unacknowledged messages (MQTT 5 Receive
+Maximum; Mosquitto 2.0 does not always hold to it), and the queue between the
+network thread and the writer is bounded: when it is full the network thread
+waits, so a slow database slows the broker's delivery down instead of growing
+memory without bound.
+
+Results are keyed by their ULID and inserted with ON CONFLICT DO NOTHING, so
+a result re-sent by an agent's spool is stored once. Status and metrics
+messages update the device row. A malformed payload is counted and logged
+(cut short), never stored, and never stops ingest.
+
+With an MQTT 5 broker, results and metrics are read through a shared
+subscription (``$share/<group>/...``) so several ingest processes split the
+load; status stays an ordinary subscription because brokers do not send
+retained messages (the birth messages) to shared ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from hub.db.models import Crop, Device, ProductClass, Result, Site, Station, from_unix
+from hub.db.session import Database
+from hub.services.common import insert_ignoring_duplicates
+from hub.store import ImageStore, StoreError, image_kind
+from shared import messages, topics
+from shared.config import BrokerConfig
+from shared.mqtt import PROTOCOL_5, Ack, MqttLink
+
+log = logging.getLogger(__name__)
+
+LOG_PAYLOAD_BYTES = 64  # payloads in logs are cut to this
+LOG_EVERY_S = 5.0  # at most one malformed-payload warning per topic in this time
+RETRY_MAX_S = 10.0  # longest wait between attempts while the database is unreachable
+GIVE_UP_ON_STOP_S = 10.0  # how long stop() keeps retrying a batch the database refuses
+LAST_SEEN_EVERY_S = 1.0  # a device's last_seen from its results is written at most this often
+
+EXPECTED = {
+    topics.RESULT: messages.Result,
+    topics.STATUS: messages.Status,
+    topics.METRICS: messages.Metrics,
+}
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class IngestStats:
+    """Counters since start; every received message ends in exactly one of the others.
+
+    received = stored + duplicates + malformed + updates + ignored + failed + queued
+    (+ those in the batch being written; with manual acknowledgement `queued` also
+    counts the acknowledgements of dropped messages waiting their turn).
+    """
+
+    received: int = 0
+    stored: int = 0  # new results written
+    duplicates: int = 0  # results whose id was already stored
+    malformed: int = 0  # payloads refused by validation, never stored
+    updates: int = 0  # status and metrics messages applied to device rows
+    ignored: int = 0  # empty payloads (a retained status being cleared)
+    failed: int = 0  # valid messages the database refused (see the log)
+    queued: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A validated message with where it came from and when the hub received it."""
+
+    site: str
+    device: str
+    message: messages.Result | messages.Status | messages.Metrics
+    received_at: datetime
+
+
+# what the writer thread takes from the queue: a message to store (None: only acknowledge)
+Item = tuple[Envelope | None, Ack | None]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteReport:
+    stored: int
+    duplicates: int
+    updates: int
+
+
+def validate(address: topics.Address, msg: Any) -> None:
+    """Checks `decode` cannot make: the payload names its topic's device; images are images."""
+    if msg.device != address.device:
+        raise messages.MessageError(
+            f"{msg.TYPE} names device {msg.device!r} but arrived on "
+            f"the topic of {address.site}/{address.device}"
+        )
+    site = getattr(msg, "site", "")
+    if site and site != address.site:
+        raise messages.MessageError(
+            f"{msg.TYPE} names site {site!r} but arrived on "
+            f"the topic of {address.site}/{address.device}"
+        )
+    if isinstance(msg, messages.Result):
+        images = [("heatmap", msg.heatmap), ("thumbnail", msg.thumbnail), ("frame", msg.frame)]
+        images += [(f"crops[{i}].jpeg", c.jpeg) for i, c in enumerate(msg.crops)]
+        for name, data in images:
+            if data and image_kind(data) is None:
+                raise messages.MessageError(f"result.{name}: not a JPEG or PNG image")
+
+
+def bulk_insert(
+    session: Session, model: type, rows: list[dict[str, Any]], returning: str | None = None
+) -> list[Any]:
+    """INSERT rows, skipping those whose key exists; returns the `returning` column of new ones.
+
+    PostgreSQL gets one short statement with one array per column (``INSERT ... SELECT
+    FROM unnest(...)``): a multi-row VALUES list would cost the driver more to build than
+    the server to run. SQLite gets an ordinary executemany.
+    """
+    table = model.__table__  # type: ignore[attr-defined]
+    if session.get_bind().dialect.name != "postgresql":
+        stmt = insert_ignoring_duplicates(session, model)
+        if returning is None:
+            session.execute(stmt, rows)
+            return []
+        return list(session.scalars(stmt.returning(table.c[returning]), rows))
+    columns = [c for c in table.columns if c.name in rows[0]]
+    arrays = ", ".join(f"CAST(:{c.name} AS {_pg_type(c)}[])" for c in columns)
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
+        f"SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING"
+    )
+    params = {c.name: [r[c.name] for r in rows] for c in columns}
+    if returning is None:
+        session.execute(text(sql), params)
+        return []
+    return list(session.scalars(text(f"{sql} RETURNING {returning}"), params))
+
+
+def _pg_type(column: Any) -> str:
+    from sqlalchemy.dialects import postgresql
+
+    return column.type.compile(dialect=postgresql.dialect())
+
+
+class BatchWriter:
+    """Stores batches of validated messages; usable without MQTT (tests, imports).
+
+    The ids of sites, devices, stations and classes are remembered once known (rows of
+    those tables are never deleted), so a batch from known devices costs the database one
+    INSERT of results (and one of crops) and its commit. A device's `last_seen` is written
+    at most every LAST_SEEN_EVERY_S from its results; status and metrics always write it.
+    """
+
+    def __init__(self, db: Database, store: ImageStore) -> None:
+        self.db = db
+        self.store = store
+        self._sites: dict[str, int] = {}
+        self._devices: dict[tuple[str, str], int] = {}
+        self._stations: dict[tuple[str, str], int] = {}
+        self._classes: dict[str, int] = {}
+        self._seen_written: dict[int, float] = {}  # device id -> monotonic time of the last write
+
+    def write(self, batch: Sequence[Envelope]) -> WriteReport:
+        """Store one batch in one transaction; its images go to the store (and to disk) first."""
+        results: dict[str, Envelope] = {}
+        for env in batch:
+            if isinstance(env.message, messages.Result):
+                results.setdefault(env.message.id, env)
+        sent = sum(isinstance(e.message, messages.Result) for e in batch)
+        in_batch_duplicates = sent - len(results)
+        rows, crops = self._result_rows(results.values())
+        if rows:
+            self.store.sync()  # the images are on disk before any row names them
+        devices, stations = {(e.site, e.device) for e in batch}, _stations(batch)
+        classes = {r["cls"] for r in rows}
+        with self.db.transaction() as session:
+            new_sites = _ensure_sites(
+                session, {s for s, _ in devices | stations} - self._sites.keys()
+            )
+            site_ids = self._sites | new_sites
+            new_devices = self._ensure_devices(session, site_ids, devices - self._devices.keys())
+            new_stations = self._ensure_stations(
+                session, site_ids, stations - self._stations.keys()
+            )
+            new_classes = self._ensure_classes(session, classes - self._classes.keys())
+            device_ids = self._devices | new_devices
+            station_ids = self._stations | new_stations
+            class_ids = self._classes | new_classes
+            for row in rows:
+                site, device = row.pop("site"), row.pop("device")
+                row["device_id"] = device_ids[site, device]
+                row["station_id"] = station_ids[site, row.pop("station")]
+                row["class_id"] = class_ids[row.pop("cls")]
+            inserted = set(bulk_insert(session, Result, rows, returning="id")) if rows else set()
+            new_crops = [c for c in crops if c["result_id"] in inserted]
+            if new_crops:
+                bulk_insert(session, Crop, new_crops)
+            updates = self._update_devices(session, batch, device_ids, station_ids)
+        # remembered only once committed: a rolled-back transaction created nothing
+        self._sites.update(new_sites)
+        self._devices.update(new_devices)
+        self._stations.update(new_stations)
+        self._classes.update(new_classes)
+        return WriteReport(
+            stored=len(inserted),
+            duplicates=len(rows) - len(inserted) + in_batch_duplicates,
+            updates=updates,
+        )
+
+    def _put(self, data: bytes) -> str | None:
+        return self.store.put(data, sync=False) if data else None
+
+    def _result_rows(self, envelopes: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        rows, crops = [], []
+        for env in envelopes:
+            r: messages.Result = env.message
+            rows.append(
+                {
+                    "site": env.site,
+                    "device": env.device,
+                    "station": r.station,
+                    "cls": r.cls,
+                    "id": r.id,
+                    "ts": from_unix(r.ts),
+                    "model_version": r.model_version,
+                    "score": r.score,
+                    "norm_score": r.norm_score,
+                    "threshold": r.threshold,
+                    "verdict": r.verdict,
+                    "latency_ms": r.latency_ms,
+                    "heatmap_sha": self._put(r.heatmap),
+                    "thumbnail_sha": self._put(r.thumbnail),
+                    "frame_sha": self._put(r.frame),
+                    "source": r.source,
+                    "received_at": env.received_at,
+                }
+            )
+            crops += [
+                {
+                    "result_id": r.id,
+                    "idx": i,
+                    "x": c.x,
+                    "y": c.y,
+                    "w": c.w,
+                    "h": c.h,
+                    "score": c.score,
+                    "image_sha": self._put(c.jpeg),
+                }
+                for i, c in enumerate(r.crops)
+            ]
+        return rows, crops
+
+    @staticmethod
+    def _ensure_devices(
+        session: Session, site_ids: dict[str, int], pairs: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        """Ids of (site, device) pairs, creating the rows the hub has not seen before."""
+        if not pairs:
+            return {}
+        # sorted, so that concurrent writers lock rows in the same order
+        session.execute(
+            insert_ignoring_duplicates(session, Device),
+            [{"site_id": site_ids[s], "name": d} for s, d in sorted(pairs)],
+        )
+        found = session.execute(
+            select(Site.name, Device.name, Device.id)
+            .join(Device.site)
+            .where(Device.site_id.in_(site_ids.values()), Device.name.in_({d for _, d in pairs}))
+        )
+        return {(s, d): i for s, d, i in found if (s, d) in pairs}
+
+    @staticmethod
+    def _ensure_stations(
+        session: Session, site_ids: dict[str, int], pairs: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        """Ids of (site, station) pairs, creating the stations the hub has not seen before."""
+        if not pairs:
+            return {}
+        session.execute(
+            insert_ignoring_duplicates(session, Station),
+            [{"site_id": site_ids[s], "name": n} for s, n in sorted(pairs)],
+        )
+        found = session.execute(
+            select(Site.name, Station.name, Station.id)
+            .join(Station.site)
+            .where(Station.site_id.in_(site_ids.values()), Station.name.in_({n for _, n in pairs}))
+        )
+        return {(s, n): i for s, n, i in found if (s, n) in pairs}
+
+    @staticmethod
+    def _ensure_classes(session: Session, names: set[str]) -> dict[str, int]:
+        if not names:
+            return {}
+        session.execute(
+            insert_ignoring_duplicates(session, ProductClass), [{"name": n} for n in sorted(names)]
+        )
+        found = session.execute(
+            select(ProductClass.name, ProductClass.id).where(ProductClass.name.in_(names))
+        )
+        return dict(found.all())
+
+    def _update_devices(
+        self,
+        session: Session,
+        batch: Sequence[Envelope],
+        device_ids: dict[tuple[str, str], int],
+        station_ids: dict[tuple[str, str], int],
+    ) -> int:
+        values: dict[int, dict[str, Any]] = {}
+        updates = 0
+        for env in batch:  # arrival order: a later status wins over an earlier one
+            did = device_ids[env.site, env.device]
+            row = values.setdefault(did, {})
+            msg = env.message
+            if isinstance(msg, messages.Status):
+                updates += 1
+                row["online"] = msg.online
+                if msg.online:  # a last will carries no news beyond "offline"
+                    row.update(
+                        status_at=from_unix(msg.ts),
+                        agent_version=msg.version,
+                        model_id=msg.model_id,
+                        model_version=msg.model_version,
+                        runtime=msg.runtime,
+                        hardware=msg.hardware,
+                        last_seen=env.received_at,
+                    )
+                    if msg.station:
+                        row["station_id"] = station_ids[env.site, msg.station]
+            elif isinstance(msg, messages.Metrics):
+                updates += 1
+                row.update(
+                    metrics_at=from_unix(msg.ts),
+                    fps=msg.fps,
+                    latency_p50_ms=msg.latency_p50_ms,
+                    latency_p95_ms=msg.latency_p95_ms,
+                    frames_dropped=msg.frames_dropped,
+                    results_dropped=msg.results_dropped,
+                    spool_depth=msg.spool_depth,
+                    cpu_percent=msg.cpu_percent if msg.cpu_percent >= 0 else None,
+                    temperature_c=None if msg.temperature_c == -1.0 else msg.temperature_c,
+                    last_seen=env.received_at,
+                )
+            else:
+                row["last_seen"] = env.received_at
+        now = time.monotonic()
+        for did in sorted(values):
+            row = values[did]
+            if row.keys() == {"last_seen"} and now - self._seen_written.get(did, -1e9) < LAST_SEEN_EVERY_S:
+                continue  # results only, and written a moment ago
+            session.execute(update(Device).where(Device.id == did).values(**row))
+            self._seen_written[did] = now
+        return updates
+
+
+def _stations(batch: Sequence[Envelope]) -> set[tuple[str, str]]:
+    """(site, station) of every result and every birth message naming one."""
+    out = set()
+    for env in batch:
+        msg = env.message
+        if isinstance(msg, messages.Result) or (isinstance(msg, messages.Status) and msg.station):
+            out.add((env.site, msg.station))
+    return out
+
+
+def _ensure_sites(session: Session, names: set[str]) -> dict[str, int]:
+    """Ids of the named sites, creating those the hub has not seen before."""
+    if not names:
+        return {}
+    site_names = sorted(names)  # sorted, so that concurrent writers lock rows in the same order
+    session.execute(insert_ignoring_duplicates(session, Site), [{"name": s} for s in site_names])
+    found = session.execute(select(Site.name, Site.id).where(Site.name.in_(site_names)))
+    return dict(found.all())
+
+
+def _transient(exc: SQLAlchemyError) -> bool:
+    """Errors that waiting can heal: the database is down, restarting or locked."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
+class Ingest:
+    """Subscribes to the fleet's results, status and metrics and writes them to the database.
+
+    `start()` returns at once; the connection is made in the background and
+    kept up by MqttLink (`wait_ready` blocks until the broker has confirmed
+    every subscription). `stop()` stores and acknowledges what was received,
+    then disconnects.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        store: ImageStore,
+        broker: BrokerConfig,
+        *,
+        client_id: str = "kdfleet-hub-ingest",
+        site: str = "+",
+        shared_group: str | None = "hub",
+        batch_size: int = 500,
+        flush_ms: int = 200,
+        linger_ms: int = 5,
+        inflight: int = 1000,
+        queue_size: int = 10_000,
+        protocol: str | None = None,
+        persistent: bool = True,
+        manual_ack: bool = True,
+    ) -> None:
+        if min(batch_size, flush_ms, queue_size, inflight) < 1 or linger_ms < 0:
+            raise ValueError(
+                "batch_size, flush_ms, inflight and queue_size must be positive, "
+                "linger_ms not negative"
+            )
+        self.broker = broker
+        self.client_id = client_id
+        self.site = site if site == "+" else topics.check_name(site, "site")
+        self.shared_group = topics.check_name(shared_group, "group") if shared_group else None
+        self.batch_size = batch_size
+        self.flush_s = flush_ms / 1000
+        self.linger_s = linger_ms / 1000
+        self.inflight = inflight
+        self.protocol = protocol
+        # a broker session that keeps QoS 1 results for the hub while it restarts
+        self.persistent = persistent
+        self.manual_ack = manual_ack
+        self.writer = BatchWriter(db, store)
+        self._queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self._counts = {f.name: 0 for f in dataclasses.fields(IngestStats) if f.name != "queued"}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._link: MqttLink | None = None
+        self._writer_thread: threading.Thread | None = None
+        self._last_warning: dict[str, float] = {}
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def start(self) -> Ingest:
+        self._stop.clear()
+        self._writer_thread = threading.Thread(
+            target=self._write_loop, name="hub-ingest-writer", daemon=True
+        )
+        self._writer_thread.start()
+        self._link = MqttLink(
+            self.broker,
+            self.client_id,
+            subscriptions=self.subscriptions,  # decided once the protocol is known
+            on_message=self.handle,
+            protocol=self.protocol,
+            clean_start=not self.persistent,
+            manual_ack=self.manual_ack,
+            receive_maximum=self.inflight,
+        ).start()
+        log.info(
+            "ingest connecting to %s as %s (site %s, shared group %s)",
+            self.broker.url,
+            self.client_id,
+            self.site,
+            self.shared_group or "none",
+        )
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Store (and acknowledge) everything already received, then disconnect.
+
+        With manual acknowledgement, messages arriving after the stop began are
+        left unacknowledged: the broker keeps them for the next start.
+        Without it, the connection is closed first so nothing is acknowledged
+        that will not be stored.
+        """
+        self._stop.set()
+        link, self._link = self._link, None
+        if link is not None and not self.manual_ack:
+            link.stop()  # joins the network thread: nothing is handled after this
+        if self._writer_thread is not None:
+            self._queue.put(_STOP)
+            self._writer_thread.join(timeout)
+            if self._writer_thread.is_alive():
+                log.error(
+                    "ingest writer did not finish within %.0f s; %d messages not stored",
+                    timeout,
+                    self._queue.qsize(),
+                )
+        if link is not None and self.manual_ack:
+            link.stop()  # after the writer's acknowledgements went out
+
+    @property
+    def link(self) -> MqttLink | None:
+        return self._link
+
+    @property
+    def connected(self) -> bool:
+        link = self._link
+        return link is not None and link.connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once connected (subscriptions sent; their acknowledgements may be in flight)."""
+        link = self._link
+        return link is not None and link.wait_connected(timeout)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the broker has confirmed every subscription: nothing published now is missed."""
+        link = self._link
+        return link is not None and link.subscribed.wait(timeout)
+
+    def stats(self) -> IngestStats:
+        with self._lock:
+            return IngestStats(**self._counts, queued=self._queue.qsize())
+
+    def subscriptions(self, protocol: str) -> list[tuple[str, int]]:
+        """Topic filters for the negotiated protocol (shared ones only with MQTT 5)."""
+        group = self.shared_group if protocol == PROTOCOL_5 else None
+        return [
+            (topics.subscription(topics.STATUS, site=self.site), 1),
+            (topics.subscription(topics.RESULT, site=self.site, shared_group=group), 1),
+            (topics.subscription(topics.METRICS, site=self.site, shared_group=group), 1),
+        ]
+
+    # -- receiving (MQTT network thread) -------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, ack: Ack | None = None) -> None:
+        """Validate one message and queue it for the writer; count and drop a malformed one.
+
+        `ack` (manual acknowledgement) is called by the writer once the
+        message is stored, or once it is known never to be stored.
+        """
+        if ack is not None and self._stop.is_set():
+            return  # left with the broker: delivered again after the next start
+        self._count("received")
+        received_at = datetime.now(UTC)
+        envelope = None
+        try:
+            address = topics.parse(topic)
+            expected = EXPECTED.get(address.kind)
+            if expected is None:
+                raise messages.MessageError(f"the hub does not ingest {address.kind!r} messages")
+            if payload:  # empty: a retained status being cleared; nothing to store
+                msg = messages.decode(payload, expect=expected)
+                validate(address, msg)
+                envelope = Envelope(address.site, address.device, msg, received_at)
+            else:
+                self._count("ignored")
+        except (topics.TopicError, messages.MessageError) as exc:
+            self._count("malformed")
+            self._warn(
+                topic,
+                "dropped a malformed message on %s: %s; payload (%d bytes) %r",
+                topic,
+                exc,
+                len(payload),
+                bytes(payload[:LOG_PAYLOAD_BYTES]),
+            )
+        if envelope is None and ack is None:
+            return
+        # acknowledgements go through the writer too, so they leave in the order messages came
+        self._enqueue((envelope, ack))
+
+    def _enqueue(self, item: Item) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                writer = self._writer_thread
+                if self._stop.is_set() and (writer is None or not writer.is_alive()):
+                    if item[0] is not None:
+                        self._count("failed")  # the writer is gone; nobody will store it
+                    return
+                self._warn(
+                    "queue",
+                    "ingest queue full (%d): the database is not keeping up",
+                    self._queue.maxsize,
+                )
+
+    # -- writing (writer thread) -----------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch: list[Item] = [first]
+            stopping = self._fill(batch)
+            self._flush(batch)
+            if stopping:
+                return
+
+    def _fill(self, batch: list[Item]) -> bool:
+        """Add queued items until the batch is full, the queue stays empty for linger_s or the
+        first item has waited flush_s; True when the stop marker came up."""
+        deadline = time.monotonic() + self.flush_s
+        while len(batch) < self.batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                wait = min(self.linger_s, deadline - time.monotonic())
+                if wait <= 0:
+                    return False
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    return False
+            if item is _STOP:
+                return True
+            batch.append(item)
+        return False
+
+    def _flush(self, items: list[Item]) -> None:
+        """Store a batch, then acknowledge it; a batch the stop gave up on stays unacknowledged."""
+        batch = [env for env, _ in items if env is not None]
+        if not batch or self._store(batch):
+            for _, ack in items:
+                if ack is not None:
+                    ack()
+
+    def _store(self, batch: list[Envelope]) -> bool:
+        """Store a batch; wait out an unreachable database, isolate a message it refuses.
+
+        False only when stopping while the database still fails: those messages
+        are not acknowledged, so the broker delivers them again.
+        """
+        delay, gave_up_at = 0.2, None
+        while True:
+            try:
+                self._record(self.writer.write(batch))
+                return True
+            except (StoreError, SQLAlchemyError) as exc:
+                if isinstance(exc, StoreError) or not _transient(exc):
+                    if len(batch) > 1:
+                        self._store_one_by_one(batch)
+                    else:
+                        self._fail(batch, exc)
+                    return True
+                log.warning(
+                    "database unavailable (%s); retrying %d messages in %.1f s",
+                    str(exc).splitlines()[0],
+                    len(batch),
+                    delay,
+                )
+            except OSError as exc:  # disk full, permissions: an operator can fix it while we wait
+                log.error(
+                    "image store write failed (%s); retrying %d messages in %.1f s",
+                    exc,
+                    len(batch),
+                    delay,
+                )
+            if self._stop.is_set():
+                gave_up_at = gave_up_at or time.monotonic() + GIVE_UP_ON_STOP_S
+                if time.monotonic() >= gave_up_at:
+                    self._fail(
+                        batch,
+                        RuntimeError(
+                            "still failing while stopping"
+                            + ("; left with the broker for the next start" if self.manual_ack else "")
+                        ),
+                    )
+                    return False
+            time.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    def _store_one_by_one(self, batch: list[Envelope]) -> None:
+        """Isolate the message the database refuses so the rest of the batch is stored."""
+        for env in batch:
+            try:
+                self._record(self.writer.write([env]))
+            except (StoreError, SQLAlchemyError, OSError) as exc:
+                self._fail([env], exc)
+
+    def _fail(self, batch: list[Envelope], exc: BaseException) -> None:
+        self._count("failed", len(batch))
+        first = batch[0].message
+        log.error(
+            "could not store %d message(s) (first: %s %s from %s/%s): %s",
+            len(batch),
+            first.TYPE,
+            getattr(first, "id", ""),
+            batch[0].site,
+            batch[0].device,
+            str(exc).splitlines()[0],
+        )
+
+    def _record(self, report: WriteReport) -> None:
+        with self._lock:
+            self._counts["stored"] += report.stored
+            self._counts["duplicates"] += report.duplicates
+            self._counts["updates"] += report.updates
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def _warn(self, key: str, fmt: str, *args: Any) -> None:
+        """Log at most once per LOG_EVERY_S per key, so a broken device cannot flood the log."""
+        now = time.monotonic()
+        if now - self._last_warning.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_warning[key] = now
+            log.warning(fmt, *args)

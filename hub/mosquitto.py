@@ -1,0 +1,138 @@
+"""Mosquitto's password file and ACL for a provisioned fleet.
+
+The database is the source of truth (devices.mqtt_username and
+mqtt_password_hash); these files are rendered from it in full on every
+change, so they never drift. Passwords are hashed the way Mosquitto 2 reads
+them (``$7$``: PBKDF2-HMAC-SHA512, the format `mosquitto_passwd` writes); a
+device may publish only its own topics and read only its own model topic,
+the hub's account reads every kdfleet topic and publishes desired models.
+Mosquitto rereads both files on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from hub.services.devices import MqttAccount
+from shared import topics
+
+ITERATIONS = 1000
+SALT_BYTES = 12  # what mosquitto_passwd uses
+HEADER = "# Written by `kdfleet hub add-device` from the hub database; edits here are overwritten.\n"
+
+DEVICE_WRITES = (topics.STATUS, topics.RESULT, topics.METRICS, topics.MODEL_STATE)
+DEVICE_READS = (topics.MODEL_DESIRED,)
+
+
+def new_password() -> str:
+    """A random password for a device (32 characters, URL-safe)."""
+    return secrets.token_urlsafe(24)
+
+
+def hash_password(password: str, *, iterations: int = ITERATIONS, salt: bytes | None = None) -> str:
+    """``$7$<iterations>$<salt>$<hash>``, the PBKDF2-SHA512 form Mosquitto 2 checks."""
+    salt = salt if salt is not None else os.urandom(SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_password(password: str, hashed: str) -> bool:
+    """True when `password` matches a ``$7$`` hash (for tests and `check` commands)."""
+    try:
+        _, kind, iterations, salt, digest = hashed.split("$")
+        if kind != "7":
+            return False
+        got = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations))
+    except ValueError:
+        return False
+    return hmac.compare_digest(got, base64.b64decode(digest))
+
+
+def check_username(username: str) -> str:
+    """Refuse user names the password file cannot hold (':' separates the hash) or ACLs mangle."""
+    if not username or ":" in username or any(c.isspace() or c in "#+/" for c in username):
+        raise ValueError(
+            f"MQTT user name {username!r}: use no ':', '/', '#', '+' or white space"
+        )
+    return username
+
+
+def render_passwords(hub_user: str, hub_password: str, accounts: Sequence[MqttAccount]) -> str:
+    lines = [f"{check_username(hub_user)}:{hash_password(hub_password)}"]
+    lines += [f"{check_username(a.username)}:{a.password_hash}" for a in accounts]
+    return "\n".join(lines) + "\n"
+
+
+def render_acl(hub_user: str, accounts: Sequence[MqttAccount]) -> str:
+    """Mosquitto ACL: the hub reads everything kdfleet and writes desired models; each device
+    writes its own topics and reads its own desired model, nothing else."""
+    out = [
+        HEADER,
+        f"user {check_username(hub_user)}",
+        f"topic read {topics.ROOT}/#",
+        f"topic write {topics.subscription(topics.MODEL_DESIRED)}",
+        "",
+    ]
+    for a in accounts:
+        out.append(f"user {check_username(a.username)}")
+        out += [f"topic write {topics.topic(a.site, a.device, k)}" for k in DEVICE_WRITES]
+        out += [f"topic read {topics.topic(a.site, a.device, k)}" for k in DEVICE_READS]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_atomically(path: str | Path, text: str, mode: int = 0o640, group: str = "") -> Path:
+    """Replace `path` with `text` in one step (a reader sees the old file or the new one).
+
+    `group`, when it exists on this machine, becomes the file's group: Mosquitto reads its
+    files as its own user, to which the group gives read access.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        gid = _group_id(group)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _group_id(group: str) -> int | None:
+    if not group:
+        return None
+    try:
+        import grp
+
+        return grp.getgrnam(group).gr_gid
+    except (ImportError, KeyError):
+        return None  # no such group here (a broker on another machine): the mode still holds
+
+
+def write_files(
+    password_file: str | Path,
+    acl_file: str | Path,
+    hub_user: str,
+    hub_password: str,
+    accounts: Sequence[MqttAccount],
+    group: str = "",
+) -> None:
+    """Write the password file and the ACL for the hub's account and every device's."""
+    write_atomically(password_file, render_passwords(hub_user, hub_password, accounts), group=group)
+    write_atomically(acl_file, render_acl(hub_user, accounts), group=group)

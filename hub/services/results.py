@@ -1,0 +1,322 @@
+"""Results: filtered pages (newest first or highest score first), one result, the live feed.
+
+Pages use keyset pagination (`before` names the last row shown), so the
+hundredth page costs what the first does. Name filters (site, device,
+station, class) are resolved to ids first, which lets the database walk the
+one index that serves the filter in the order the page wants. Time filters
+also bound the result id: ULIDs are made when the agent scores a frame, a
+moment after its capture, so ``ts >= since`` implies an id made at or after
+``since`` (an index range on the primary key instead of a scan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Select, String, bindparam, exists, func, select, tuple_
+from sqlalchemy.orm import Session, selectinload
+
+from hub.db.models import REVIEW_LABELS, VERDICTS, Device, ProductClass, Result, Review, Site, Station
+from hub.services.common import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    QueryError,
+    check_ulid,
+    parse_limit,
+    parse_time,
+    ulid_floor,
+)
+from hub.store import ImageStore, StoredImage, is_sha
+
+SORTS = ("newest", "score")
+REVIEW_STATES = ("unreviewed", "reviewed", *REVIEW_LABELS)
+ID_AFTER_CAPTURE = timedelta(minutes=10)  # longest an agent takes from capture to making the id
+LIVE_OVERLAP = timedelta(seconds=10)  # transactions commit out of order; look back this far
+
+
+@dataclass(frozen=True, slots=True)
+class CropView:
+    idx: int
+    x: int
+    y: int
+    w: int
+    h: int
+    score: float
+    image_sha: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResultView:
+    id: str
+    ts: datetime
+    received_at: datetime
+    site: str
+    device: str
+    station: str
+    cls: str
+    model_version: str
+    score: float
+    norm_score: float
+    threshold: float
+    verdict: str
+    latency_ms: float
+    heatmap_sha: str | None
+    thumbnail_sha: str | None
+    frame_sha: str | None
+    source: str
+    crops: tuple[CropView, ...]
+    review: str | None  # the latest review's label, None while unreviewed
+
+
+@dataclass(frozen=True, slots=True)
+class ResultPage:
+    items: list[ResultView]
+    next_before: str | None  # pass as `before` for the next page; None on the last page
+
+
+@dataclass(frozen=True, slots=True)
+class ResultFilter:
+    """Which results to list and in which order; `limit` per page, further pages via `before`."""
+
+    site: str | None = None
+    device: str | None = None
+    station: str | None = None
+    cls: str | None = None
+    verdict: str | None = None
+    review: str | None = None  # REVIEW_STATES
+    since: datetime | None = None  # capture time, inclusive
+    until: datetime | None = None  # capture time, exclusive
+    sort: str = "newest"  # SORTS
+    before: str | None = None  # cursor: a result id (newest) or "<score>~<id>" (score)
+    limit: int = DEFAULT_PAGE
+
+    FIELDS = (
+        "site", "device", "station", "cls", "verdict", "review", "since", "until", "sort",
+        "before", "limit",
+    )  # fmt: skip
+
+    @classmethod
+    def from_query(
+        cls, args: Mapping[str, str], *, default_sort: str = "newest", **fixed: Any
+    ) -> ResultFilter:
+        """Build from query-string values (empty means "any"), then `fixed`; raises QueryError."""
+        v = {k: (args.get(k) or "").strip() or None for k in cls.FIELDS}
+        if v["verdict"] is not None and v["verdict"] not in VERDICTS:
+            raise QueryError(f"verdict must be one of {', '.join(VERDICTS)}, not {v['verdict']!r}")
+        if v["review"] is not None and v["review"] not in REVIEW_STATES:
+            raise QueryError(
+                f"review must be one of {', '.join(REVIEW_STATES)}, not {v['review']!r}"
+            )
+        sort = v["sort"] or default_sort
+        if sort not in SORTS:
+            raise QueryError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}")
+        since = parse_time(v["since"], "since") if v["since"] else None
+        until = parse_time(v["until"], "until") if v["until"] else None
+        if since and until and since >= until:
+            raise QueryError("since must be earlier than until")
+        if v["before"] is not None:
+            _parse_cursor(v["before"], sort)
+        values = {
+            **v,
+            "since": since,
+            "until": until,
+            "sort": sort,
+            "limit": parse_limit(v["limit"], DEFAULT_PAGE, MAX_PAGE),
+        }
+        return cls(**(values | fixed))
+
+    def query_args(self, **changes: Any) -> dict[str, str]:
+        """The filters set, as query-string values (for links to other pages)."""
+        out = {}
+        for k in self.FIELDS:
+            value = changes.get(k, getattr(self, k))
+            if value is None or (k == "limit" and value == DEFAULT_PAGE):
+                continue
+            out[k] = value.isoformat() if isinstance(value, datetime) else str(value)
+        return out
+
+    @property
+    def filtered(self) -> bool:
+        """True when any filter narrows the list (paging and sorting aside)."""
+        return any(getattr(self, k) is not None for k in self.FIELDS[:8])
+
+
+def _parse_cursor(cursor: str, sort: str) -> tuple[float, str] | str:
+    if sort == "newest":
+        return check_ulid(cursor, "before")
+    score, _, rid = cursor.partition("~")
+    try:
+        return float(score), check_ulid(rid, "before")
+    except ValueError:
+        raise QueryError(
+            f"before must be '<score>~<result id>' when sorting by score, not {cursor!r}"
+        ) from None
+
+
+def _cursor(r: ResultView, sort: str) -> str:
+    return r.id if sort == "newest" else f"{r.score!r}~{r.id}"
+
+
+# -- building the query -----------------------------------------------------------
+
+
+def _latest_review() -> Any:
+    """The label of a result's latest review (a correlated subquery; NULL when unreviewed)."""
+    return (
+        select(Review.label)
+        .where(Review.result_id == Result.id)
+        .order_by(Review.id.desc())
+        .limit(1)
+        .correlate(Result)
+        .scalar_subquery()
+    )
+
+
+def _base() -> Select[Any]:
+    return (
+        select(Result, Site.name, Device.name, Station.name, ProductClass.name, _latest_review())
+        .join(Result.device)
+        .join(Device.site)
+        .join(Result.station)
+        .join(Result.product_class)
+        .options(selectinload(Result.crops))
+    )
+
+
+def _ids(session: Session, stmt: Select[Any]) -> list[int]:
+    return list(session.scalars(stmt))
+
+
+def _match(column: Any, ids: list[int]) -> Any:
+    return column == ids[0] if len(ids) == 1 else column.in_(ids)
+
+
+def conditions(session: Session, f: ResultFilter) -> list[Any] | None:
+    """WHERE clauses for `f` (names resolved to ids); None when no result can match."""
+    conds: list[Any] = []
+    if f.site or f.device:
+        q = select(Device.id).join(Device.site)
+        if f.site:
+            q = q.where(Site.name == f.site)
+        if f.device:
+            q = q.where(Device.name == f.device)
+        ids = _ids(session, q)
+        if not ids:
+            return None
+        conds.append(_match(Result.device_id, ids))
+    if f.station:
+        q = select(Station.id).where(Station.name == f.station)
+        if f.site:
+            q = q.join(Station.site).where(Site.name == f.site)
+        ids = _ids(session, q)
+        if not ids:
+            return None
+        conds.append(_match(Result.station_id, ids))
+    if f.cls:
+        ids = _ids(session, select(ProductClass.id).where(ProductClass.name == f.cls))
+        if not ids:
+            return None
+        conds.append(_match(Result.class_id, ids))
+    if f.verdict:
+        # inlined, not bound: a generic plan must still match the partial index on anomalies
+        conds.append(Result.verdict == bindparam(None, f.verdict, String, literal_execute=True))
+    if f.since:
+        conds += [Result.ts >= f.since, Result.id >= ulid_floor(f.since)]
+    if f.until:
+        conds += [Result.ts < f.until, Result.id < ulid_floor(f.until + ID_AFTER_CAPTURE)]
+    if f.review == "unreviewed":
+        conds.append(~exists().where(Review.result_id == Result.id))
+    elif f.review == "reviewed":
+        conds.append(exists().where(Review.result_id == Result.id))
+    elif f.review in REVIEW_LABELS:
+        latest = select(func.max(Review.id)).group_by(Review.result_id)
+        conds.append(
+            Result.id.in_(
+                select(Review.result_id).where(Review.id.in_(latest), Review.label == f.review)
+            )
+        )
+    return conds
+
+
+def _view(row: Any) -> ResultView:
+    r, site, device, station, cls, review = row
+    return ResultView(
+        id=r.id,
+        ts=r.ts,
+        received_at=r.received_at,
+        site=site,
+        device=device,
+        station=station,
+        cls=cls,
+        model_version=r.model_version,
+        score=r.score,
+        norm_score=r.norm_score,
+        threshold=r.threshold,
+        verdict=r.verdict,
+        latency_ms=r.latency_ms,
+        heatmap_sha=r.heatmap_sha,
+        thumbnail_sha=r.thumbnail_sha,
+        frame_sha=r.frame_sha,
+        source=r.source,
+        crops=tuple(CropView(c.idx, c.x, c.y, c.w, c.h, c.score, c.image_sha) for c in r.crops),
+        review=review,
+    )
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+def latest_results(session: Session, f: ResultFilter = ResultFilter()) -> ResultPage:
+    """One page of results matching `f`, newest first or highest score first."""
+    conds = conditions(session, f)
+    if conds is None:
+        return ResultPage([], None)
+    stmt = _base().where(*conds)
+    if f.sort == "score":
+        if f.before:
+            score, rid = _parse_cursor(f.before, "score")
+            stmt = stmt.where(tuple_(Result.score, Result.id) < tuple_(score, rid))
+        stmt = stmt.order_by(Result.score.desc(), Result.id.desc())
+    else:
+        if f.before:
+            stmt = stmt.where(Result.id < f.before)
+        stmt = stmt.order_by(Result.id.desc())
+    rows = session.execute(stmt.limit(f.limit + 1)).all()
+    items = [_view(row) for row in rows[: f.limit]]
+    more = len(rows) > f.limit
+    return ResultPage(items, _cursor(items[-1], f.sort) if more else None)
+
+
+def result_detail(session: Session, result_id: str) -> ResultView | None:
+    """One result with its crops and review state, or None when no result has that id."""
+    row = session.execute(_base().where(Result.id == result_id)).one_or_none()
+    return _view(row) if row else None
+
+
+def live_results(
+    session: Session, f: ResultFilter, received_after: datetime, limit: int = 200
+) -> list[ResultView]:
+    """The newest `limit` results matching `f` received after `received_after`, oldest first.
+
+    Looks LIVE_OVERLAP further back, since a transaction that began earlier
+    may commit later: the caller skips the ids it has already sent. When more
+    than `limit` arrived, the older ones are left out: the feed is for people.
+    """
+    conds = conditions(session, f)
+    if conds is None:
+        return []
+    stmt = (
+        _base()
+        .where(*conds, Result.received_at > received_after - LIVE_OVERLAP)
+        .order_by(Result.received_at.desc(), Result.id.desc())
+        .limit(limit)
+    )
+    return [_view(row) for row in reversed(session.execute(stmt).all())]
+
+
+def image(store: ImageStore, sha: str) -> StoredImage | None:
+    """The stored image named `sha` (heat map, thumbnail, frame or crop), or None."""
+    return store.get(sha) if is_sha(sha) else None

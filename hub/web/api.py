@@ -1,0 +1,232 @@
+"""JSON API for services and scripts: devices, results, reviews, training data, models.
+
+Authenticate with ``Authorization: Bearer <token>`` (`kdfleet hub add-token
+NAME --role ROLE`) or a dashboard session. Times are ISO 8601 in UTC; images
+are URLs under /images/. Lists page with `before` (the `next` URL in each
+answer). The OpenAPI 3 description is at /api/openapi.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, abort, jsonify, request, url_for
+from flask.typing import ResponseReturnValue
+
+from hub.services import devices, registry, results, reviews
+from hub.services.common import NotFound, QueryError, check_ulid, parse_limit, parse_time
+from hub.services.results import ResultFilter
+from hub.web import openapi
+from hub.web.auth import current, requires
+from hub.web.db import get_session
+from hub.web.fleet import silent_after
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, lists and datetimes as JSON values."""
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def _image_url(sha: str | None) -> str | None:
+    return url_for("images.get", sha=sha) if sha else None
+
+
+def _result(r: results.ResultView) -> dict[str, Any]:
+    out = plain(r)
+    out["url"] = url_for("results.detail", result_id=r.id)
+    for name in ("heatmap", "thumbnail", "frame"):
+        out[f"{name}_url"] = _image_url(out.pop(f"{name}_sha"))
+    for crop in out["crops"]:
+        crop["image_url"] = _image_url(crop.pop("image_sha"))
+    return out
+
+
+def _review(v: reviews.ReviewView) -> dict[str, Any]:
+    out = plain(v)
+    out["result_url"] = url_for("api.result", result_id=v.result_id)
+    for name in ("heatmap", "thumbnail", "frame"):
+        out[f"{name}_url"] = _image_url(out.pop(f"{name}_sha"))
+    # for training: the best picture of the frame there is
+    out["image_url"] = out["frame_url"] or out["thumbnail_url"]
+    return out
+
+
+def _device(d: devices.DeviceView) -> dict[str, Any]:
+    return plain(d) | {"online": d.online, "url": url_for("api.device", site=d.site, name=d.name)}
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        abort(400, "send a JSON object with Content-Type: application/json")
+    return body
+
+
+@bp.get("/health")
+def health() -> ResponseReturnValue:
+    devices.check_database(get_session())
+    return jsonify(status="ok")
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> ResponseReturnValue:
+    return jsonify(openapi.document(request.host_url.rstrip("/")))
+
+
+@bp.get("/devices")
+def device_list() -> ResponseReturnValue:
+    site = request.args.get("site") or None
+    found = devices.list_devices(get_session(), site=site, silent_after=silent_after())
+    return jsonify(devices=[_device(d) for d in found])
+
+
+@bp.get("/devices/<site>/<name>")
+def device(site: str, name: str) -> ResponseReturnValue:
+    session = get_session()
+    found = devices.device_detail(session, site, name, silent_after=silent_after())
+    if found is None:
+        abort(404, f"no device {name!r} at site {site!r}")
+    activity = devices.device_activity(session, site, name)
+    return jsonify(_device(found) | {"activity": plain(activity)})
+
+
+@bp.get("/results")
+def result_list() -> ResponseReturnValue:
+    try:
+        f = ResultFilter.from_query(request.args)
+    except QueryError as exc:
+        abort(400, str(exc))
+    page = results.latest_results(get_session(), f)
+    next_url = (
+        url_for("api.result_list", **f.query_args(before=page.next_before))
+        if page.next_before
+        else None
+    )
+    return jsonify(results=[_result(r) for r in page.items], next=next_url)
+
+
+@bp.get("/results/<result_id>")
+def result(result_id: str) -> ResponseReturnValue:
+    found = results.result_detail(get_session(), result_id)
+    if found is None:
+        abort(404, f"no result with id {result_id!r}")
+    return jsonify(_result(found))
+
+
+@bp.get("/results/<result_id>/reviews")
+def result_reviews(result_id: str) -> ResponseReturnValue:
+    session = get_session()
+    if results.result_detail(session, result_id) is None:
+        abort(404, f"no result with id {result_id!r}")
+    return jsonify(reviews=[_review(v) for v in reviews.reviews_of(session, result_id)])
+
+
+@bp.post("/results/<result_id>/reviews")
+@requires("operator")
+def review_create(result_id: str) -> ResponseReturnValue:
+    body = _json_body()
+    principal = current()
+    assert principal is not None
+    session = get_session()
+    try:
+        check_ulid(result_id, "result id")
+        note = body.get("note", "")
+        if not isinstance(note, str):
+            raise QueryError("note must be a string")
+        review_id = reviews.add_review(
+            session,
+            result_id,
+            str(body.get("label", "")),
+            note,
+            user_id=principal.id if principal.kind == "user" else None,
+        )
+    except NotFound as exc:
+        abort(404, str(exc))
+    except QueryError as exc:
+        abort(400, str(exc))
+    session.commit()
+    created = next(v for v in reviews.reviews_of(session, result_id) if v.id == review_id)
+    return jsonify(_review(created)), 201
+
+
+def _review_query() -> dict[str, Any]:
+    args = request.args
+    try:
+        before = args.get("before") or None
+        if before is not None and not before.isdigit():
+            raise QueryError(f"before must be a review id, not {before!r}")
+        label = args.get("label") or None
+        return {
+            "label": reviews.check_label(label) if label else None,
+            "cls": args.get("cls") or None,
+            "since": parse_time(args["since"], "since") if args.get("since") else None,
+            "before": int(before) if before else None,
+            "limit": parse_limit(args.get("limit") or None),
+        }
+    except QueryError as exc:
+        abort(400, str(exc))
+
+
+def _review_page(endpoint: str, page: reviews.ReviewPage, query: dict[str, Any]) -> dict[str, Any]:
+    args = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in query.items() if v}
+    next_url = url_for(endpoint, **(args | {"before": page.next_before})) if page.next_before else None
+    return {"next": next_url, "items": [_review(v) for v in page.items]}
+
+
+@bp.get("/reviews")
+def review_list() -> ResponseReturnValue:
+    query = _review_query()
+    page = reviews.list_reviews(get_session(), **query)
+    body = _review_page("api.review_list", page, query)
+    return jsonify(reviews=body["items"], next=body["next"])
+
+
+@bp.get("/training-data")
+def training_data() -> ResponseReturnValue:
+    """Results whose latest review is `label` (default false_alarm): new normal images."""
+    query = _review_query()
+    query["label"] = query["label"] or "false_alarm"
+    page = reviews.training_data(get_session(), **query)
+    body = _review_page("api.training_data", page, query)
+    return jsonify(items=body["items"], next=body["next"])
+
+
+@bp.get("/models")
+def model_list() -> ResponseReturnValue:
+    found = registry.list_models(get_session(), name=request.args.get("name") or None)
+    return jsonify(models=plain(found))
+
+
+@bp.get("/models/<int:model_id>")
+def model(model_id: int) -> ResponseReturnValue:
+    try:
+        return jsonify(plain(registry.model_detail(get_session(), model_id)))
+    except NotFound as exc:
+        abort(404, str(exc))
+
+
+@bp.post("/models")
+@requires("admin")
+def model_create() -> ResponseReturnValue:
+    body = _json_body()
+    principal = current()
+    assert principal is not None
+    session = get_session()
+    try:
+        created = registry.register_model(
+            session, body, user_id=principal.id if principal.kind == "user" else None
+        )
+    except QueryError as exc:
+        abort(400, str(exc))
+    session.commit()
+    return jsonify(plain(created)), 201

@@ -1,0 +1,392 @@
+"""The OpenAPI 3 description of the JSON API, served at /api/openapi.json.
+
+Written by hand next to the views it describes; a test checks that every
+/api route is documented and every documented path exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hub.db.models import REVIEW_LABELS, ROLES, VERDICTS
+from hub.services.charts import WINDOWS
+from hub.services.results import REVIEW_STATES, SORTS
+
+TIME = {"type": "string", "format": "date-time"}
+NULLABLE_TIME = {**TIME, "nullable": True}
+URL = {"type": "string", "nullable": True, "description": "a path on this hub"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _path(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERRORS = {
+    "400": {"$ref": "#/components/responses/BadRequest"},
+    "401": {"$ref": "#/components/responses/Unauthorized"},
+}
+NOT_FOUND = {"404": {"$ref": "#/components/responses/NotFound"}}
+FORBIDDEN = {"403": {"$ref": "#/components/responses/Forbidden"}}
+
+PAGE_PARAMS = [
+    _query("before", "cursor from the previous answer's `next` URL"),
+    _query("limit", "items per page, 1-500 (default 50)", {"type": "integer", "minimum": 1, "maximum": 500}),
+]
+RESULT_FILTERS = [
+    _query("site", "site name"),
+    _query("device", "device name"),
+    _query("station", "station name"),
+    _query("cls", "product class"),
+    _query("verdict", "verdict", {"type": "string", "enum": list(VERDICTS)}),
+    _query("review", "review state", {"type": "string", "enum": list(REVIEW_STATES)}),
+    _query("since", "capture time from (inclusive), ISO 8601", TIME),
+    _query("until", "capture time until (exclusive), ISO 8601", TIME),
+    _query("sort", "newest first, or highest score first", {"type": "string", "enum": list(SORTS)}),
+    *PAGE_PARAMS,
+]
+REVIEW_FILTERS = [
+    _query("label", "review label", {"type": "string", "enum": list(REVIEW_LABELS)}),
+    _query("cls", "product class"),
+    _query("since", "reviewed at or after, ISO 8601", TIME),
+    *PAGE_PARAMS,
+]
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "properties": {
+            "error": {"type": "string"},
+            "detail": {"type": "string", "description": "what went wrong and what to do"},
+            "status": {"type": "integer"},
+        },
+    },
+    "Device": {
+        "type": "object",
+        "properties": {
+            "site": {"type": "string"},
+            "name": {"type": "string"},
+            "station": {"type": "string"},
+            "state": {"type": "string", "enum": ["online", "silent", "offline"]},
+            "online": {"type": "boolean"},
+            "last_seen": NULLABLE_TIME,
+            "model_id": {"type": "string"},
+            "model_version": {"type": "string"},
+            "runtime": {"type": "string"},
+            "hardware": {"type": "string"},
+            "agent_version": {"type": "string"},
+            "fps": {"type": "number", "nullable": True},
+            "latency_p50_ms": {"type": "number", "nullable": True},
+            "latency_p95_ms": {"type": "number", "nullable": True},
+            "spool_depth": {"type": "integer", "nullable": True},
+            "frames_dropped": {"type": "integer", "nullable": True},
+            "results_dropped": {"type": "integer", "nullable": True},
+            "cpu_percent": {"type": "number", "nullable": True},
+            "temperature_c": {"type": "number", "nullable": True},
+            "metrics_at": NULLABLE_TIME,
+            "status_at": NULLABLE_TIME,
+            "provisioned": {"type": "boolean"},
+            "url": {"type": "string"},
+        },
+    },
+    "DeviceDetail": {
+        "allOf": [
+            _ref("Device"),
+            {
+                "type": "object",
+                "properties": {
+                    "activity": {
+                        "type": "object",
+                        "properties": {
+                            "results_last_hour": {"type": "integer"},
+                            "anomalies_last_hour": {"type": "integer"},
+                            "results_last_day": {"type": "integer"},
+                            "anomalies_last_day": {"type": "integer"},
+                            "classes": {"type": "array", "items": {"type": "string"}},
+                        },
+                    }
+                },
+            },
+        ]
+    },
+    "Crop": {
+        "type": "object",
+        "properties": {
+            "idx": {"type": "integer"},
+            "x": {"type": "integer"},
+            "y": {"type": "integer"},
+            "w": {"type": "integer"},
+            "h": {"type": "integer"},
+            "score": {"type": "number"},
+            "image_url": URL,
+        },
+    },
+    "Result": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "description": "ULID"},
+            "ts": TIME,
+            "received_at": TIME,
+            "site": {"type": "string"},
+            "device": {"type": "string"},
+            "station": {"type": "string"},
+            "cls": {"type": "string"},
+            "model_version": {"type": "string"},
+            "score": {"type": "number"},
+            "norm_score": {"type": "number"},
+            "threshold": {"type": "number"},
+            "verdict": {"type": "string", "enum": list(VERDICTS)},
+            "latency_ms": {"type": "number"},
+            "source": {"type": "string"},
+            "review": {"type": "string", "enum": list(REVIEW_LABELS), "nullable": True},
+            "heatmap_url": URL,
+            "thumbnail_url": URL,
+            "frame_url": URL,
+            "url": {"type": "string"},
+            "crops": {"type": "array", "items": _ref("Crop")},
+        },
+    },
+    "Review": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "result_id": {"type": "string"},
+            "label": {"type": "string", "enum": list(REVIEW_LABELS)},
+            "note": {"type": "string"},
+            "created_at": TIME,
+            "reviewer": {"type": "string", "nullable": True},
+            "latest": {"type": "boolean", "description": "the result's latest review, the one that counts"},
+            "site": {"type": "string"},
+            "device": {"type": "string"},
+            "station": {"type": "string"},
+            "cls": {"type": "string"},
+            "score": {"type": "number"},
+            "threshold": {"type": "number"},
+            "verdict": {"type": "string"},
+            "ts": TIME,
+            "heatmap_url": URL,
+            "thumbnail_url": URL,
+            "frame_url": URL,
+            "image_url": {**URL, "description": "the full frame when kept, else the thumbnail"},
+            "result_url": {"type": "string"},
+        },
+    },
+    "NewReview": {
+        "type": "object",
+        "required": ["label"],
+        "properties": {
+            "label": {"type": "string", "enum": list(REVIEW_LABELS)},
+            "note": {"type": "string", "maxLength": 2000},
+        },
+    },
+    "Rollout": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "model": {"type": "string"},
+            "version": {"type": "string"},
+            "site": {"type": "string", "nullable": True},
+            "state": {"type": "string"},
+            "canary_devices": {"type": "integer"},
+            "note": {"type": "string"},
+            "created_at": TIME,
+            "updated_at": TIME,
+        },
+    },
+    "Model": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "method": {"type": "string"},
+            "classes": {"type": "array", "items": {"type": "string"}},
+            "precision": {"type": "string"},
+            "sha256": {"type": "string"},
+            "size_bytes": {"type": "integer"},
+            "url": {"type": "string"},
+            "notes": {"type": "string"},
+            "created_at": TIME,
+            "devices_running": {"type": "integer"},
+            "rollouts": {"type": "array", "items": _ref("Rollout")},
+        },
+    },
+    "NewModel": {
+        "type": "object",
+        "required": ["name", "version", "sha256", "size_bytes", "url"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size_bytes": {"type": "integer", "minimum": 1},
+            "url": {"type": "string"},
+            "method": {"type": "string", "enum": ["stfpm", "rd", "us"]},
+            "classes": {"type": "array", "items": {"type": "string"}},
+            "precision": {"type": "string", "enum": ["fp32", "fp16", "int8"]},
+            "notes": {"type": "string"},
+        },
+    },
+}
+
+
+def _list(key: str, item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            key: {"type": "array", "items": _ref(item)},
+            "next": {"type": "string", "nullable": True, "description": "the next page"},
+        },
+    }
+
+
+PATHS: dict[str, Any] = {
+    "/api/health": {
+        "get": {
+            "summary": "The hub and its database answer",
+            "responses": {"200": _ok({"type": "object", "properties": {"status": {"type": "string"}}})}
+            | ERRORS,
+        }
+    },
+    "/api/openapi.json": {
+        "get": {"summary": "This document", "responses": {"200": _ok({"type": "object"})} | ERRORS}
+    },
+    "/api/devices": {
+        "get": {
+            "summary": "Every device with its online state, model and health",
+            "parameters": [_query("site", "one site only")],
+            "responses": {"200": _ok(_list("devices", "Device"))} | ERRORS,
+        }
+    },
+    "/api/devices/{site}/{name}": {
+        "get": {
+            "summary": "One device and what it produced in the last hour and day",
+            "parameters": [_path("site", "site name"), _path("name", "device name")],
+            "responses": {"200": _ok(_ref("DeviceDetail"))} | ERRORS | NOT_FOUND,
+        }
+    },
+    "/api/results": {
+        "get": {
+            "summary": "Results, newest (or highest score) first, filtered",
+            "parameters": RESULT_FILTERS,
+            "responses": {"200": _ok(_list("results", "Result"))} | ERRORS,
+        }
+    },
+    "/api/results/{result_id}": {
+        "get": {
+            "summary": "One result with its crops",
+            "parameters": [_path("result_id", "the result's ULID")],
+            "responses": {"200": _ok(_ref("Result"))} | ERRORS | NOT_FOUND,
+        }
+    },
+    "/api/results/{result_id}/reviews": {
+        "get": {
+            "summary": "Every review of one result, newest first",
+            "parameters": [_path("result_id", "the result's ULID")],
+            "responses": {"200": _ok(_list("reviews", "Review"))} | ERRORS | NOT_FOUND,
+        },
+        "post": {
+            "summary": "Review a result (operator role)",
+            "parameters": [_path("result_id", "the result's ULID")],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("NewReview")}},
+            },
+            "responses": {"201": _ok(_ref("Review"), "Created")} | ERRORS | FORBIDDEN | NOT_FOUND,
+        },
+    },
+    "/api/reviews": {
+        "get": {
+            "summary": "Reviews, newest first",
+            "parameters": REVIEW_FILTERS,
+            "responses": {"200": _ok(_list("reviews", "Review"))} | ERRORS,
+        }
+    },
+    "/api/training-data": {
+        "get": {
+            "summary": "Results whose latest review has `label` (default false_alarm), with images: "
+            "new normal training images for the trainer",
+            "parameters": REVIEW_FILTERS,
+            "responses": {"200": _ok(_list("items", "Review"))} | ERRORS,
+        }
+    },
+    "/api/models": {
+        "get": {
+            "summary": "The model registry, newest first",
+            "parameters": [_query("name", "one model's versions only")],
+            "responses": {"200": _ok(_list("models", "Model"))} | ERRORS,
+        },
+        "post": {
+            "summary": "Register a model package (admin role)",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("NewModel")}},
+            },
+            "responses": {"201": _ok(_ref("Model"), "Created")} | ERRORS | FORBIDDEN,
+        },
+    },
+    "/api/models/{model_id}": {
+        "get": {
+            "summary": "One model with its rollouts",
+            "parameters": [_path("model_id", "registry id", {"type": "integer"})],
+            "responses": {"200": _ok(_ref("Model"))} | ERRORS | NOT_FOUND,
+        }
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref("Error")}}}
+
+
+def document(server_url: str) -> dict[str, Any]:
+    """The OpenAPI 3.0 document, with this hub as its server."""
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "kdfleet hub API",
+            "version": "1",
+            "description": "Inspection results, devices, reviews and models of a kdfleet hub. "
+            "Authenticate with a bearer token (`kdfleet hub add-token NAME --role "
+            f"{'|'.join(ROLES)}`) or a dashboard session (then send the X-CSRF-Token header "
+            f"with POSTs). Chart windows: {', '.join(WINDOWS)}.",
+        },
+        "servers": [{"url": server_url}],
+        "security": [{"bearerAuth": []}, {"sessionCookie": []}],
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer"},
+                "sessionCookie": {"type": "apiKey", "in": "cookie", "name": "kdfleet_session"},
+            },
+            "responses": {
+                "BadRequest": _error("a parameter or body the hub cannot use; `detail` says which"),
+                "Unauthorized": _error("no valid token or session"),
+                "Forbidden": _error("the token's or user's role does not allow this"),
+                "NotFound": _error("no such thing"),
+            },
+        },
+    }

@@ -1,0 +1,101 @@
+"""The hub's command line: init-db, user creation, and errors that say what to do."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from hub.cli import main
+from hub.db.models import User
+from hub.db.session import Database, current_revision, head_revision
+
+
+def test_init_db_then_create_the_first_admin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'var' / 'hub.db'}"
+    assert main(["create-admin", "alice", "--db", url, "--password-stdin"]) == 1
+    assert "init-db" in capsys.readouterr().err
+
+    assert main(["init-db", "--db", url]) == 0
+    assert main(["init-db", "--db", url]) == 0  # repeatable
+    monkeypatch.setattr("sys.stdin", io.StringIO("correct horse battery\n"))
+    assert main(["create-admin", "alice", "--db", url, "--password-stdin"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("another password\n"))
+    assert main(["create-admin", "bob", "--db", url, "--password-stdin"]) == 1
+    assert "an admin exists already" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("viewer password\n"))
+    assert main(["add-user", "carol", "--db", url, "--password-stdin"]) == 0
+
+    db = Database(url)
+    try:
+        assert current_revision(db) == head_revision()
+        with db.session() as session:
+            users = {u.username: u for u in session.scalars(select(User))}
+    finally:
+        db.dispose()
+    assert {n: u.role for n, u in users.items()} == {"alice": "admin", "carol": "viewer"}
+    assert "correct horse" not in users["alice"].password_hash
+
+
+def test_configuration_errors_name_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text("[web]\nport = 8080\nprot = 1\n")
+    assert main(["init-db", "--config", str(config)]) == 2
+    assert "web.prot" in capsys.readouterr().err
+    assert main(["serve", "--broker", "ftp://x", "--db", f"sqlite:///{tmp_path}/h.db"]) == 2
+    assert "mqtt://" in capsys.readouterr().err
+
+
+def test_add_token_prints_it_once_and_stores_its_hash(
+    db_url: str, hub_db, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hub.db.models import ApiToken
+
+    assert main(["add-token", f"trainer-{unique}", "--role", "operator", "--db", db_url]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert token.startswith("kdf_") and len(token) > 40
+    with hub_db.session() as session:
+        row = session.scalar(select(ApiToken).where(ApiToken.name == f"trainer-{unique}"))
+    assert row.role == "operator" and token not in row.token_hash and row.prefix == token[:12]
+    assert main(["add-token", f"trainer-{unique}", "--db", db_url]) == 1
+    assert "exists already" in capsys.readouterr().err
+    assert main(["revoke-token", f"trainer-{unique}", "--db", db_url]) == 0
+    assert main(["revoke-token", f"nobody-{unique}", "--db", db_url]) == 1
+    assert "no API token" in capsys.readouterr().err
+
+
+def test_export_training_writes_false_alarms_as_good_images(
+    db_url: str, hub_db, tmp_path: Path, unique: str, make_result, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    from datetime import UTC, datetime
+
+    from hub.ingest import BatchWriter, Envelope
+    from hub.services import reviews
+    from hub.store import ImageStore
+
+    site, cls = f"exp-{unique}", f"cap-{unique}"
+    made = [make_result(site, "cam-e", seed=i, cls=cls) for i in range(3)]
+    BatchWriter(hub_db, ImageStore(tmp_path / "images")).write(
+        [Envelope(site, "cam-e", r, datetime.now(UTC)) for r in made]
+    )
+    with hub_db.transaction() as session:
+        reviews.add_review(session, made[0].id, "false_alarm", "glare", user_id=None)
+        reviews.add_review(session, made[1].id, "defect", "", user_id=None)
+    out = tmp_path / "export"
+    args = ["export-training", str(out), "--cls", cls, "--db", db_url, "--data-dir", str(tmp_path)]
+    assert main(args) == 0
+    assert "wrote 1 images" in capsys.readouterr().out
+    image = out / cls / "train" / "good" / f"{made[0].id}.jpg"
+    assert image.read_bytes() == made[0].thumbnail
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["result_id"] == made[0].id and record["note"] == "glare" and not record["full_frame"]
+    assert main(args) == 0 and "wrote 0 images" in capsys.readouterr().out  # already there
+    assert main([*args, "--label", "defect"]) == 0
+    assert (out / cls / "test" / "reviewed_defect" / f"{made[1].id}.jpg").exists()
