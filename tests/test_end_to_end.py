@@ -1,0 +1,142 @@
+"""One image's whole journey: a trained package, an agent on a folder, real Mosquitto, the hub, SQLite."""
+from __future__ import annotations
+
+import http.cookiejar
+import re
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from sqlalchemy import create_engine, text
+
+from shared.imaging import letterbox, read_image
+from shared.package import read_package
+from shared.scoring import image_score
+from tests.trainer.tiny_data import make_tiny_set
+from trainer.export import export_package
+from trainer.train import TrainConfig, train
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data root, package) from a tiny real training run."""
+    torch.set_num_threads(2)
+    data = make_tiny_set(tmp_path_factory.mktemp("data"), n_train=20, n_good=6, n_defect=3)
+    run = tmp_path_factory.mktemp("run")
+    ckpt = train(TrainConfig(data=str(data), out=str(run), size=64, epochs=3, batch_size=8, lr=0.4, threads=2),
+                 progress=None)
+    return data, export_package(ckpt, run / "model.kdpkg", data, latency_runs=2)
+
+
+@pytest.fixture
+def hub(tmp_path: Path, broker: tuple[str, int], unique: str):
+    db = f"sqlite:///{tmp_path / 'hub.db'}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([sys.executable, "-m", "hub", "init-db", "--db", db], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "hub", "add-user", "inspector", "--role", "viewer", "--db", db,
+                    "--password-stdin"], input="line-a-secret\n", text=True, check=True, capture_output=True)
+    log = open(tmp_path / "hub.log", "wb")  # noqa: SIM115 (the child process writes it)
+    proc = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--db", db, "--data-dir", str(tmp_path / "store"),
+                             "--broker", f"mqtt://{broker[0]}:{broker[1]}", "--site", f"e2e-{unique}",
+                             "--port", str(port), "--client-id", f"hub-{unique}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    wait_for(lambda: port_open(port), 30, "the hub's web server")
+    yield db, port, tmp_path / "hub.log"
+    proc.terminate()
+    proc.wait(15)
+    log.close()
+
+
+def test_results_travel_from_model_to_database(trained, hub, broker, unique, tmp_path):
+    data, package = trained
+    db, port, hub_log = hub
+    folder = data / "disc" / "test"
+    files = sorted(p for p in folder.rglob("*.png"))
+    site, device = f"e2e-{unique}", "cam-1"
+    agent = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--package", str(package), "--broker", f"mqtt://{broker[0]}:{broker[1]}",
+         "--site", site, "--device", device, "--station", "line-a", "--source", str(folder), "--cls", "disc",
+         "--spool", str(tmp_path / "spool.db"), "--until-drained"],
+        capture_output=True, text=True, timeout=120)
+    assert agent.returncode == 0, agent.stderr[-2000:]
+
+    engine = create_engine(db)
+
+    def stored() -> int:
+        with engine.connect() as c:
+            return c.execute(text("SELECT COUNT(*) FROM results")).scalar_one()
+
+    wait_for(lambda: stored() == len(files), 30, f"{len(files)} results in the hub ({hub_log.read_text()[-800:]})")
+
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT id, source, score, verdict, threshold FROM results")).all()
+        crops = c.execute(text("SELECT image_sha FROM crops")).scalars().all()
+    # the scores the hub stored are the agent's: recompute them independently from the package
+    pkg = read_package(package)
+    session = ort.InferenceSession(pkg.model, providers=["CPUExecutionProvider"])
+    size, sigma = pkg.manifest["input_size"], pkg.manifest["sigma"]
+    by_source = {r.source: r for r in rows}
+    assert sorted(by_source) == sorted(str(p.relative_to(folder)) for p in files)
+    for p in files:
+        boxed, _ = letterbox(read_image(p), size)
+        expected = image_score(session.run(None, {"image": boxed[None]})[0][0, 0], sigma)
+        row = by_source[str(p.relative_to(folder))]
+        assert row.score == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        assert row.verdict == ("anomaly" if expected > row.threshold else "ok")
+    # defects are flagged: the tiny model sees its obvious spots and scratches
+    defect_scores = [by_source[str(p.relative_to(folder))].score for p in files if "good" not in p.parts]
+    good_scores = [by_source[str(p.relative_to(folder))].score for p in files if "good" in p.parts]
+    assert np.mean(defect_scores) > np.mean(good_scores)
+    # crops are real JPEGs in the hub's image store
+    assert any(r.verdict == "anomaly" for r in rows), "no anomaly flagged: crops cannot be checked"
+    assert crops, "anomalies stored without crops"
+    store = tmp_path / "store"
+    for sha in crops:
+        path = next(store.rglob(f"{sha}.*"))
+        assert cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR) is not None
+
+    # the dashboard shows them: sign in over HTTP as a person would, then read the results page
+    jar = http.cookiejar.CookieJar()
+    web = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    base = f"http://127.0.0.1:{port}"
+    login = web.open(f"{base}/login").read().decode()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', login).group(1)
+    form = urllib.parse.urlencode({"csrf_token": token, "username": "inspector", "password": "line-a-secret",
+                                   "next": "/results/"}).encode()
+    web.open(f"{base}/login", data=form).read()
+    response = web.open(f"{base}/results/?site={site}")
+    assert urllib.parse.urlparse(response.geturl()).path == "/results/", "sign-in failed"
+    page = response.read().decode()
+    assert device in page
+    shown = set(re.findall(r"/images/([0-9a-f]{64})", page))
+    assert shown, "the results page shows no heat maps or crops"
+    for sha in list(shown)[:5]:
+        body = web.open(f"{base}/images/{sha}").read()
+        assert cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) is not None
