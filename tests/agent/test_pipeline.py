@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -37,10 +38,15 @@ class Collector:
             self.results[r.id] = r
 
     def wait(self, n: int, timeout: float) -> bool:
+        """True once `n` distinct results have arrived."""
+        return self.wait_until(lambda ids: len(ids) >= n, timeout)
+
+    def wait_until(self, done: Callable[[set[str]], bool], timeout: float) -> bool:
+        """True once `done(ids of the results so far)` holds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                if len(self.results) >= n:
+                if done(set(self.results)):
                     return True
             time.sleep(0.05)
         return False
