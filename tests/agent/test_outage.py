@@ -59,7 +59,7 @@ Agent(cfg).run(until_drained=True)
 
 
 def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path, tiny_package, plates, private_broker, unique):
-    folder, truth = plates(50)
+    folder, _ = plates(50)
     broker = private_broker()
     site = f"kill-{unique}"
     sub = Collector((broker.host, broker.port), site, "cam-1", f"sub-{unique}")
