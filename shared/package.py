@@ -251,3 +251,30 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
 def key_fingerprint(key: Ed25519PublicKey) -> str:
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return sha256(raw)[:16]
+
+
+def sign_package(path: str | Path, key: Ed25519PrivateKey) -> Path:
+    """Sign a package in place (replacing any earlier signature); returns its path.
+
+    The package is verified first, so a tampered one is never blessed; the
+    new file is written aside and renamed over the old one.
+    """
+    path = Path(path)
+    read_package(path)
+    members = _read_members(path)
+    members.pop(SIGNATURE, None)
+    members[SIGNATURE] = key.sign(members[MANIFEST])
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    tmp.replace(path)
+    return path
+
+
+def is_signed(path: str | Path) -> bool:
+    """True when the package carries a signature (whether it verifies is read_package's job)."""
+    with tarfile.open(path, "r:") as tar:
+        return any(info.name == SIGNATURE for info in tar)

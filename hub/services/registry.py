@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 
 from hub.db.models import TEXT_LEN, URL_LEN, Device, Model, Rollout, Site
 from hub.services.common import NotFound, QueryError
+from hub.services.packages import StoredPackage
 from hub.store import is_sha
 
 METHODS = ("stfpm", "rd", "us")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 _VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
@@ -141,6 +142,56 @@ def register_model(session: Session, data: Mapping[str, Any], *, user_id: int | 
     Keys: name, version, sha256, size_bytes, url (required); method, classes
     (a list of class names), precision, notes.
     """
+    return _views(session, [_create(session, data, user_id)])[0]
+
+
+def register_package(
+    session: Session, stored: StoredPackage, url: Callable[[int], str], *, notes: str, user_id: int | None
+) -> ModelView:
+    """Register an uploaded, verified package from its own manifest; `url(id)` is where the hub serves it."""
+    m = stored.manifest
+    data = {
+        "name": m["model_id"],
+        "version": m["version"],
+        "sha256": stored.sha256,
+        "size_bytes": stored.size_bytes,
+        "url": "/",  # replaced below, once the id is known
+        "method": m["method"],
+        "classes": m["classes"],
+        "precision": m["precision"],
+        "notes": notes,
+    }
+    model = _create(session, data, user_id)
+    model.url = url(model.id)
+    session.flush()
+    return _views(session, [model])[0]
+
+
+def attach_package(
+    session: Session, model_id: int, stored: StoredPackage, url: Callable[[int], str]
+) -> ModelView:
+    """Host an uploaded package for a model registered earlier; it must be the file the entry describes."""
+    model = session.get(Model, model_id)
+    if model is None:
+        raise NotFound(f"no model with id {model_id}")
+    m = stored.manifest
+    if (m["model_id"], m["version"]) != (model.name, model.version):
+        raise QueryError(
+            f"the upload is {m['model_id']} {m['version']}, but model {model_id} is "
+            f"{model.name} {model.version}; upload it to its own entry or POST it to /api/models"
+        )
+    if stored.sha256 != model.sha256 or stored.size_bytes != model.size_bytes:
+        raise QueryError(
+            f"the upload (sha256 {stored.sha256[:12]}..., {stored.size_bytes} bytes) is not the file "
+            f"registered (sha256 {model.sha256[:12]}..., {model.size_bytes} bytes); register the new "
+            "file under a new version"
+        )
+    model.url = url(model.id)
+    session.flush()
+    return _views(session, [model])[0]
+
+
+def _create(session: Session, data: Mapping[str, Any], user_id: int | None) -> Model:
     name = _text(data, "name", TEXT_LEN)
     version = _text(data, "version", 64)
     if not _VERSION.match(version):
@@ -179,4 +230,4 @@ def register_model(session: Session, data: Mapping[str, Any], *, user_id: int | 
     )
     session.add(model)
     session.flush()
-    return _views(session, [model])[0]
+    return model

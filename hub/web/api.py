@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
-from flask import Blueprint, abort, jsonify, request, url_for
+from flask import Blueprint, abort, current_app, jsonify, request, send_file, url_for
 from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from hub.services import devices, registry, results, reviews
 from hub.services.common import NotFound, QueryError, check_ulid, parse_limit, parse_time
+from hub.services.packages import PackageStore, StoredPackage, UploadError
 from hub.services.results import ResultFilter
 from hub.web import openapi
 from hub.web.auth import current, requires
@@ -215,18 +218,101 @@ def model(model_id: int) -> ResponseReturnValue:
         abort(404, str(exc))
 
 
+def _user_id() -> int | None:
+    principal = current()
+    assert principal is not None
+    return principal.id if principal.kind == "user" else None
+
+
+def package_store() -> PackageStore:
+    """The app's package store: <HUB_DATA_DIR>/packages; HUB_TRUSTED_KEYS (public key files), if set,
+    must have signed every upload."""
+    store = current_app.extensions.get("hub.packages")
+    if store is None:
+        from shared.package import load_public_key
+
+        keys = [load_public_key(k) for k in current_app.config.get("HUB_TRUSTED_KEYS") or ()]
+        root = Path(current_app.config["HUB_DATA_DIR"]) / "packages"
+        store = current_app.extensions["hub.packages"] = PackageStore(root, keys)
+    return store
+
+
+def _package_url(model_id: int) -> str:
+    return url_for("api.model_package", model_id=model_id)
+
+
+def _upload() -> StoredPackage:
+    """The uploaded package: multipart field `package`, or the raw body (application/octet-stream)."""
+    stream: IO[bytes]
+    if request.mimetype == "multipart/form-data":
+        if "package" not in request.files:
+            abort(400, "send the .kdpkg file in the multipart field 'package'")
+        stream = request.files["package"].stream
+    elif request.mimetype == "application/octet-stream":
+        stream = request.stream
+    else:
+        abort(400, "send the package as multipart/form-data (field 'package') or application/octet-stream")
+    try:
+        return package_store().save(stream)
+    except UploadError as exc:
+        abort(400, str(exc))
+
+
 @bp.post("/models")
 @requires("admin")
 def model_create() -> ResponseReturnValue:
-    body = _json_body()
-    principal = current()
-    assert principal is not None
+    """Register a model: a JSON description of a package hosted elsewhere, or an uploaded package."""
     session = get_session()
     try:
-        created = registry.register_model(
-            session, body, user_id=principal.id if principal.kind == "user" else None
-        )
+        if request.mimetype == "multipart/form-data":
+            stored = _upload()
+            created = registry.register_package(
+                session, stored, _package_url, notes=request.form.get("notes", ""), user_id=_user_id()
+            )
+        else:
+            created = registry.register_model(session, _json_body(), user_id=_user_id())
     except QueryError as exc:
         abort(400, str(exc))
     session.commit()
     return jsonify(plain(created)), 201
+
+
+@bp.post("/models/<int:model_id>/package")
+@requires("admin")
+def model_package_upload(model_id: int) -> ResponseReturnValue:
+    """Host the package file of a model registered earlier (same sha256 and size)."""
+    session = get_session()
+    try:
+        registry.model_detail(session, model_id)
+        updated = registry.attach_package(session, model_id, _upload(), _package_url)
+    except NotFound as exc:
+        abort(404, str(exc))
+    except QueryError as exc:
+        abort(400, str(exc))
+    session.commit()
+    return jsonify(plain(updated))
+
+
+@bp.get("/models/<int:model_id>/package")
+def model_package(model_id: int) -> ResponseReturnValue:
+    """The package file; honours Range (206) so devices resume broken downloads."""
+    try:
+        model = registry.model_detail(get_session(), model_id)
+    except NotFound as exc:
+        abort(404, str(exc))
+    path = package_store().find(model.sha256)
+    if path is None:
+        abort(404, f"model {model_id} ({model.name} {model.version}) is registered but this hub does not host "
+                   f"its package; upload it with POST /api/models/{model_id}/package")
+    try:
+        response = send_file(path, mimetype="application/x-tar", as_attachment=True, conditional=True,
+                             download_name=f"{model.name}-{model.version}.kdpkg", etag=model.sha256, max_age=0)
+    except RequestedRangeNotSatisfiable:
+        # answered here, not by the app's JSON error handler, to keep the Content-Range a resuming client needs
+        size = path.stat().st_size
+        response = jsonify(error="Requested Range Not Satisfiable", status=416,
+                           detail=f"the package has {size} bytes; a range must start below that")
+        response.status_code = 416
+        response.headers["Content-Range"] = f"bytes */{size}"
+    response.headers["X-Package-Sha256"] = model.sha256
+    return response

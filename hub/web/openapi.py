@@ -245,8 +245,16 @@ SCHEMAS: dict[str, Any] = {
             "url": {"type": "string"},
             "method": {"type": "string", "enum": ["stfpm", "rd", "us"]},
             "classes": {"type": "array", "items": {"type": "string"}},
-            "precision": {"type": "string", "enum": ["fp32", "fp16", "int8"]},
+            "precision": {"type": "string", "enum": ["fp32", "fp16", "int8", "mixed"]},
             "notes": {"type": "string"},
+        },
+    },
+    "PackageUpload": {
+        "type": "object",
+        "required": ["package"],
+        "properties": {
+            "package": {"type": "string", "format": "binary", "description": "the .kdpkg file"},
+            "notes": {"type": "string", "description": "only when registering (POST /api/models)"},
         },
     },
 }
@@ -339,10 +347,14 @@ PATHS: dict[str, Any] = {
             "responses": {"200": _ok(_list("models", "Model"))} | ERRORS,
         },
         "post": {
-            "summary": "Register a model package (admin role)",
+            "summary": "Register a model package (admin role): describe one hosted elsewhere (JSON), or "
+            "upload the .kdpkg (multipart), which the hub verifies, registers from its manifest and hosts",
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref("NewModel")}},
+                "content": {
+                    "application/json": {"schema": _ref("NewModel")},
+                    "multipart/form-data": {"schema": _ref("PackageUpload")},
+                },
             },
             "responses": {"201": _ok(_ref("Model"), "Created")} | ERRORS | FORBIDDEN,
         },
@@ -353,6 +365,39 @@ PATHS: dict[str, Any] = {
             "parameters": [_path("model_id", "registry id", {"type": "integer"})],
             "responses": {"200": _ok(_ref("Model"))} | ERRORS | NOT_FOUND,
         }
+    },
+    "/api/models/{model_id}/package": {
+        "get": {
+            "summary": "Download the model's package; send `Range: bytes=N-` to resume (206 Partial Content, "
+            "416 when N is past the end). The ETag and X-Package-Sha256 headers carry the file's sha256",
+            "parameters": [_path("model_id", "registry id", {"type": "integer"})],
+            "responses": {
+                "200": {
+                    "description": "the whole file",
+                    "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+                },
+                "206": {
+                    "description": "the requested range (Content-Range says which)",
+                    "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}},
+                },
+                "416": {"description": "the range starts past the end; Content-Range: bytes */SIZE"},
+            }
+            | ERRORS
+            | NOT_FOUND,
+        },
+        "post": {
+            "summary": "Upload the package of a model registered with JSON (admin role); it must verify and "
+            "match the registered sha256 and size. Tampered or truncated files are refused (400)",
+            "parameters": [_path("model_id", "registry id", {"type": "integer"})],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": _ref("PackageUpload")},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "responses": {"200": _ok(_ref("Model"))} | ERRORS | FORBIDDEN | NOT_FOUND,
+        },
     },
 }
 

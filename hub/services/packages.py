@@ -1,0 +1,90 @@
+"""Model package files the hub hosts for devices to download.
+
+Uploads are streamed to a temporary file beside the store (hashed as they
+arrive, size-capped), verified with `read_package`, then renamed to
+``<root>/<sha256>.kdpkg``: content-addressed, so a registered sha256 always
+names the same bytes, and a refused or interrupted upload leaves nothing
+under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from hub.store import is_sha
+from shared.package import SUFFIX, PackageError, read_package
+
+CHUNK = 1 << 20
+MAX_PACKAGE = 2 << 30  # bytes; larger uploads are refused while they stream in
+
+
+class UploadError(ValueError):
+    """An uploaded file that is not a valid (or not a trusted) model package."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPackage:
+    sha256: str
+    size_bytes: int
+    path: Path
+    manifest: dict[str, Any]
+    signed_by: str | None
+
+
+class PackageStore:
+    """Package files under `root`, named by their sha256."""
+
+    def __init__(self, root: str | Path, trusted_keys: Iterable[Ed25519PublicKey] = (),
+                 max_bytes: int = MAX_PACKAGE) -> None:
+        self.root = Path(root)
+        self.trusted = list(trusted_keys)
+        self.max_bytes = max_bytes
+
+    def path(self, sha: str) -> Path:
+        if not is_sha(sha):
+            raise UploadError(f"{sha!r} is not a sha256 (64 lower-case hex digits)")
+        return self.root / f"{sha}{SUFFIX}"
+
+    def find(self, sha: str) -> Path | None:
+        """The hosted file with this sha256, or None."""
+        p = self.path(sha)
+        return p if p.is_file() else None
+
+    def save(self, stream: IO[bytes]) -> StoredPackage:
+        """Store an uploaded package after verifying it; raises UploadError saying what is wrong."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=SUFFIX, dir=self.root)
+        try:
+            digest, size = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as f:
+                while chunk := stream.read(CHUNK):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise UploadError(f"package is over the {self.max_bytes} byte limit")
+                    digest.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if size == 0:
+                raise UploadError("the upload is empty; send the .kdpkg file's bytes")
+            try:
+                package = read_package(tmp, trusted_keys=self.trusted or None)
+            except PackageError as exc:
+                raise UploadError(
+                    f"refused: {str(exc).replace(tmp, 'the upload')}; check the file and upload it again"
+                ) from None
+            sha = digest.hexdigest()
+            target = self.path(sha)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)  # the same bytes under the same name if uploaded twice
+            return StoredPackage(sha, size, target, package.manifest, package.signed_by)
+        finally:
+            Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,148 @@
+"""`kdfleet keys` and `kdfleet package`: signing keys, and signing, verifying, inspecting packages.
+
+Exit codes: 0 done (or the package verifies), 1 the package or key is refused
+(the reason is printed on stderr), 2 a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.package import (
+    PackageError,
+    is_signed,
+    key_fingerprint,
+    load_private_key,
+    load_public_key,
+    new_key,
+    read_package,
+    save_keypair,
+    sign_package,
+)
+
+
+def _fail(what: str, reason: str) -> int:
+    print(f"kdfleet {what}: {reason}", file=sys.stderr)
+    return 1
+
+
+def keys_main(argv: list[str]) -> int:
+    """`kdfleet keys new OUT`: an Ed25519 key pair, OUT (mode 600) and OUT's .pub."""
+    ap = argparse.ArgumentParser(prog="kdfleet keys", description="Signing keys for model packages.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    new = sub.add_parser("new", help="make a key pair: OUT (private, mode 600) and OUT.pub (public)")
+    new.add_argument("out", type=Path, help="private key file to write, e.g. keys/signing.key")
+    args = ap.parse_args(argv)
+    out: Path = args.out
+    pub = out.with_suffix(".pub")
+    existing = [str(p) for p in (out, pub) if p.exists()]
+    if existing:
+        return _fail("keys new", f"{', '.join(existing)} exists already; not overwriting a key "
+                                 "(packages signed with it would stop verifying): choose another path")
+    key = new_key()
+    save_keypair(key, out)
+    print(f"private key {out} (keep it secret; sign with `kdfleet package sign PKG --key {out}`)")
+    print(f"public key  {pub} (give it to devices as a trusted key)")
+    print(f"fingerprint {key_fingerprint(key.public_key())}")
+    return 0
+
+
+def package_main(argv: list[str]) -> int:
+    """`kdfleet package sign|verify|inspect`."""
+    ap = argparse.ArgumentParser(prog="kdfleet package", description="Sign, verify and inspect model packages.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sign = sub.add_parser("sign", help="sign PKG in place with a private key")
+    sign.add_argument("package", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="private key file (`kdfleet keys new`)")
+    verify = sub.add_parser("verify", help="check every member's sha256 and the signature; exit 0 or 1")
+    verify.add_argument("package", type=Path)
+    verify.add_argument("--trusted", type=Path, action="append", default=[],
+                        help="a trusted public key (repeatable); without one, only integrity is checked")
+    inspect = sub.add_parser("inspect", help="summarise the manifest")
+    inspect.add_argument("package", type=Path)
+    inspect.add_argument("--trusted", type=Path, action="append", default=[],
+                         help="public keys to name the signer by")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = ap.parse_args(argv)
+    return {"sign": _sign, "verify": _verify, "inspect": _inspect}[args.command](args)
+
+
+def _sign(args: argparse.Namespace) -> int:
+    try:
+        key = load_private_key(args.key)
+    except (OSError, ValueError) as exc:
+        return _fail("package sign", f"cannot load the private key {args.key}: {exc}")
+    try:
+        sign_package(args.package, key)
+    except (PackageError, OSError) as exc:
+        return _fail("package sign", f"{exc}; refusing to sign it")
+    print(f"signed {args.package} with key {key_fingerprint(key.public_key())}")
+    return 0
+
+
+def _load_trusted(paths: list[Path], what: str) -> list | int:
+    keys = []
+    for p in paths:
+        try:
+            keys.append(load_public_key(p))
+        except (OSError, ValueError) as exc:
+            return _fail(what, f"cannot load the trusted key {p}: {exc}")
+    return keys
+
+
+def _verify(args: argparse.Namespace) -> int:
+    keys = _load_trusted(args.trusted, "package verify")
+    if isinstance(keys, int):
+        return keys
+    try:
+        package = read_package(args.package, trusted_keys=keys or None)
+    except PackageError as exc:
+        return _fail("package verify", f"REFUSED: {exc}")
+    m = package.manifest
+    how = f"signed by {package.signed_by}" if package.signed_by else "integrity only (no --trusted key given)"
+    print(f"ok {args.package}: {m['model_id']} {m['version']}, {len(m['files'])} members match, {how}")
+    return 0
+
+
+def summary(path: Path, trusted: list | None = None) -> dict[str, Any]:
+    """What `package inspect` shows: the manifest's headline fields and who signed it."""
+    package = read_package(path)
+    m = package.manifest
+    signer = "unsigned"
+    if is_signed(path):
+        signer = "signed (pass --trusted to name the signer)"
+        if trusted:
+            try:
+                signer = f"signed by {read_package(path, trusted_keys=trusted).signed_by}"
+            except PackageError:
+                signer = "signed by none of the given trusted keys"
+    return {
+        "model_id": m["model_id"], "version": m["version"], "method": m["method"], "backbone": m["backbone"],
+        "precision": m["precision"], "classes": m["classes"], "input_size": m["input_size"],
+        "metrics": m["metrics"], "golden": len(m["golden"]), "created": m["created"],
+        "parent": m.get("parent"), "size_bytes": path.stat().st_size, "signer": signer,
+    }
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    keys = _load_trusted(args.trusted, "package inspect")
+    if isinstance(keys, int):
+        return keys
+    try:
+        info = summary(args.package, keys)
+    except PackageError as exc:
+        return _fail("package inspect", str(exc))
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    for key, value in info.items():
+        if key == "metrics":
+            value = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in sorted(value.items())) or "none"
+        elif key == "classes":
+            value = ", ".join(value)
+        print(f"{key.replace('_', ' '):<11} {value}")
+    return 0

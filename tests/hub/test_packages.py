@@ -1,0 +1,179 @@
+"""Package hosting: verified uploads, downloads with Range, and a device updating from a live hub."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.serving import make_server
+
+from agent.updater import Updater, UpdateError
+from hub.db.session import Database
+from hub.services import users
+from shared import messages
+from shared import package as pkg
+from tests.package_factory import build_package, members, rewrite_member, truncate
+
+
+@pytest.fixture(scope="module")
+def signing_key() -> pkg.Ed25519PrivateKey:
+    return pkg.new_key()
+
+
+@pytest.fixture
+def made(tmp_path: Path, unique: str, signing_key) -> dict[str, Path]:
+    """A signed package with a model id unique to this test, and broken copies of it."""
+    good = build_package(tmp_path / "good.kdpkg", model_id=f"darkness-{unique}", version="1.0.0", key=signing_key)
+    return {
+        "good": good,
+        "unsigned": build_package(tmp_path / "unsigned.kdpkg", model_id=f"darkness-{unique}", version="1.1.0"),
+        "tampered": rewrite_member(good, tmp_path / "tampered.kdpkg", "golden/0.png", members(good)["golden/1.png"]),
+        "truncated": truncate(good, tmp_path / "truncated.kdpkg", 0.5),
+    }
+
+
+@pytest.fixture
+def tokens(hub_db: Database, unique: str) -> dict[str, str]:
+    with hub_db.transaction() as session:
+        return {role: users.create_token(session, f"{role}-{unique}", role)[1] for role in ("viewer", "admin")}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def upload(client: FlaskClient, path: Path, token: str, url: str = "/api/models", **form: str):
+    data = {"package": (io.BytesIO(path.read_bytes()), path.name), **form}
+    return client.post(url, data=data, headers=bearer(token), content_type="multipart/form-data")
+
+
+def test_upload_registers_from_the_manifest_and_serves_ranges(app: Flask, made, tokens, data_dir) -> None:
+    client = app.test_client()
+    good = made["good"]
+    assert upload(client, good, tokens["viewer"]).status_code == 403
+    created = upload(client, good, tokens["admin"], notes="first light")
+    assert created.status_code == 201, created.get_json()
+    body = created.get_json()
+    sha, size = pkg.file_sha256(good), good.stat().st_size
+    assert (body["version"], body["method"], body["precision"]) == ("1.0.0", "stfpm", "fp32")
+    assert body["name"].startswith("darkness-") and body["classes"] == ["plate"] and body["notes"] == "first light"
+    assert (body["sha256"], body["size_bytes"]) == (sha, size)
+    assert body["url"] == f"/api/models/{body['id']}/package"
+    assert (data_dir / "packages" / f"{sha}.kdpkg").read_bytes() == good.read_bytes()
+
+    assert client.get(body["url"]).status_code == 401
+    whole = client.get(body["url"], headers=bearer(tokens["viewer"]))
+    assert whole.status_code == 200 and whole.data == good.read_bytes()
+    assert whole.headers["X-Package-Sha256"] == sha and whole.headers["Accept-Ranges"] == "bytes"
+    part = client.get(body["url"], headers=bearer(tokens["viewer"]) | {"Range": "bytes=1000-"})
+    assert part.status_code == 206 and part.data == good.read_bytes()[1000:]
+    assert part.headers["Content-Range"] == f"bytes 1000-{size - 1}/{size}"
+    past = client.get(body["url"], headers=bearer(tokens["viewer"]) | {"Range": f"bytes={size}-"})
+    assert past.status_code == 416 and past.headers["Content-Range"] == f"bytes */{size}"
+
+    again = upload(client, good, tokens["admin"])
+    assert again.status_code == 400 and "registered already" in again.get_json()["detail"]
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("tampered", "golden/0.png does not match its sha256"),
+    ("truncated", "not a readable package"),
+])
+def test_tampered_and_truncated_uploads_are_refused(app: Flask, made, tokens, data_dir, case, reason) -> None:
+    client = app.test_client()
+    refused = upload(client, made[case], tokens["admin"])
+    assert refused.status_code == 400 and reason in refused.get_json()["detail"], refused.get_json()
+    assert "the upload" in refused.get_json()["detail"]   # not the hub's temporary file name
+    assert not (data_dir / "packages" / f"{pkg.file_sha256(made[case])}.kdpkg").exists()
+    assert not list((data_dir / "packages").glob(".upload-*"))
+    listed = client.get("/api/models", headers=bearer(tokens["viewer"])).get_json()["models"]
+    assert pkg.file_sha256(made[case]) not in {m["sha256"] for m in listed}
+
+
+def test_a_package_is_attached_to_its_json_registration_only_if_it_is_that_file(
+        app: Flask, made, tokens, unique, tmp_path) -> None:
+    client = app.test_client()
+    good = made["good"]
+    entry = {"name": f"darkness-{unique}", "version": "1.0.0", "sha256": "ab" * 32,
+             "size_bytes": good.stat().st_size, "url": "https://models.example/darkness.kdpkg"}
+    wrong = client.post("/api/models", json=entry, headers=bearer(tokens["admin"])).get_json()
+    assert client.get(f"/api/models/{wrong['id']}/package", headers=bearer(tokens["viewer"])).status_code == 404
+    refused = client.post(f"/api/models/{wrong['id']}/package", data=good.read_bytes(),
+                          headers=bearer(tokens["admin"]), content_type="application/octet-stream")
+    assert refused.status_code == 400 and "is not the file registered" in refused.get_json()["detail"]
+    empty = client.post(f"/api/models/{wrong['id']}/package", data=b"", headers=bearer(tokens["admin"]),
+                        content_type="application/octet-stream")
+    assert empty.status_code == 400 and "empty" in empty.get_json()["detail"]
+
+    entry |= {"version": "1.0.0-b", "sha256": pkg.file_sha256(good)}
+    other = client.post("/api/models", json=entry, headers=bearer(tokens["admin"])).get_json()
+    mismatch = upload(client, good, tokens["admin"], url=f"/api/models/{other['id']}/package")
+    assert mismatch.status_code == 400 and "upload it to its own entry" in mismatch.get_json()["detail"]
+
+    assert client.post("/api/models/999999/package", data=good.read_bytes(), headers=bearer(tokens["admin"]),
+                       content_type="application/octet-stream").status_code == 404
+
+    hosted = build_package(tmp_path / "hosted.kdpkg", model_id=f"hosted-{unique}", version="2.0.0")
+    entry = {"name": f"hosted-{unique}", "version": "2.0.0", "sha256": pkg.file_sha256(hosted),
+             "size_bytes": hosted.stat().st_size, "url": "https://models.example/hosted.kdpkg"}
+    right = client.post("/api/models", json=entry, headers=bearer(tokens["admin"])).get_json()
+    attached = upload(client, hosted, tokens["admin"], url=f"/api/models/{right['id']}/package")
+    assert attached.status_code == 200, attached.get_json()
+    assert attached.get_json()["url"] == f"/api/models/{right['id']}/package"
+    assert client.get(attached.get_json()["url"], headers=bearer(tokens["viewer"])).data == hosted.read_bytes()
+
+
+def test_hub_with_trusted_keys_accepts_only_packages_they_signed(
+        make_app: Callable[..., Flask], made, tokens, tmp_path, signing_key) -> None:
+    pkg.save_keypair(signing_key, tmp_path / "keys" / "release.key")
+    client = make_app(HUB_TRUSTED_KEYS=[str(tmp_path / "keys" / "release.pub")]).test_client()
+    refused = upload(client, made["unsigned"], tokens["admin"])
+    assert refused.status_code == 400 and "not signed" in refused.get_json()["detail"]
+    assert upload(client, made["good"], tokens["admin"]).status_code == 201
+
+
+@pytest.fixture
+def live_hub(app: Flask) -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    """The hub app served over real HTTP by werkzeug in a thread; and the (path, Range) of each request."""
+    seen: list[tuple[str, str | None]] = []
+    inner = app.wsgi_app
+
+    def recording(environ, start_response):  # type: ignore[no-untyped-def]
+        seen.append((environ["PATH_INFO"], environ.get("HTTP_RANGE")))
+        return inner(environ, start_response)
+
+    app.wsgi_app = recording  # type: ignore[method-assign]
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    thread.join(5)
+
+
+def test_a_device_updates_from_the_hub_resuming_a_partial_download(
+        app: Flask, live_hub, made, tokens, tmp_path, signing_key) -> None:
+    hub_url, seen = live_hub
+    body = upload(app.test_client(), made["good"], tokens["admin"]).get_json()
+    desired = messages.ModelDesired(model_id=body["name"], version=body["version"], url=body["url"],
+                                    sha256=body["sha256"])
+    models = tmp_path / "device-models"
+    part = models / "downloads" / f"{body['sha256']}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(made["good"].read_bytes()[:7000])   # what an earlier, interrupted run left
+    states: list[str] = []
+    anonymous = Updater(models, [signing_key.public_key()], hub_url=hub_url, runtime="onnxruntime")
+    with pytest.raises(UpdateError, match=r"401 .*check the agent's hub token"):
+        anonymous.apply(desired)
+    assert part.stat().st_size == 7000   # kept for the next try
+    updater = Updater(models, [signing_key.public_key()], hub_url=hub_url, token=tokens["viewer"],
+                      runtime="onnxruntime")
+    updater.apply(desired, on_state=lambda s: states.append(s.state), size=body["size_bytes"])
+    assert states == ["downloading", "verifying", "building", "testing", "active"]
+    assert updater.current().path.read_bytes() == made["good"].read_bytes()
+    assert seen[-1] == (body["url"], "bytes=7000-")
