@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("trainer.cli", "data_main", "make datasets (`data synth OUT --seed N`)"),
     "train": ("trainer.cli", "train_main", "train STFPM / RD / US, unified or one-class"),
     "evaluate": ("trainer.cli", "evaluate_main", "evaluate a checkpoint or package on an MVTec-layout set"),
+    "compare": ("trainer.cli", "compare_main", "unified vs one-class for each method: the per-class report folder"),
     "export": ("trainer.cli", "export_main", "export a checkpoint to ONNX and pack a model package"),
     "quantize": ("trainer.quantize.cli", "quantize_main", "FP16 / PTQ / QAT variants and their accuracy-speed report"),
     "demo-model": ("trainer.cli", "demo_model_main", "train (or reuse) the small unified model the demo runs"),
@@ -23,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "package": ("shared.package_cli", "package_main", "sign, verify and inspect model packages"),
 }
 
-GROUPS = {"trainer": ("data", "train", "evaluate", "export", "quantize", "demo-model")}
+GROUPS = {"trainer": ("data", "train", "evaluate", "compare", "export", "quantize", "demo-model")}
 
 
 def usage(names: list[str]) -> str:

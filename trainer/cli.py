@@ -1,4 +1,4 @@
-"""The trainer's commands: `kdfleet data | train | evaluate | export` (and `demo-model` for the demo).
+"""The trainer's commands: `kdfleet data | train | evaluate | compare | export` (and `demo-model` for the demo).
 
 Each `*_main(argv)` parses its own arguments and returns an exit code; results
 a script may want (checkpoint and package paths) go to stdout, the last line
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="input side (default: the model's)")
     ap.add_argument("--yardstick", action="store_true", help="also evaluate the kNN yardstick")
     ap.add_argument("--json", type=Path, default=None, help="write the full results as JSON here")
+    ap.add_argument("--report", type=Path, default=None, metavar="DIR",
+                    help="also write a report folder (results.json, report.md, ROC / histogram / worst-miss "
+                         "PNGs), as `kdfleet compare` does")
     ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = ap.parse_args(argv)
 
@@ -139,29 +144,81 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     classes = list(parse_classes(args.classes)) if args.classes else None
+    extra: dict[str, Any] = {"details": True, "worst": WORST, "progress": log} if args.report else {}
     results: dict[str, Any] = {}
+    items: list[dict[str, Any]] = []
     try:
         for m in args.models:
             data = args.data or model_data(m)
             if data is None:
                 return fail("kdfleet evaluate", f"{m}: give --data (the model does not say where its data is)")
-            r = evaluate(m, data, classes, args.size, threads=args.threads or 2)
+            r = evaluate(m, data, classes, args.size, threads=args.threads or 2, **extra)
             results[str(m)] = r
+            method = describe_model(m)[0] if m.suffix != ".onnx" else m.stem
+            items.append({"method": method, "mode": mode_of(r["classes"]), "source": str(m), "result": r})
             print(f"## {m}\n\n{format_table(r)}\n")
             if args.yardstick:
                 from trainer.yardstick import yardstick_report
 
-                y = yardstick_report(str(data), list(r["classes"]), r["input_size"], threads=args.threads or 2)
+                y = yardstick_report(str(data), list(r["classes"]), r["input_size"], threads=args.threads or 2,
+                                     **extra)
                 results[f"{m} (kNN yardstick)"] = y
+                items.append({"method": "knn", "mode": mode_of(r["classes"]), "source": f"kNN for {m}", "result": y})
                 print(f"## kNN yardstick (same classes, {r['input_size']} px)\n\n{format_table(y)}\n")
+        if args.report:
+            from trainer.report import group_entries, write_report
+
+            data = args.data or model_data(args.models[0])
+            write_report(group_entries(items), args.report, {"data": str(data), "machine": machine_line()}, log)
+            print(args.report / "report.md")
     except (ValueError, FileNotFoundError) as exc:
         return fail("kdfleet evaluate", str(exc))
     if args.json:
         from trainer.export import json_safe
+        from trainer.report import jsonable
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_safe(results), indent=2))
+        args.json.write_text(json.dumps(json_safe(jsonable(results)), indent=2))
     return 0
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr with the time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def mode_of(classes: Any) -> str:
+    from trainer.report import mode_of as _mode_of
+
+    return _mode_of(classes)
+
+
+def machine_line() -> str:
+    import platform
+
+    import torch
+
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} thread(s){load}")
+
+
+def describe_model(path: Path) -> tuple[str, list[str], str | None]:
+    """(method, classes, data root or None) that a checkpoint or package says about itself."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model file")
+    if path.suffix == ".kdpkg":
+        from shared.package import read_package
+
+        man = read_package(path).manifest
+        return man["method"], list(man["classes"]), None
+    if path.suffix == ".onnx":
+        raise ValueError(f"{path}: an ONNX file does not say its method or classes; give its checkpoint (.pt) "
+                         "or package (.kdpkg)")
+    import torch
+
+    cfg = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    return cfg["method"], list(cfg["classes"]), cfg["data"]
 
 
 def model_data(path: Path) -> str | None:
@@ -171,6 +228,164 @@ def model_data(path: Path) -> str | None:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=True)["config"]["data"]
+
+
+# -- compare --------------------------------------------------------------------
+
+WORST = 3   # worst misses per class and kind (normal, anomalous) in the overlay grids
+# training settings per method for `compare --train`: the ones the method tests and docs/results.md use
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "stfpm": {},                                                    # SGD, lr 0.4: the paper's
+    "rd": {"optimizer": "adam", "lr": 0.005, "momentum": 0.5},      # the RD paper's Adam
+    "us": {"optimizer": "adam", "lr": 0.002},
+}
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="kdfleet compare",
+        description="Compare methods unified (one model for all classes) vs one-class (one model per class), "
+                    "per class, beside the kNN yardstick: writes results.json, report.md (accuracy and cost "
+                    "tables) and PNG figures (ROC curves, score histograms, worst-miss heat maps).",
+        epilog="Checkpoints trained on several classes count as unified, on one class as one-class; give one "
+               "one-class checkpoint per class. With --train, the models are trained first (under --work; a "
+               "finished run there is reused) with each method's preset: "
+               + "; ".join(f"{m}: " + (", ".join(f"{k} {v}" for k, v in p.items()) or "sgd, lr 0.4")
+                           for m, p in METHOD_PRESETS.items()) + ".")
+    ap.add_argument("models", nargs="*", type=Path, help="checkpoints (.pt) or packages (.kdpkg)")
+    ap.add_argument("--out", type=Path, required=True, help="report folder")
+    ap.add_argument("--train", action="store_true", help="train the models instead of taking checkpoints")
+    ap.add_argument("--methods", default=",".join(METHOD_NAMES), help="with --train: default %(default)s")
+    ap.add_argument("--modes", default="unified,one-class", help="with --train: default %(default)s")
+    ap.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: the checkpoints')")
+    ap.add_argument("--classes", default="all", help="'all' or a comma-separated list (default all)")
+    ap.add_argument("--size", type=int, default=256, help="with --train: input side (default %(default)s)")
+    ap.add_argument("--epochs", type=int, default=20, help="with --train: default %(default)s")
+    ap.add_argument("--seed", type=int, default=0, help="training seed and the yardstick's split (default 0)")
+    ap.add_argument("--work", type=Path, default=None, help="with --train: runs folder (default OUT/runs)")
+    ap.add_argument("--no-yardstick", action="store_true", help="leave out the kNN yardstick")
+    ap.add_argument("--worst", type=int, default=WORST, help="worst misses shown per class and kind (default "
+                                                              "%(default)s)")
+    ap.add_argument("--latency-runs", type=int, default=20, help="timed single-image runs (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
+    args = ap.parse_args(argv)
+    if args.train == bool(args.models):
+        return fail("kdfleet compare", "give checkpoints or --train (with --data), not both and not neither")
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    classes = list(parse_classes(args.classes))
+    try:
+        if args.train:
+            if args.data is None:
+                return fail("kdfleet compare", "--train needs --data (an MVTec-layout root)")
+            items, data = train_for_compare(args, classes), args.data
+        else:
+            items, data = checkpoint_items(args.models, args.data, classes)
+        command = " ".join(["kdfleet compare", *(sys.argv[1:] if argv is None else argv)])
+        meta = {"data": str(data), "machine": machine_line(), "command": command}
+        entries = evaluate_items(items, data, classes, args)
+        from trainer.report import accuracy_table, cost_table, summary_table, write_report
+
+        write_report(entries, args.out, meta, log)
+    except (ValueError, FileNotFoundError) as exc:   # MethodNotAvailable, DatasetError are ValueErrors
+        return fail("kdfleet compare", str(exc))
+    print(f"{accuracy_table(entries)}\n\n{summary_table(entries)}\n\n{cost_table(entries)}\n")
+    print(args.out / "report.md")
+    return 0
+
+
+def train_for_compare(args: argparse.Namespace, classes: list[str]) -> list[dict[str, Any]]:
+    """Train every method x mode (resuming finished runs) and return one item per checkpoint."""
+    from trainer.train import TrainConfig, one_class_configs, train
+
+    work = args.work or args.out / "runs"
+    items = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if method not in METHOD_PRESETS:
+            raise ValueError(f"--methods: unknown method {method!r}; choose from {', '.join(METHOD_PRESETS)}")
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            if mode not in ("unified", "one-class"):
+                raise ValueError(f"--modes: unknown mode {mode!r}; choose from unified, one-class")
+            cfg = TrainConfig(data=str(args.data), classes=tuple(classes), method=method, size=args.size,
+                              epochs=args.epochs, seed=args.seed, threads=args.threads,
+                              out=str(work / f"{method}-{mode}"), **METHOD_PRESETS[method])
+            for c in one_class_configs(cfg) if mode == "one-class" else [cfg]:
+                tag = f"{method} {mode} ({', '.join(c.classes) or 'all classes'})"
+                log(f"training {tag}: {c.epochs} epochs at {c.size} px -> {c.out}")
+                t0 = time.monotonic()
+                path = train(c, progress=lambda p, tag=tag: p.val_loss is not None and log(
+                    f"  {tag}: epoch {p.epoch}/{p.epochs} loss {p.loss:.4f} val {p.val_loss:.4f} "
+                    f"eta {p.eta_s:.0f} s"), resume=True)
+                items.append({"method": method, "mode": mode, "source": str(path), "path": path,
+                              "train_s": time.monotonic() - t0})
+    return items
+
+
+def checkpoint_items(paths: list[Path], data: Path | None,
+                     classes: list[str]) -> tuple[list[dict[str, Any]], Path]:
+    """One item per given model (method and mode from what it says), and the data root to evaluate on."""
+    items, roots = [], set()
+    for p in paths:
+        method, model_classes, root = describe_model(p)
+        if classes and not set(model_classes) & set(classes):
+            log(f"skipping {p}: none of its classes ({', '.join(model_classes)}) is among --classes")
+            continue
+        roots.add(root)
+        items.append({"method": method, "mode": mode_of(model_classes), "source": str(p), "path": p,
+                      "classes": model_classes})
+    if not items:
+        raise ValueError("no model covers the chosen --classes")
+    if data is None:
+        if len(roots) != 1 or None in roots:
+            raise ValueError("the models do not name one common data root; give --data")
+        data = Path(roots.pop())
+    return items, data
+
+
+def evaluate_items(items: list[dict[str, Any]], data: Path, classes: list[str],
+                   args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Evaluate every item (and the kNN yardstick in each mode present) into report entries."""
+    from trainer.evaluate import evaluate
+    from trainer.report import group_entries
+
+    kw = {"details": True, "worst": args.worst, "latency_runs": args.latency_runs, "threads": args.threads or 2}
+    for n, it in enumerate(items, 1):
+        tag = f"{it['method']} {it['mode']} [{n}/{len(items)}]"
+        log(f"evaluating {tag}: {it['source']}")
+        own = it.get("classes")
+        chosen = [c for c in own if c in classes] if classes and own else None
+        it["result"] = evaluate(it["path"], data, chosen, None, progress=lambda s, tag=tag: log(f"  {tag}: {s}"),
+                                **kw)
+    if not args.no_yardstick:
+        items += yardstick_items(items, data, args.seed, kw)
+    return group_entries([{k: v for k, v in it.items() if k in ("method", "mode", "source", "result", "train_s")}
+                          for it in items])
+
+
+def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int,
+                    kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The kNN yardstick in each mode present: one bank per class (one-class) or on every class (unified)."""
+    from trainer.evaluate import evaluate
+    from trainer.yardstick import fit_yardstick
+
+    size = items[0]["result"]["input_size"]
+    out = []
+    for mode in dict.fromkeys(it["mode"] for it in items):
+        covered = list(dict.fromkeys(c for it in items if it["mode"] == mode for c in it["result"]["classes"]))
+        for group in ([[c] for c in covered] if mode == "one-class" else [covered]):
+            tag = f"knn {mode} ({', '.join(group)})"
+            log(f"fitting and evaluating {tag} at {size} px")
+            t0 = time.monotonic()
+            model = fit_yardstick(str(data), group, size, seed=seed, threads=kw["threads"])
+            fit_s = time.monotonic() - t0
+            r = evaluate(model, data, group, size, seed=seed, progress=lambda s, tag=tag: log(f"  {tag}: {s}"),
+                         **kw)
+            out.append({"method": "knn", "mode": mode, "source": f"kNN yardstick on {', '.join(group)}",
+                        "result": r, "train_s": fit_s})
+    return out
 
 
 # -- export ---------------------------------------------------------------------

@@ -163,13 +163,17 @@ def load_masks(samples: list, grids: list[tuple[int, int]]) -> list[np.ndarray]:
 def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | None = None,
              size: int | None = None, *, sigma: float = DEFAULT_SIGMA, val_fraction: float | None = None,
              seed: int | None = None, pixel_side: int = 256, batch_size: int = 8, latency_runs: int = 20,
-             threads: int = 2, details: bool = False) -> dict[str, Any]:
+             threads: int = 2, details: bool = False, worst: int = 0,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Metrics per class and mean, calibration per class, latency and size.
 
     model_or_onnx: an InferenceGraph or method model (give `size`), a checkpoint
     path (.pt), an ONNX file or a .kdpkg. The validation split (`val_fraction`,
     `seed`) defaults to the checkpoint's, else 0.2 and 0. With `details`, each
-    class also carries its per-image scores and labels.
+    class also carries its per-image scores, labels and paths. With `worst`,
+    each class keeps its `worst` highest-scored normal and lowest-scored
+    anomalous test images with their maps and masks (numpy, for figures).
+    `progress` hears one line per class.
     """
     from shared.metrics import aupro, auroc, f1_max, pixel_auroc
     from trainer.data.mvtec import discover_classes, load_samples
@@ -185,7 +189,9 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
     classes = list(classes or cfg.get("classes") or manifest.get("classes") or discover_classes(data_root))
 
     per_class: dict[str, dict[str, Any]] = {}
-    for cls in classes:
+    for i, cls in enumerate(classes):
+        if progress:
+            progress(f"class {cls} ({i + 1}/{len(classes)})")
         test = load_samples(data_root, [cls], "test")
         _, val = split_normal(data_root, [cls], val_fraction, seed)
         val_scores, _ = score_images(runner, [s.path for s in val], sigma, batch_size, None, threads)
@@ -199,6 +205,9 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
             per_class[cls]["scores"] = scores.tolist()
             per_class[cls]["labels"] = labels.tolist()
             per_class[cls]["val_scores"] = val_scores.tolist()
+            per_class[cls]["paths"] = [str(s.path) for s in test]
+        if worst and maps:
+            per_class[cls]["worst"] = worst_misses(test, scores, labels, maps, masks, worst)
 
     keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr_at_threshold", "tpr_at_threshold")
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in keys}
@@ -231,6 +240,16 @@ def class_metrics(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray]
         "n_anomalous": int(labels.sum()),
         "calibration": cal.to_dict(),
     }
+
+
+def worst_misses(samples: list, scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray],
+                 masks: list[np.ndarray], k: int) -> list[dict[str, Any]]:
+    """The k highest-scored normal and k lowest-scored anomalous images: path, label, defect, score, map, mask."""
+    normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    picks = [*normal[np.argsort(-scores[normal], kind="stable")][:k],
+             *anomalous[np.argsort(scores[anomalous], kind="stable")][:k]]
+    return [{"path": str(samples[i].path), "label": int(labels[i]), "defect": samples[i].defect,
+             "score": float(scores[i]), "map": maps[i], "mask": masks[i]} for i in picks]
 
 
 def format_table(result: dict[str, Any]) -> str:
