@@ -7,8 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS := agent,hub,train,demo,dev
 # mosquitto: the broker (tests and demo); postgresql: the production database the tests also cover;
-# chromium: the browser the dashboard tests drive
-APT_PACKAGES := mosquitto postgresql chromium
+# chromium: the browser the dashboard tests drive; docker-compose: checks compose.yaml (tests/fleet)
+APT_PACKAGES := mosquitto postgresql chromium docker-compose
 
 .PHONY: demo test test-all bench lint system venv clean
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo-model": ("trainer.cli", "demo_model_main", "train (or reuse) the small unified model the demo runs"),
     "agent": ("agent.cli", "main", "the station agent (`agent run`, `agent check`)"),
     "hub": ("hub.cli", "main", "the hub: MQTT ingest, database and dashboard"),
+    "fleet": ("shared.fleet", "main", "one site as local processes (`fleet up --agents N`, `fleet status`)"),
     "keys": ("shared.package_cli", "keys_main", "signing keys for model packages (`keys new`)"),
     "package": ("shared.package_cli", "package_main", "sign, verify and inspect model packages"),
 }

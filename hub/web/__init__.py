@@ -35,6 +35,7 @@ from hub.web import (
     gallery,
     images,
     live,
+    metrics,
     registry,
     results,
     review,
@@ -71,6 +72,7 @@ BLUEPRINTS = (
     admin.bp,
     images.bp,
     api.bp,
+    metrics.bp,  # authenticates /metrics itself, before auth.load_principal (see hub/web/metrics.py)
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from paho.mqtt.enums import CallbackAPIVersion
+from werkzeug.serving import make_server
 
 from hub.db.session import Database, upgrade
 from hub.services import users
@@ -357,3 +359,22 @@ def sign_in(
 def client(sign_in: Callable[[str], tuple[FlaskClient, str]]) -> FlaskClient:
     """A client signed in as an admin."""
     return sign_in("admin")[0]
+
+
+@pytest.fixture
+def live_hub(app: Flask) -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    """The hub app served over real HTTP by werkzeug in a thread; and the (path, Range) of each request."""
+    seen: list[tuple[str, str | None]] = []
+    inner = app.wsgi_app
+
+    def recording(environ, start_response):  # type: ignore[no-untyped-def]
+        seen.append((environ["PATH_INFO"], environ.get("HTTP_RANGE")))
+        return inner(environ, start_response)
+
+    app.wsgi_app = recording  # type: ignore[method-assign]
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    thread.join(5)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from agent.updater import Updater, UpdateError
 from hub.db.session import Database
@@ -135,25 +133,6 @@ def test_hub_with_trusted_keys_accepts_only_packages_they_signed(
     refused = upload(client, made["unsigned"], tokens["admin"])
     assert refused.status_code == 400 and "not signed" in refused.get_json()["detail"]
     assert upload(client, made["good"], tokens["admin"]).status_code == 201
-
-
-@pytest.fixture
-def live_hub(app: Flask) -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
-    """The hub app served over real HTTP by werkzeug in a thread; and the (path, Range) of each request."""
-    seen: list[tuple[str, str | None]] = []
-    inner = app.wsgi_app
-
-    def recording(environ, start_response):  # type: ignore[no-untyped-def]
-        seen.append((environ["PATH_INFO"], environ.get("HTTP_RANGE")))
-        return inner(environ, start_response)
-
-    app.wsgi_app = recording  # type: ignore[method-assign]
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", seen
-    server.shutdown()
-    thread.join(5)
 
 
 def test_a_device_updates_from_the_hub_resuming_a_partial_download(

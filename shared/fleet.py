@@ -1,0 +1,477 @@
+"""`kdfleet fleet`: one whole site as local processes, with the security of a real one.
+
+    kdfleet fleet up --agents 3 [--package PKG --data FOLDER --cls CLASS]   # until Ctrl-C
+    kdfleet fleet status                                                   # from another terminal
+    kdfleet fleet down
+
+`up` starts a private Mosquitto whose password file and ACL the hub's provisioning writes
+(anonymous clients refused; the embedded amqtt, without authentication, when Mosquitto is
+not installed), the hub (`hub serve`: web + one ingest worker, plus `--ingest-workers` more)
+and N agents replaying a data set folder, each signed in with its own device credentials
+from `kdfleet hub add-device`. Without --package it uses the demo's model and data (trained
+and generated once, cached under var/demo, as `kdfleet demo` does). It prints the dashboard
+URL and login, writes WORKDIR/fleet.json for `status` and `down`, and stops everything in
+reverse order (agents, hub, broker) on Ctrl-C, SIGTERM or `fleet down`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.demo import Fleet, Process, broker_argv, demo_login, pick_port, wait_port
+from shared.logs import add_log_arguments, json_wanted, setup_logging
+
+log = logging.getLogger("kdfleet.fleet")
+
+STATE_FILE = "fleet.json"
+HUB_USER = "kdfleet-hub"
+PROVISION_THREADS = 4  # add-device processes at once (each rewrites the files; one final rewrite fixes races)
+SILENT_AFTER_S = 30  # the fleet's hub shows a device silent after this long without news
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A started process as the state file keeps it; `start_ticks` tells a reused pid apart."""
+
+    name: str
+    pid: int
+    start_ticks: int
+    log: str
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def alive(record: ProcessRecord) -> bool:
+    """True when the recorded process still runs (the same process, not a reused pid)."""
+    return start_ticks(record.pid) == record.start_ticks
+
+
+# -- state --------------------------------------------------------------------------
+
+
+def read_state(workdir: Path) -> dict[str, Any] | None:
+    path = workdir / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot read {path}: {exc}; delete it if no fleet runs from {workdir}") from None
+
+
+def write_state(workdir: Path, state: dict[str, Any]) -> None:
+    """Replace the state file in one step (mode 0600: it holds the API token)."""
+    tmp = workdir / f".{STATE_FILE}.tmp"
+    tmp.touch(mode=0o600)
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(workdir / STATE_FILE)
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def run_hub(py: str, args: Sequence[str], *, check: bool = True, stdin: str | None = None) -> str:
+    """`python -m hub ARGS`; its stdout. A failure raises SystemExit with the hub's own message."""
+    out = subprocess.run([py, "-m", "hub", *args], input=stdin, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise SystemExit(f"hub {args[0]} failed: {(out.stderr or out.stdout).strip()}")
+    return out.stdout
+
+
+def private_file(path: Path, make: Any) -> str:
+    """The secret in `path`, created with `make()` (mode 0600) the first time."""
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(make() + "\n")
+    return path.read_text().strip()
+
+
+def mosquitto_binary() -> str | None:
+    for candidate in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if Path(candidate).exists():
+            return candidate
+    return None
+
+
+def mosquitto_conf(workdir: Path, port: int, passwd: Path, acl: Path) -> Path:
+    """The private broker's config: loopback only, every client signs in (deploy/mosquitto's rules)."""
+    conf = workdir / "mosquitto.conf"
+    (workdir / "mosquitto-data").mkdir(exist_ok=True)
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous false",
+        f"password_file {passwd}",
+        f"acl_file {acl}",
+        "persistence true",
+        f"persistence_location {workdir / 'mosquitto-data'}/",
+        "max_queued_messages 0",  # the hub's session keeps its backlog (docs/hub.md)
+        "log_dest stdout",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")  # else it drops to the mosquitto user, who may not read WORKDIR
+    conf.write_text("\n".join(lines) + "\n")
+    return conf
+
+
+def start(fleet: Fleet, name: str, argv: list[str], env: dict[str, str] | None = None) -> ProcessRecord:
+    """Start a child in its own session (Ctrl-C reaches only `up`, which stops them in order)."""
+    path = fleet.workdir / "logs" / f"{name}.log"
+    with open(path, "ab") as logfile:
+        proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+    fleet.procs.append(Process(name, argv, proc))
+    ticks = start_ticks(proc.pid)
+    return ProcessRecord(name, proc.pid, ticks if ticks is not None else -1, str(path))
+
+
+def stop_in_order(fleet: Fleet, timeout: float = 20.0) -> None:
+    """SIGTERM in reverse start order, one kind at a time: the agents (which hand their last
+    results to the broker), then the hub's processes, then the broker; SIGKILL after `timeout`."""
+    groups: list[list[Process]] = []
+    for p in reversed(fleet.procs):
+        kind = p.name.split("-")[0]
+        if groups and groups[-1][0].name.split("-")[0] == kind:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    for group in groups:
+        running = [p.proc for p in group if p.proc is not None and p.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in running:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop within %.0f s of SIGTERM: killed", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+
+
+def demo_model(py: str, cache: Path) -> tuple[Path, Path]:
+    """The demo's data set and model (generated and trained once, cached in `cache`)."""
+    data = cache / "data"
+    if not (data / ".complete").exists():
+        log.info("generating the synthetic data set in %s", data)
+        subprocess.run([py, "-m", "trainer", "data", "synth", str(data), "--seed", "0"], check=True)
+        (data / ".complete").touch()
+    log.info("preparing the demo model (trained once, then cached in %s)", cache / "models")
+    out = subprocess.run([py, "-m", "trainer", "demo-model", str(data), str(cache / "models")],
+                         check=True, stdout=subprocess.PIPE, text=True)
+    return data, Path(out.stdout.strip().splitlines()[-1])
+
+
+def sources(data: Path, cls: str | None, n: int) -> list[tuple[Path, str]]:
+    """(folder, class) per agent: an MVTec-layout root gives its classes' test folders in turn;
+    any other folder is replayed as one class, named by --cls."""
+    if not data.is_dir():
+        raise SystemExit(f"--data {data}: no such folder")
+    if cls:
+        return [(data, cls)] * n
+    classes = sorted(p.name for p in data.iterdir() if (p / "test").is_dir())
+    if not classes:
+        raise SystemExit(f"--data {data} has no CLASS/test folders (MVTec layout): name the class it shows with --cls")
+    return [(data / classes[i % len(classes)] / "test", classes[i % len(classes)]) for i in range(n)]
+
+
+def http_get(url: str, token: str, timeout: float = 5.0) -> bytes:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample in a Prometheus text exposition."""
+    out = []
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if m:
+            labels = {k: re.sub(r"\\(.)", r"\1", v) for k, v in LABEL.findall(m.group(2) or "")}
+            out.append((m.group(1), labels, float(m.group(3))))
+    return out
+
+
+def hub_view(state: dict[str, Any]) -> dict[str, Any]:
+    """The site as the hub sees it: devices (from /api/devices), per-device results in the last
+    minute, ingest rate and lag (from /metrics). Raises OSError when the hub does not answer."""
+    base, token, site = state["dashboard"], state["token"], state["site"]
+    found = json.loads(http_get(f"{base}api/devices?site={site}", token))["devices"]
+    samples = parse_metrics(http_get(f"{base}metrics", token).decode())
+    per_device = {s[1]["device"]: s[2] for s in samples
+                  if s[0] == "kdfleet_device_results_last_minute" and s[1].get("site") == site}
+    overall = {(s[0], s[1].get("stat", "")): s[2] for s in samples if not s[1].get("device")}
+    devices = [{"device": d["name"], "state": d["state"], "last_seen": d["last_seen"], "fps": d["fps"],
+                "spool_depth": d["spool_depth"], "results_last_minute": int(per_device.get(d["name"], 0))}
+               for d in found]
+    return {"devices": devices, "ingest_rate": overall.get(("kdfleet_ingest_rate", "")),
+            "lag_avg_s": overall.get(("kdfleet_ingest_lag_seconds", "avg")),
+            "lag_max_s": overall.get(("kdfleet_ingest_lag_seconds", "max"))}
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def up(args: argparse.Namespace) -> int:
+    workdir = args.workdir.resolve()
+    state = read_state(workdir)
+    if state and alive(ProcessRecord(**state["supervisor"])):
+        raise SystemExit(f"a fleet runs from {workdir} already (pid {state['supervisor']['pid']}); "
+                         f"stop it with `kdfleet fleet down --workdir {args.workdir}`")
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    py, t0 = sys.executable, time.monotonic()
+    site = args.site
+    if args.package is None:
+        data, package = demo_model(py, Path("var/demo").resolve())
+        data = args.data or data
+    else:
+        package, data = args.package.resolve(), args.data
+        if data is None:
+            raise SystemExit("--package needs --data: the folder the agents replay")
+        if not package.is_file():
+            raise SystemExit(f"--package {package}: no such file")
+    plan = sources(data.resolve(), args.cls, args.agents)
+
+    db_url = args.db or f"sqlite:///{workdir / 'hub.db'}"
+    hub_password = private_file(workdir / "hub-mqtt-password", lambda: os.urandom(18).hex())
+    passwd, acl = workdir / "mosquitto" / "passwd", workdir / "mosquitto" / "acl"
+    config = workdir / "hub.toml"
+    config.write_text(f'data_dir = "{workdir / "hub"}"\n\n[web]\nsilent_after_s = {SILENT_AFTER_S}\n\n'
+                      f'[mqtt_auth]\npassword_file = "{passwd}"\nacl_file = "{acl}"\n')
+    mqtt_port = pick_port(args.mqtt_port)
+    broker = f"mqtt://{HUB_USER}:{hub_password}@127.0.0.1:{mqtt_port}"
+    common = ["--config", str(config), "--db", db_url]
+    run_hub(py, ["init-db", *common])
+    user, password = demo_login(py, db_url, workdir)
+    token_name = f"fleet-{os.getpid()}"
+    token = run_hub(py, ["add-token", token_name, "--role", "viewer", *common]).strip().splitlines()[-1]
+
+    devices = [f"station-{i + 1}" for i in range(args.agents)]
+
+    def provision(device: str) -> str:
+        out = run_hub(py, ["add-device", site, device, "--new-password", *common, "--broker", broker])
+        return re.search(r"shown only now:\n(\S+)\n", out).group(1)
+
+    with ThreadPoolExecutor(PROVISION_THREADS) as pool:
+        passwords = dict(zip(devices, pool.map(provision, devices), strict=True))
+    run_hub(py, ["write-mqtt-auth", *common, "--broker", broker])  # after the parallel rewrites
+    t_provisioned = time.monotonic()
+
+    fleet = Fleet(workdir)
+    records: list[ProcessRecord] = []
+    me = ProcessRecord("fleet up", os.getpid(), start_ticks(os.getpid()) or -1, "")
+    port = pick_port(args.port)
+    dashboard = f"http://127.0.0.1:{port}/"
+    state = {"supervisor": asdict(me), "workdir": str(workdir), "site": site, "db": db_url,
+             "dashboard": dashboard, "user": user, "token": token, "token_name": token_name,
+             "broker": f"mqtt://127.0.0.1:{mqtt_port}", "devices": devices, "processes": []}
+    child_env = {"KDFLEET_LOG_JSON": "1"} if args.log_json else {}
+    log_flags = ["--log-json"] if args.log_json else []
+
+    def started(record: ProcessRecord) -> None:
+        records.append(record)
+        state["processes"] = [asdict(r) for r in records]
+        write_state(workdir, state)
+
+    stop_requested = False
+
+    def on_sigterm(*_: Any) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        mosquitto = mosquitto_binary()
+        if mosquitto:
+            argv = [mosquitto, "-c", str(mosquitto_conf(workdir, mqtt_port, passwd, acl))]
+        else:
+            log.warning("Mosquitto is not installed: using the embedded amqtt broker, which checks no "
+                        "passwords (apt-get install mosquitto for the real thing)")
+            argv = broker_argv(workdir, mqtt_port)
+        started(start(fleet, "broker", argv, child_env))
+        wait_port(mqtt_port, 20, fleet)
+        hub_args = [*common, "--broker", broker, "--data-dir", str(workdir / "hub"), *log_flags]
+        started(start(fleet, "hub", [py, "-m", "hub", "serve", *hub_args, "--client-id", "kdfleet-fleet-web",
+                                     "--host", "127.0.0.1", "--port", str(port)], child_env))
+        for k in range(args.ingest_workers):
+            started(start(fleet, f"ingest-{k + 1}", [py, "-m", "hub", "ingest", *hub_args,
+                                                     "--client-id", f"kdfleet-fleet-ingest-{k + 1}"], child_env))
+        t_agents = time.monotonic()
+        for i, (device, (folder, cls)) in enumerate(zip(devices, plan, strict=True)):
+            env = {**child_env, "KDFLEET_AGENT_USERNAME": f"{device}@{site}",
+                   "KDFLEET_AGENT_PASSWORD": passwords[device]}
+            started(start(fleet, device, [
+                py, "-m", "agent", "run", "--folder", str(folder), "--loop", "--cls", cls,
+                "--package", str(package), "--broker", f"mqtt://127.0.0.1:{mqtt_port}", "--site", site,
+                "--device", device, "--station", f"line-{i + 1}", "--fps", str(args.fps),
+                "--spool", str(workdir / "spool" / f"{device}.db")], env))
+        wait_port(port, 60, fleet)
+        log.info("dashboard: %s  sign in as %s / %s", dashboard, user, password)
+        online_at = wait_online(state, fleet, args.agents, args.online_timeout)
+        timing = {"provisioning_s": round(t_provisioned - t0, 2), "agents_started_s": round(t_agents - t0, 2),
+                  "all_online_s": round(online_at - t0, 2) if online_at else None}
+        state["timing"] = timing
+        write_state(workdir, state)
+        log.info("fleet up: %d agents on %s, %s online after %.1f s (provisioned in %.1f s); dashboard %s "
+                 "(%s / %s); logs in %s; `kdfleet fleet status` / `kdfleet fleet down --workdir %s`, or Ctrl-C",
+                 args.agents, state["broker"], "all" if online_at else "NOT all", time.monotonic() - t0,
+                 t_provisioned - t0, dashboard, user, password, workdir / "logs", args.workdir)
+        deadline = time.monotonic() + args.duration if args.duration > 0 else float("inf")
+        while time.monotonic() < deadline:
+            fleet.check()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        log.info("stopping (%s)", "SIGTERM" if stop_requested else "Ctrl-C")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `down` cannot cut the shutdown short
+        stop_in_order(fleet)
+        run_hub(py, ["revoke-token", token_name, *common], check=False)
+        (workdir / STATE_FILE).unlink(missing_ok=True)
+        log.info("fleet stopped")
+    return 0
+
+
+def wait_online(state: dict[str, Any], fleet: Fleet, n: int, timeout: float) -> float | None:
+    """Poll the hub until all `n` devices are online with a result stored; the monotonic time
+    then, or None after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fleet.check()
+        try:
+            view = hub_view(state)
+        except (OSError, ValueError):
+            view = {"devices": []}
+        ready = [d for d in view["devices"] if d["state"] == "online" and d["last_seen"]
+                 and d["results_last_minute"] > 0]
+        if len(ready) >= n:
+            return time.monotonic()
+        time.sleep(0.5)
+    return None
+
+
+def status(args: argparse.Namespace) -> int:
+    workdir = args.workdir.resolve()
+    state = read_state(workdir)
+    if state is None:
+        print(f"no fleet runs from {workdir} (no {STATE_FILE}); start one with `kdfleet fleet up`")
+        return 1
+    processes = [dict(r) | {"alive": alive(ProcessRecord(**r))} for r in [state["supervisor"], *state["processes"]]]
+    try:
+        view: dict[str, Any] = hub_view(state) | {"hub": "up"}
+    except (OSError, ValueError) as exc:
+        view = {"hub": f"not answering at {state['dashboard']}: {exc}", "devices": []}
+    if args.json:
+        print(json.dumps({"dashboard": state["dashboard"], "site": state["site"], "processes": processes,
+                          "timing": state.get("timing"), **view}, indent=2))
+        return 0
+    print(f"fleet in {workdir}: site {state['site']}, dashboard {state['dashboard']} (user {state['user']}, "
+          f"password in {workdir / 'demo-login.txt'})")
+    for p in processes:
+        print(f"  {p['name']:<14} pid {p['pid']:<8} {'running' if p['alive'] else 'GONE'}  {p['log']}")
+    print(f"hub: {view['hub']}")
+    if view.get("ingest_rate") is not None:
+        lag = "" if view.get("lag_avg_s") is None else (
+            f", lag avg {view['lag_avg_s']:.2f} s, max {view['lag_max_s']:.2f} s")
+        print(f"ingest: {view['ingest_rate']:.1f} results/s over the last minute{lag}")
+    for d in view["devices"]:
+        print(f"  {d['device']:<14} {d['state']:<8} last seen {d['last_seen'] or '-'}  "
+              f"{d['results_last_minute']} results in the last minute, spool {d['spool_depth']}")
+    return 0
+
+
+def down(args: argparse.Namespace) -> int:
+    workdir = args.workdir.resolve()
+    state = read_state(workdir)
+    if state is None:
+        print(f"no fleet runs from {workdir}")
+        return 0
+    supervisor = ProcessRecord(**state["supervisor"])
+    if alive(supervisor):
+        os.kill(supervisor.pid, signal.SIGTERM)  # it stops its children in reverse order
+        deadline = time.monotonic() + args.timeout
+        while alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    # whatever is left (the supervisor was killed, or did not finish in time): stop it here
+    left = [ProcessRecord(**r) for r in reversed(state["processes"]) if alive(ProcessRecord(**r))]
+    for r in left + ([supervisor] if alive(supervisor) else []):
+        os.kill(r.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while any(alive(r) for r in left) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for r in left:
+        if alive(r):
+            os.kill(r.pid, signal.SIGKILL)
+    (workdir / STATE_FILE).unlink(missing_ok=True)
+    print(f"fleet in {workdir} stopped" + (f" ({len(left)} processes stopped here)" if left else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kdfleet fleet", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("up", help="start broker, hub and N agents; stop them on Ctrl-C")
+    p.add_argument("--agents", type=int, default=3, help="simulated stations (default 3)")
+    p.add_argument("--package", type=Path, help="model package (.kdpkg); default: the demo's model")
+    p.add_argument("--data", type=Path, help="an MVTec-layout root (agents take its classes in turn) or, "
+                   "with --cls, one folder of frames; default: the demo's data set")
+    p.add_argument("--cls", help="the class the --data folder shows")
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second per agent (default 2)")
+    p.add_argument("--site", default="fleet", help="site name (default fleet)")
+    p.add_argument("--db", help="hub database URL (default sqlite:///WORKDIR/hub.db)")
+    p.add_argument("--port", type=int, default=8080, help="dashboard port; another free one if taken")
+    p.add_argument("--mqtt-port", type=int, default=1883, help="broker port; another free one if taken")
+    p.add_argument("--ingest-workers", type=int, default=0, help="`hub ingest` processes besides the hub's own")
+    p.add_argument("--online-timeout", type=float, default=120.0, help="seconds to wait for every device")
+    p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until stopped)")
+    add_log_arguments(p)
+    for name, text in (("status", "each process and each device's state from the hub"),
+                       ("down", "stop the fleet `up` started")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("--workdir", type=Path, default=Path("var/fleet"), help="default var/fleet")
+        if name == "status":
+            q.add_argument("--json", action="store_true", help="one JSON object")
+        else:
+            q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for `up` to stop")
+    p.add_argument("--workdir", type=Path, default=Path("var/fleet"), help="state, logs, database (default var/fleet)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "log_json", None) or json_wanted(), "INFO")
+    if args.command == "up":
+        if args.agents < 1:
+            raise SystemExit("--agents must be at least 1")
+        return up(args)
+    return status(args) if args.command == "status" else down(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
