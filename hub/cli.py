@@ -32,10 +32,12 @@ from hub.config import HubConfig, load
 from hub.db.models import REVIEW_LABELS, ROLES
 from hub.db.session import Database, SchemaError, check_schema, head_revision, upgrade
 from hub.ingest import Ingest
-from hub.services import devices, retention, reviews, users
+from hub.rollouts import RolloutController
+from hub.services import devices, retention, reviews, rollouts, users
 from hub.services.common import NotFound, QueryError, parse_time
 from hub.store import ImageStore
 from shared.config import ConfigError
+from shared.logs import add_log_arguments, setup_logging
 
 log = logging.getLogger("hub")
 
@@ -60,6 +62,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "sqlite:///var/hub/hub.db) or postgresql+psycopg://user@host/dbname",
     )
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_log_arguments(p)
 
 
 def _data_dir(p: argparse.ArgumentParser) -> None:
@@ -118,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_dir(p)
     _broker(p)
+
+    p = sub.add_parser(
+        "rollout",
+        help="start, watch, pause, resume or abort a model rollout",
+        description="Ship a registry model to devices: a canary first, then waves, each gated on "
+        "health for a soak period. `serve` drives rollouts; these commands only change the plan.",
+    )
+    _common(p)
+    p.add_argument("action", choices=("start", "status", "pause", "resume", "abort"))
+    p.add_argument("target", help="start: the registry model id; otherwise: the rollout id")
+    p.add_argument("--site", help="start: devices of this site only (default: every site)")
+    p.add_argument("--devices", help="start: comma-separated device names (default: all of the site)")
+    p.add_argument("--canary", default="1", help="start: devices first, a count or a percentage (default 1)")
+    p.add_argument("--wave-size", type=int, default=0, help="start: devices per later wave (default 0: all)")
+    p.add_argument("--soak", type=float, default=60.0, help="start: healthy seconds before the next wave")
+    p.add_argument("--max-failures", type=int, default=1, help="start: failed updates that stop it (default 1)")
+    p.add_argument("--max-anomaly-rate", type=float, help="start: stop above this anomaly rate (0-1)")
+    p.add_argument("--max-latency-ms", type=float, help="start: stop above this p95 latency")
+    p.add_argument("--note", default="", help="why (shown on the dashboard)")
 
     p = sub.add_parser(
         "init-db",
@@ -328,10 +350,16 @@ def _make_ingest(cfg: HubConfig, db: Database) -> Ingest:
     )
 
 
-def _wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
-    """Block until SIGINT or SIGTERM sets `stop`, logging the ingest counters now and then."""
+def _stop_on_signals() -> threading.Event:
+    """An event SIGINT and SIGTERM set; installed before start-up, so a stop during it is clean too."""
+    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
+    """Block until `stop` is set, logging the ingest counters now and then."""
     last = None
     while not stop.wait(STATS_EVERY_S):
         stats = ingest.stats()
@@ -342,15 +370,49 @@ def _wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
 
 
 def cmd_ingest(cfg: HubConfig) -> int:
+    stop = _stop_on_signals()
     db = _open_db(cfg)
     ingest = _make_ingest(cfg, db).start()
     log.info("ingest from %s into %s", cfg.broker_config().url, db.display_url)
     try:
-        _wait_for_signal(ingest, threading.Event())
+        _wait_for_signal(ingest, stop)
     finally:
         ingest.stop()
         db.dispose()
         log.info("ingest stopped: %s", ingest.stats())
+    return 0
+
+
+def cmd_rollout(cfg: HubConfig, args: argparse.Namespace) -> int:
+    db = _open_db(cfg)
+    try:
+        with db.transaction() as session:
+            if args.action == "start":
+                try:
+                    model_id = int(args.target)
+                except ValueError:
+                    raise CliError(f"{args.target!r} is not a model id; `GET /api/models` lists them") from None
+                policy = rollouts.Policy(args.canary, args.wave_size, args.soak, args.max_failures,
+                                         args.max_anomaly_rate, args.max_latency_ms)
+                devices = [d for d in (args.devices or "").split(",") if d] or None
+                rollout_id = rollouts.start_rollout(session, model_id, policy, site=args.site, devices=devices,
+                                                    note=args.note)
+            else:
+                rollout_id = args.target
+                action = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}
+                if args.action in action:
+                    action[args.action](session, rollout_id, args.note)
+            detail = rollouts.rollout_detail(session, rollout_id)
+    except (NotFound, QueryError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        db.dispose()
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(detail.counts().items()))
+    print(f"rollout {detail.id}: {detail.model} {detail.version}, {detail.state} ({counts})")
+    if detail.note:
+        print(f"  {detail.note}")
+    for t in detail.targets:
+        print(f"  wave {t.wave}  {t.site}/{t.device}  {t.state}  {t.reason}".rstrip())
     return 0
 
 
@@ -371,6 +433,7 @@ def _retention_loop(cfg: HubConfig, db: Database, stop: threading.Event) -> None
 
 
 def cmd_serve(cfg: HubConfig) -> int:
+    stop = _stop_on_signals()
     # imported here: an ingest-only process needs no web stack
     from werkzeug.serving import make_server
 
@@ -386,8 +449,11 @@ def cmd_serve(cfg: HubConfig) -> int:
             f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
             "choose another --port or stop what holds it"
         ) from None
-    stop = threading.Event()
     ingest = _make_ingest(cfg, db).start()
+    app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
+    # one process drives rollouts: this one (extra `ingest` workers do not)
+    controller = RolloutController(db, cfg.broker_config(),
+                                   client_id=f"{cfg.ingest.resolved_client_id()}-rollouts").start()
     web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
     web.start()
     pruner = None
@@ -411,6 +477,7 @@ def cmd_serve(cfg: HubConfig) -> int:
             pruner.join(30)
         server.shutdown()
         web.join(10)
+        controller.stop()
         ingest.stop()
         app.extensions["hub.db"].dispose()
         db.dispose()
@@ -596,9 +663,7 @@ def cmd_export_training(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args.log_json, args.log_level)  # --log-json, else KDFLEET_LOG_JSON
     if args.log_level != "DEBUG":  # Alembic narrates every step at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -631,6 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_export_training(cfg, args.out, args.label, args.cls, args.since)
         if command == "ingest":
             return cmd_ingest(cfg)
+        if command == "rollout":
+            return cmd_rollout(cfg, args)
         return cmd_serve(cfg)
     except ConfigError as exc:
         print(f"hub: configuration error: {exc}", file=sys.stderr)

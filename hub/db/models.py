@@ -41,6 +41,9 @@ ROLES = ("viewer", "operator", "admin")  # each role may do what the ones before
 VERDICTS = ("ok", "anomaly")
 REVIEW_LABELS = ("defect", "false_alarm")
 ROLLOUT_STATES = ("draft", "canary", "rolling", "paused", "completed", "rolled_back", "failed")
+# one device in a rollout: waiting for its wave, told (desired), then the agent's own update states
+TARGET_STATES = ("pending", "desired", "downloading", "verifying", "building", "testing", "active", "failed",
+                 "rolled_back")
 
 
 def utcnow() -> datetime:
@@ -328,4 +331,37 @@ class Rollout(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
+    # the policy: canary first, then waves, each gated on health for `soak_s`
+    wave_size: Mapped[int] = mapped_column(Integer, default=0)  # devices per wave after the canary; 0: all
+    soak_s: Mapped[float] = mapped_column(Double, default=60.0)  # healthy time a wave needs before the next
+    max_failures: Mapped[int] = mapped_column(Integer, default=1)  # failed devices that abort the rollout
+    max_anomaly_rate: Mapped[float | None] = mapped_column(Double)  # health gate; NULL: not checked
+    max_latency_ms: Mapped[float | None] = mapped_column(Double)  # health gate on p95; NULL: not checked
+    paused_from: Mapped[str | None] = mapped_column(String(16))  # the state a pause interrupted
+
     model: Mapped[Model] = relationship(lazy="raise")
+
+
+class RolloutTarget(Base):
+    """One device in a rollout: its wave, its update's progress, and the model to roll back to."""
+
+    __tablename__ = "rollout_targets"
+    __table_args__ = (
+        UniqueConstraint("rollout_id", "device_id"),
+        CheckConstraint(_in("state", TARGET_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
+    wave: Mapped[int] = mapped_column(Integer)  # 0: the canary
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    reason: Mapped[str] = mapped_column(Text, default="")
+    previous_model: Mapped[str] = mapped_column(String(TEXT_LEN), default="")  # model id the device ran
+    previous_version: Mapped[str] = mapped_column(String(TEXT_LEN), default="")
+    sent_version: Mapped[str] = mapped_column(String(TEXT_LEN), default="")  # last desired version published
+    desired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    active_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    device: Mapped[Device] = relationship(lazy="raise")

@@ -31,6 +31,7 @@ TABLES = {
     "api_tokens",
     "models",
     "rollouts",
+    "rollout_targets",
     "alembic_version",
 }
 
