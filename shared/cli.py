@@ -23,15 +23,20 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "fleet": ("shared.fleet", "main", "one site as local processes (`fleet up --agents N`, `fleet status`)"),
     "keys": ("shared.package_cli", "keys_main", "signing keys for model packages (`keys new`)"),
     "package": ("shared.package_cli", "package_main", "sign, verify and inspect model packages"),
+    "trainer": ("shared.cli", "trainer_main", "the trainer's commands as one group (`trainer serve`, ...)"),
 }
 
-GROUPS = {"trainer": ("data", "train", "evaluate", "compare", "export", "quantize", "demo-model")}
+# commands reached only through their group: `kdfleet trainer serve`
+GROUP_ONLY: dict[str, tuple[str, str, str]] = {
+    "serve": ("trainer.serve", "main", "retrain from reviewed results and roll out what passes the gate"),
+}
+GROUPS = {"trainer": ("data", "train", "evaluate", "compare", "export", "quantize", "demo-model", "serve")}
 
 
 def usage(names: list[str]) -> str:
     width = max(len(n) for n in names)
     lines = ["usage: kdfleet <command> [options]   (kdfleet <command> --help for more)", "", "commands:"]
-    lines += [f"  {n.ljust(width)}  {COMMANDS[n][2]}" for n in names]
+    lines += [f"  {n.ljust(width)}  {_lookup(n)[2]}" for n in names]
     return "\n".join(lines)
 
 
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None, group: str | None = None) -> int:
     if name not in names:
         print(f"kdfleet: unknown command {name!r}\n\n{usage(names)}", file=sys.stderr)
         return 2
-    module, func, _ = COMMANDS[name]
+    module, func, _ = _lookup(name)
     try:
         target = getattr(importlib.import_module(module), func)
     except ImportError as exc:
@@ -56,6 +61,15 @@ def main(argv: list[str] | None = None, group: str | None = None) -> int:
         return 2
     result = target(argv[1:])
     return int(result or 0)
+
+
+def _lookup(name: str) -> tuple[str, str, str]:
+    return COMMANDS.get(name) or GROUP_ONLY[name]
+
+
+def trainer_main(argv: list[str]) -> int:
+    """`kdfleet trainer <command>`: the trainer's group, the same as `python -m trainer`."""
+    return main(argv, group="trainer")
 
 
 if __name__ == "__main__":
