@@ -1,14 +1,14 @@
-"""`kdfleet agent`: run a station, or check that it could run."""
+"""`kdfleet agent`: run a station, check that it could run, or benchmark it."""
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from pathlib import Path
 
 from agent.config import AgentConfig, load
 from shared.config import ConfigError
+from shared.logs import add_log_arguments, setup_logging
 
 
 def _add_quick_flags(ap: argparse.ArgumentParser) -> None:
@@ -48,9 +48,10 @@ def run_main(argv: list[str]) -> int:
     _add_quick_flags(ap)
     ap.add_argument("--until-drained", action="store_true",
                     help="exit once every source has ended and every result is delivered")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    add_log_arguments(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(args.log_json, args.log_level)   # --log-json, else KDFLEET_LOG_JSON
     try:
         from agent.pipeline import Agent
 
@@ -112,14 +113,14 @@ def check_main(argv: list[str]) -> int:
             report("runtime", f"{type(exc).__name__}: {exc}")
     import threading
 
-    from agent.sources import SourceError, open_source
+    from agent.sources import SourceError, open_source, redact
 
     for s in cfg.sources:
         try:
-            open_source(s.uri, s.fps, threading.Event(), s.loop, s.watch)
-            report(f"source {s.uri}", None)
+            open_source(s.uri, s.fps, threading.Event(), s.loop, s.watch).probe()
+            report(f"source {redact(s.uri)}", None)
         except SourceError as exc:
-            report(f"source {s.uri}", str(exc))
+            report(f"source {redact(s.uri)}", str(exc))
     from shared.mqtt import MqttLink
 
     link = MqttLink(cfg.broker_config(), f"kdfleet-check-{cfg.device}").start()
@@ -129,11 +130,18 @@ def check_main(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def bench_main(argv: list[str]) -> int:
+    """`bench.agent`: frames/s, stage latencies and peak RSS against PyTorch FP32 eager."""
+    from bench.agent import main as bench
+
+    return bench(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_main, "check": check_main}
+    commands = {"run": run_main, "check": check_main, "bench": bench_main}
     if not argv or argv[0] not in commands:
-        print("usage: kdfleet agent {run,check} [options]   (kdfleet agent run --help)",
+        print("usage: kdfleet agent {run,check,bench} [options]   (kdfleet agent run --help)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

@@ -7,7 +7,10 @@ they are read when the config is loaded, never at import.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +34,7 @@ class SourceConfig:
 
     def validate(self) -> None:
         if self.fps < 0:
-            raise ConfigError(f"source {self.uri}: fps must be >= 0")
+            raise ConfigError(f"source {self.uri}: fps = {self.fps}: must be >= 0 (0: as fast as possible)")
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,11 @@ class SpoolConfig:
     max_age_s: float = 7 * 24 * 3600.0  # older results are stale for the plant
 
     def validate(self) -> None:
-        if self.max_results < 1 or self.max_bytes < 1024 or self.max_age_s <= 0:
-            raise ConfigError("spool: max_results >= 1, max_bytes >= 1024 and max_age_s > 0 are required")
+        for key, ok, need in (("max_results", self.max_results >= 1, ">= 1"),
+                              ("max_bytes", self.max_bytes >= 1024, ">= 1024"),
+                              ("max_age_s", self.max_age_s > 0, "> 0")):
+            if not ok:
+                raise ConfigError(f"spool.{key} = {getattr(self, key)}: must be {need}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,25 @@ class PublishConfig:
 
     def validate(self) -> None:
         if self.sample_every < 1:
-            raise ConfigError("publish.sample_every must be >= 1")
+            raise ConfigError(f"publish.sample_every = {self.sample_every}: must be >= 1")
+        if not 1 <= self.frame_quality <= 100:
+            raise ConfigError(f"publish.frame_quality = {self.frame_quality}: must be 1 to 100")
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Over-the-air model updates from the hub (agent/updater.py)."""
+
+    models_dir: str = "var/agent/models"   # installed packages and their current / last_good pointers
+    hub_url: str = ""                      # base for relative package URLs in the hub's desired-model message
+    hub_token: str | None = None           # hub API token, sent as a bearer token with downloads
+    attempts: int = 3                      # a broken download resumes this many times before giving up
+
+    def validate(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"update.attempts = {self.attempts}: must be >= 1")
+        if self.hub_url and not self.hub_url.startswith(("http://", "https://")):
+            raise ConfigError(f"update.hub_url = {self.hub_url!r}: must start with http:// or https://")
 
 
 @dataclass(frozen=True)
@@ -82,18 +106,25 @@ class AgentConfig:
     trusted_keys: list[str] = field(default_factory=list)        # public keys; empty: unsigned allowed
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     metrics_interval_s: float = 10.0
     heatmap_size: int = 128             # side of the heat-map thumbnail
 
     def validate(self) -> None:
-        topics.check_name(self.site, "site")
-        topics.check_name(self.device, "device")
+        for key in ("site", "device"):
+            try:
+                topics.check_name(getattr(self, key), key)
+            except topics.TopicError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         if not self.sources:
-            raise ConfigError("at least one [[sources]] entry is required")
-        if self.batch_size < 1 or self.queue_size < 1 or self.threads < 0:
-            raise ConfigError("batch_size and queue_size must be >= 1, threads >= 0")
-        if self.metrics_interval_s <= 0:
-            raise ConfigError("metrics_interval_s must be > 0")
+            raise ConfigError("sources: at least one [[sources]] entry (uri and cls) is required")
+        for key, ok, need in (("batch_size", self.batch_size >= 1, ">= 1"),
+                              ("queue_size", self.queue_size >= 1, ">= 1"),
+                              ("threads", self.threads >= 0, ">= 0 (0: one per core)"),
+                              ("metrics_interval_s", self.metrics_interval_s > 0, "> 0"),
+                              ("heatmap_size", self.heatmap_size >= 16, ">= 16")):
+            if not ok:
+                raise ConfigError(f"{key} = {getattr(self, key)}: must be {need}")
         self.broker_config()  # the URL must parse
 
     def broker_config(self) -> BrokerConfig:
@@ -105,33 +136,119 @@ class AgentConfig:
 
 def load(path: str | Path | None, overrides: dict[str, Any] | None = None,
          environ: dict[str, str] | None = None) -> AgentConfig:
-    """Config from a TOML file (optional), then the environment, then explicit overrides."""
-    data: dict[str, Any] = load_toml(path) if path else {}
-    env = os.environ if environ is None else environ
-    scalars = {f.name: f for f in dataclasses.fields(AgentConfig)
-               if f.name not in ("sources", "spool", "publish", "thresholds", "trusted_keys")}
-    for name, f in scalars.items():
-        value = env.get(ENV_PREFIX + name.upper())
-        if value is not None:
-            data[name] = _from_env(name, value, f.type)
+    """Config from a TOML file (optional), then the environment, then explicit overrides.
+
+    Errors name the file and line (or the environment variable), the key, and what to write instead.
+    """
+    data, text = _read(Path(path)) if path else ({}, "")
+    env = from_environ(os.environ if environ is None else environ)
+    data.update(env)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     where = str(path) if path else "agent config"
+    problems = unknown_keys(AgentConfig, data)
+    if problems:
+        raise ConfigError("\n".join(_at(where, text, key, f"{msg}") for key, msg in problems))
     try:
         return build(AgentConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        msg = str(exc)
+        m = _KEY.match(msg)
+        key = m.group(1) if m else ""
+        origin = f" (set by {ENV_PREFIX}{key.upper()})" if key in env else ""
+        raise ConfigError(_at(where, text if not origin else "", key, msg + origin)) from None
 
 
-def _from_env(name: str, value: str, typ: Any) -> Any:
-    text = str(typ)
-    if text.startswith("int"):
+def _read(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        data = load_toml(path)   # names the file and the line of a syntax error
+        return data, path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8") from None
+
+
+def from_environ(environ: dict[str, str] | os._Environ[str]) -> dict[str, Any]:
+    """The `KDFLEET_AGENT_<KEY>` variables as typed values; an unknown or malformed one is refused."""
+    hints = typing.get_type_hints(AgentConfig)
+    out: dict[str, Any] = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name in TABLE_KEYS:
+            raise ConfigError(f"{var}: {name} is a table or list; set it in the TOML file, not the environment")
+        if name not in hints:
+            near = difflib.get_close_matches(name, [n for n in hints if n not in TABLE_KEYS], 1)
+            hint = f"did you mean {ENV_PREFIX}{near[0].upper()}?" if near else \
+                f"the environment can set {', '.join(ENV_PREFIX + n.upper() for n in hints if n not in TABLE_KEYS)}"
+            raise ConfigError(f"{var}: not an agent setting; {hint} (or unset it)")
+        out[name] = _from_env(var, value, hints[name])
+    return out
+
+
+def _from_env(var: str, value: str, hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{var}={value!r}: must be one of {', '.join(args)}")
+        return value
+    base = args[0] if args and typing.get_origin(hint) is not None else hint
+    kinds = {int: "an integer, e.g. 4", float: "a number, e.g. 2.5"}
+    if base in kinds:
         try:
-            return int(value)
+            return base(value)
         except ValueError:
-            raise ConfigError(f"{ENV_PREFIX}{name.upper()}={value!r}: expected an integer") from None
-    if text.startswith("float"):
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{ENV_PREFIX}{name.upper()}={value!r}: expected a number") from None
+            raise ConfigError(f"{var}={value!r}: expected {kinds[base]}") from None
     return value
+
+
+TABLE_KEYS = ("sources", "spool", "publish", "update", "thresholds", "trusted_keys")
+_KEY = re.compile(r"^(?:missing required key |)([A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*)(?::| =|$)")
+
+
+def unknown_keys(cls: type, mapping: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, message) for every key `cls` (a config dataclass, recursively) does not know, with the nearest."""
+    if not isinstance(mapping, dict):
+        return []   # build() reports the wrong type
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key, value in mapping.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            near = difflib.get_close_matches(str(key), list(hints), 1, 0.6)
+            hint = f"did you mean {prefix}{near[0]}?" if near else f"allowed here: {', '.join(sorted(hints))}"
+            out.append((path, f"{path}: unknown key; {hint}"))
+            continue
+        hint = hints[key]
+        item = (typing.get_args(hint) or [None])[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(hint):
+            out += unknown_keys(hint, value, f"{path}.")
+        elif dataclasses.is_dataclass(item) and isinstance(value, list):
+            for i, v in enumerate(value):
+                out += unknown_keys(item, v, f"{path}[{i}].")
+    return out
+
+
+def _at(where: str, text: str, key: str, msg: str) -> str:
+    """`where[:line]: msg`, the line where `key` is set in the TOML `text` when it can be found."""
+    line = _line_of(text, key) if text and key else None
+    return f"{where}{f':{line}' if line else ''}: {msg}"
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line setting dotted `key` ("batch_size", "spool.path", "sources[1].fps") in TOML `text`."""
+    parts = re.findall(r"([A-Za-z_]\w*)(?:\[(\d+)\])?", key)
+    if not parts:
+        return None
+    *tables, (name, _) = parts
+    header = ".".join(t for t, _ in tables)
+    index = int(tables[-1][1] or 0) if tables else 0
+    current, count = "", -1
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        table = re.match(r"^\[\[?\s*([\w.]+)\s*\]\]?", line)
+        if table:
+            current = table.group(1)
+            count += current == header
+        elif current == header and (not header or count == index) and re.match(rf"^{name}\s*=", line):
+            return n
+    return None

@@ -1,19 +1,25 @@
 """Frame sources: a folder (replayed, looped or watched), a video file, a camera, a stream URL.
 
 Each source yields `Frame`s and never raises for one bad frame: a corrupt or
-truncated image is logged and counted, a dropped stream is reopened with
-backoff, and the source ends only when its input really has (a finished
-folder or file without `loop`/`watch`) or the stop event is set.
+truncated image is logged and counted. A camera or stream that cannot be
+opened, or drops, is reopened with exponential backoff (with jitter, capped)
+for as long as the agent runs: the first failure of an outage is logged as an
+error saying what to check, the return as a warning with the outage's length.
+A source ends only when its input really has (a finished folder or file
+without `loop`/`watch`) or the stop event is set; it raises `SourceError`
+only for what retrying cannot fix (a missing folder, an unreadable video file).
 """
 from __future__ import annotations
 
 import logging
+import random
 import threading
-from abc import ABC, abstractmethod
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -24,8 +30,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm"}
-REOPEN_MAX_S = 30.0   # longest wait between attempts to reopen a dropped stream
+REOPEN_FIRST_S = 0.5  # first wait before reopening a dropped camera or stream
+REOPEN_MAX_S = 30.0   # longest wait between attempts
+STREAM_TIMEOUT_MS = 5000  # a stream that neither connects nor sends for this long counts as dropped
 WATCH_POLL_S = 0.5
+SETTLE_S = 0.2        # a watched file modified more recently than this may still be being written
+WRITE_GRACE_S = 2.0   # a watched file that does not decode is retried until it is this old
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +46,7 @@ class Frame:
 
 
 class SourceError(RuntimeError):
-    """A source that cannot be opened at all."""
+    """A source that cannot work at all; the message says what to fix."""
 
 
 class Source(ABC):
@@ -62,6 +72,10 @@ class Source(ABC):
                 self._next = time.monotonic()  # fell behind: don't burst to catch up
 
     @abstractmethod
+    def probe(self) -> None:
+        """Raise `SourceError` if the source could not deliver a frame now (`kdfleet agent check`)."""
+
+    @abstractmethod
     def frames(self) -> Iterator[Frame]:
         """Frames until the input ends or the stop event is set."""
 
@@ -80,76 +94,169 @@ class FolderSource(Source):
     def _files(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
+    def probe(self) -> None:
+        if not self.watch and not self._files():
+            raise SourceError(f"{self.uri}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                              "add some, or set watch = true to wait for them")
+
     def frames(self) -> Iterator[Frame]:
         seen: set[Path] = set()
         while not self.stop.is_set():
-            files = [p for p in self._files() if p not in seen] if self.watch else self._files()
-            if not files and not self.watch:
-                raise SourceError(f"{self.uri}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            if self.watch:
+                pending = [p for p in self._files() if p not in seen]
+                files = [p for p in pending if _settled(p)]
+            else:
+                self.probe()
+                files = self._files()
+            good = 0
             for path in files:
                 if self.stop.is_set():
                     return
-                seen.add(path)
                 try:
                     image = read_image(path)
                 except (ImageError, OSError) as exc:
+                    if self.watch and _age(path) < WRITE_GRACE_S:
+                        continue   # its writer may only have paused: read it again on the next poll
+                    seen.add(path)
                     self.errors += 1
-                    log.error("skipping %s: %s", path, exc)
+                    log.error("%s: skipped (%s)", path, exc)
                     continue
+                seen.add(path)
+                good += 1
                 self.pace()
                 yield Frame(image, time.time(), str(path.relative_to(self.root)))
-            if self.watch:
-                self.stop.wait(WATCH_POLL_S)
+            if self.watch:   # a file still being written is looked at again soon
+                self.stop.wait(SETTLE_S if len(pending) > len(files) else WATCH_POLL_S)
             elif not self.loop:
                 return
+            elif not good:
+                raise SourceError(f"{self.uri}: none of its {len(files)} images can be read; replace them")
+
+
+def _age(path: Path) -> float:
+    """Seconds since `path` was last modified (infinite when it has vanished)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _settled(path: Path) -> bool:
+    """Modified long enough ago that its writer is probably done (vanished files are not)."""
+    return SETTLE_S <= _age(path) < float("inf")
 
 
 class CaptureSource(Source):
-    """OpenCV capture: video file, camera index or stream URL; reopens a dropped stream."""
+    """OpenCV capture: video file, camera index or stream URL; reopens a camera or stream with backoff."""
 
-    def __init__(self, uri: str, fps: float, stop: threading.Event, loop: bool = False) -> None:
+    def __init__(self, uri: str, fps: float, stop: threading.Event, loop: bool = False,
+                 reopen_first_s: float = REOPEN_FIRST_S, reopen_max_s: float = REOPEN_MAX_S) -> None:
         super().__init__(uri, fps, stop)
         self.loop = loop
-        self.is_file = Path(uri).suffix.lower() in VIDEO_SUFFIXES and Path(uri).exists()
-        self.live = self.live or not self.is_file
-        self.target: str | int = int(uri) if uri.isdigit() else uri
-        if not self.is_file and not uri.isdigit() and "://" not in uri:
-            raise SourceError(f"{uri}: not a folder, a video file, a camera index or a stream URL")
+        self.reopen_first_s, self.reopen_max_s = reopen_first_s, reopen_max_s
+        self.reconnects = 0       # outages of a camera or stream that ended with frames again
+        self.failed_opens = 0
+        if uri.isdigit():
+            self.kind, self.label = "camera", f"camera {uri} (/dev/video{uri} on Linux)"
+        elif "://" in uri:
+            self.kind, self.label = "stream", f"stream {redact(uri)}"
+        elif Path(uri).suffix.lower() in VIDEO_SUFFIXES and Path(uri).is_file():
+            self.kind, self.label = "video", f"video file {uri}"
+        else:
+            what = "no such file or folder" if not Path(uri).exists() else "not a folder or a video file " \
+                f"({', '.join(sorted(VIDEO_SUFFIXES))})"
+            raise SourceError(f"{uri}: {what}; a source is a folder, a video file, a camera index (0) or a "
+                              "stream URL (rtsp://, http://)")
+        self.live = self.live or self.kind != "video"
 
     def _open(self) -> cv2.VideoCapture | None:
-        cap = cv2.VideoCapture(self.target)
+        if self.kind == "camera":
+            cap = cv2.VideoCapture(int(self.uri))
+        elif self.kind == "stream":
+            # bounded waits: a hung camera must not hold the capture thread (or shutdown) forever
+            cap = cv2.VideoCapture(self.uri, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+                                                              cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
+        else:
+            cap = cv2.VideoCapture(self.uri)
         if cap.isOpened():
             return cap
         cap.release()
         return None
 
+    def _why(self) -> str:
+        if self.kind == "camera":
+            return "cannot open: is it connected, and not held by another process? (ls /dev/video*)"
+        if self.kind == "stream":
+            return "cannot connect: check the URL, the network and the camera's credentials"
+        return "OpenCV cannot open this video file; check that it plays (ffprobe) and re-encode it to H.264"
+
+    def probe(self) -> None:
+        cap = self._open()
+        if cap is None:
+            raise SourceError(f"{self.label}: {self._why()}")
+        try:
+            ok, _ = cap.read()
+        finally:
+            cap.release()
+        if not ok:
+            raise SourceError(f"{self.label}: opened but delivered no frame")
+
     def frames(self) -> Iterator[Frame]:
-        backoff = 0.5
+        backoff = self.reopen_first_s
+        down_since: float | None = None   # monotonic start of the current outage
         index = 0
         while not self.stop.is_set():
             cap = self._open()
-            if cap is None:
-                if self.is_file:
-                    raise SourceError(f"{self.uri}: OpenCV cannot open this video")
-                log.warning("%s: cannot open, retrying in %.1f s", self.uri, backoff)
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, REOPEN_MAX_S)
+            got = 0
+            if cap is None and self.kind == "video":
+                raise SourceError(f"{self.label}: {self._why()}")
+            if cap is not None:
+                try:
+                    while not self.stop.is_set():
+                        ok, bgr = cap.read()
+                        if not ok or bgr is None:
+                            break
+                        if down_since is not None:
+                            self.reconnects += 1
+                            log.warning("%s: back after %.1f s", self.label, time.monotonic() - down_since)
+                            down_since = None
+                        got += 1
+                        index += 1
+                        backoff = self.reopen_first_s
+                        self.pace()
+                        yield Frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.time(), f"{self.label}#{index}")
+                finally:
+                    cap.release()
+            if self.kind == "video":
+                if not got:
+                    raise SourceError(f"{self.label}: no frame could be decoded; re-encode it to H.264")
+                if not self.loop:
+                    return
                 continue
-            backoff = 0.5
-            try:
-                while not self.stop.is_set():
-                    ok, bgr = cap.read()
-                    if not ok or bgr is None:
-                        break
-                    index += 1
-                    self.pace()
-                    yield Frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.time(), f"{self.uri}#{index}")
-            finally:
-                cap.release()
-            if self.is_file and not self.loop:
+            if self.stop.is_set():
                 return
-            if not self.is_file:
-                log.warning("%s: stream dropped after frame %d; reopening", self.uri, index)
+            if cap is None:
+                self.failed_opens += 1
+            if down_since is None:
+                down_since = time.monotonic()
+                why = self._why() if cap is None else f"dropped after frame {index}"
+                log.error("%s: %s; retrying with backoff up to %.0f s while the other sources run",
+                          self.label, why, self.reopen_max_s)
+            else:
+                log.warning("%s: still unavailable after %.0f s; next attempt in %.1f s",
+                            self.label, time.monotonic() - down_since, backoff)
+            self.stop.wait(backoff * random.uniform(0.8, 1.2))   # jitter: cameras on one switch don't stampede
+            backoff = min(backoff * 2, self.reopen_max_s)
+
+
+def redact(uri: str) -> str:
+    """`uri` without its password, for logs and result names."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_source(uri: str, fps: float, stop: threading.Event, loop: bool = False, watch: bool = False) -> Source:
