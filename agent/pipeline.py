@@ -5,6 +5,11 @@ batches; one scores, renders and spools; the publisher drains the spool. The
 queues are bounded: when inference cannot keep up, capture drops frames (and
 counts them); a result, once inferred, is never dropped. One stop event
 serves every thread; `run` starts them in order and stops them in reverse.
+
+The model in use is one `ActiveModel` (package, runtime, scorer) read once
+per batch: an over-the-air update (agent/updates.py) builds and self-tests
+the new one aside and swaps the reference, so inference never waits on it
+and every frame is scored by the model that inferred it.
 """
 from __future__ import annotations
 
@@ -21,20 +26,39 @@ import numpy as np
 from agent import __version__
 from agent.config import AgentConfig, SourceConfig
 from agent.publisher import Publisher
-from agent.runtimes import open_runtime
+from agent.runtimes import Runtime, open_runtime
 from agent.scoring import Scorer
-from agent.sources import SourceError, open_source
+from agent.updater import Updater, UpdateError
+from agent.updates import UpdateWorker
+from agent.sources import SourceError, open_source, redact
 from agent.spool import Spool, SpoolFull
 from shared import messages, topics
 from shared.ids import new_ulid
 from shared.imaging import Placement, letterbox
 from shared.mqtt import MqttLink, NotConnected
-from shared.package import load_public_key, read_package
+from shared.package import Package, load_public_key, read_package
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
 LATENCY_WINDOW = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveModel:
+    """The model the pipeline runs: swapped whole, never changed in place."""
+
+    package: Package
+    runtime: Runtime
+    scorer: Scorer
+
+    @property
+    def manifest(self) -> dict:
+        return self.package.manifest
+
+    @property
+    def size(self) -> int:
+        return int(self.package.manifest["input_size"])
 
 
 @dataclass(slots=True)
@@ -54,6 +78,7 @@ class Counters:
         self.captured = self.dropped = self.inferred = self.spooled = self.skipped = self.anomalies = 0
         self.latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.infer_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.infer_at: deque[float] = deque(maxlen=LATENCY_WINDOW)   # monotonic end of each batch
         self.window_start = time.monotonic()
         self.window_frames = 0
 
@@ -67,29 +92,88 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         keys = [load_public_key(k) for k in cfg.trusted_keys] or None
-        self.package = read_package(cfg.package, trusted_keys=keys)
-        self.manifest = self.package.manifest
-        missing = [s.cls for s in cfg.sources if s.cls not in self.manifest["classes"]]
-        if missing:
-            raise ValueError(f"source class(es) {missing} are not in model {self.manifest['model_id']} "
-                             f"(it knows {self.manifest['classes']})")
-        self.size = int(self.manifest["input_size"])
-        self.runtime = open_runtime(cfg.runtime, self.package.model, self.manifest, threads=cfg.threads)
-        self.scorer = Scorer(self.manifest, cfg.thresholds, thumbnail_px=cfg.heatmap_size)
+        self.updater = Updater(cfg.update.models_dir, keys or (), device=cfg.device, hub_url=cfg.update.hub_url,
+                               token=cfg.update.hub_token, attempts=cfg.update.attempts, runtime=cfg.runtime)
+        installed = self.updater.current()   # a model the hub sent earlier wins over the configured one
+        package = read_package(installed.path if installed else cfg.package, trusted_keys=keys)
+        self.active = ActiveModel(package, self.build_runtime(package.model, package.manifest),
+                                  self._scorer(package.manifest))
         self.spool = Spool(cfg.spool.path, cfg.spool.max_results, cfg.spool.max_bytes, cfg.spool.max_age_s)
         self.stop = threading.Event()
         self.counters = Counters()
         self.frames: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
         self.inferred: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
         self.status_topic = topics.topic(cfg.site, cfg.device, topics.STATUS)
+        self.updates = UpdateWorker(self.updater, self.build_runtime, self._swap, self._publish_state, self.stop,
+                                    current=lambda: self.active.package)
         self.link = MqttLink(cfg.broker_config(), f"kdfleet-agent-{cfg.site}-{cfg.device}",
                              will=(self.status_topic, messages.encode(self._status(False))),
-                             on_connect=self._birth, on_published=self._on_published)
+                             on_connect=self._birth, on_published=self._on_published,
+                             subscriptions=[(topics.topic(cfg.site, cfg.device, topics.MODEL_DESIRED), 1)],
+                             on_message=self._on_desired)
         self.publisher = Publisher(self.spool, self.link, topics.topic(cfg.site, cfg.device, topics.RESULT),
                                    self.stop)
         self._normal_seen = 0
         self._threads: list[threading.Thread] = []
         self._sources_left = len(cfg.sources)
+
+    # -- the model --------------------------------------------------------------
+
+    @property
+    def package(self) -> Package:
+        return self.active.package
+
+    @property
+    def manifest(self) -> dict:
+        return self.active.manifest
+
+    @property
+    def size(self) -> int:
+        return self.active.size
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.active.scorer
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.active.runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        """Run the active package through another runtime (benchmarks compare runtimes this way)."""
+        self.active = ActiveModel(self.active.package, runtime, self.active.scorer)
+
+    def build_runtime(self, model: bytes, manifest: dict) -> Runtime:
+        """A runtime for a package this station can use; refuses one that lacks a source's class."""
+        missing = [s.cls for s in self.cfg.sources if s.cls not in manifest["classes"]]
+        if missing:
+            raise UpdateError(f"source class(es) {missing} are not in model {manifest['model_id']} "
+                              f"{manifest['version']} (it knows {manifest['classes']})")
+        return open_runtime(self.cfg.runtime, model, manifest, threads=self.cfg.threads)
+
+    def _scorer(self, manifest: dict) -> Scorer:
+        return Scorer(manifest, self.cfg.thresholds, thumbnail_px=self.cfg.heatmap_size)
+
+    def _swap(self, package: Package, runtime: Runtime) -> None:
+        """Make a built, self-tested model the one the pipeline runs (update worker thread)."""
+        old = self.active
+        self.active = ActiveModel(package, runtime, self._scorer(package.manifest))
+        log.info("now running %s %s (was %s)", package.manifest["model_id"], package.version, old.package.version)
+        try:
+            self._birth()
+        except NotConnected:
+            pass   # the next connection's birth message carries it
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        try:
+            self.updates.desired(messages.decode(payload, expect=messages.ModelDesired))
+        except messages.MessageError as exc:
+            log.error("ignored a malformed desired-model message on %s: %s", topic, exc)
+
+    def _publish_state(self, state: messages.ModelState) -> None:
+        topic = topics.topic(self.cfg.site, self.cfg.device, topics.MODEL_STATE)
+        self.link.publish(topic, messages.encode(state), qos=1)
 
     # -- status -----------------------------------------------------------------
 
@@ -101,6 +185,7 @@ class Agent:
 
     def _birth(self) -> None:
         self.link.publish(self.status_topic, messages.encode(self._status(True)), qos=1, retain=True)
+        self.updates.connected()
 
     def _on_published(self, mid: int) -> None:
         self.publisher.on_published(mid)
@@ -123,7 +208,7 @@ class Agent:
                     self.counters.add(dropped=1)  # overload: drop at capture, never later
             self.counters.add(skipped=source.errors)
         except SourceError as exc:
-            log.error("source %s stopped: %s", src_cfg.uri, exc)
+            log.error("source %s stopped: %s", redact(src_cfg.uri), exc)
         except Exception:
             log.exception("source %s failed", src_cfg.uri)
         finally:
@@ -157,9 +242,12 @@ class Agent:
                     self.frames.put(_DONE)
                     break
                 batch.append(nxt)
+            model = self.active   # one model per batch, whatever an update does meanwhile
             t = time.perf_counter()
             try:
-                maps = self.runtime.infer(np.stack([b.boxed for b in batch]))
+                boxed = [b.boxed if b.boxed.shape[0] == model.size else letterbox(b.image, model.size)[0]
+                         for b in batch]
+                maps = model.runtime.infer(np.stack(boxed))
             except Exception:
                 log.exception("inference failed on %d frame(s); skipped", len(batch))
                 self.counters.add(skipped=len(batch))
@@ -167,18 +255,19 @@ class Agent:
             per = (time.perf_counter() - t) * 1000 / len(batch)
             with self.counters.lock:
                 self.counters.infer_ms.extend([per] * len(batch))
+                self.counters.infer_at.append(time.monotonic())
                 self.counters.inferred += len(batch)
             for b, m in zip(batch, maps, strict=True):
-                self.inferred.put((b, m))   # blocking: results are never dropped
+                self.inferred.put((b, m, model))   # blocking: results are never dropped
 
     def _score(self) -> None:
         while True:
             item = self.inferred.get()
             if item is _DONE:
                 return
-            cap, amap = item
+            cap, amap, model = item
             try:
-                payload, anomalous = self._result(cap, amap)
+                payload, anomalous = self._result(cap, amap, model)
             except Exception:
                 log.exception("scoring %s failed; skipped", cap.name)
                 self.counters.add(skipped=1)
@@ -196,9 +285,13 @@ class Agent:
             self.counters.add(spooled=1)
             self.publisher.notify()
 
-    def _result(self, cap: Captured, amap: np.ndarray) -> tuple[bytes | None, bool]:
+    def _result(self, cap: Captured, amap: np.ndarray, model: ActiveModel) -> tuple[bytes | None, bool]:
         cls = cap.source.cls
-        scored = self.scorer.score(amap, cls)
+        if cap.boxed.shape[0] != model.size:   # letterboxed again for a model of another input size
+            _, placement = letterbox(cap.image, model.size)
+        else:
+            placement = cap.placement
+        scored = model.scorer.score(amap, cls)
         latency = (time.monotonic() - cap.t0) * 1000
         with self.counters.lock:
             self.counters.latency_ms.append(latency)
@@ -211,11 +304,11 @@ class Agent:
             if policy.policy == "anomalies" or self._normal_seen % policy.sample_every:
                 return None, False
             with_frame = True  # a sampled normal frame: retraining material
-        images = self.scorer.render(cap.image, scored, cls, cap.placement, crops=scored.anomalous,
+        images = model.scorer.render(cap.image, scored, cls, placement, crops=scored.anomalous,
                                     with_frame=with_frame)
         result = messages.Result(
             id=new_ulid(), ts=cap.ts, site=self.cfg.site, device=self.cfg.device,
-            station=cap.source.station or self.cfg.station, cls=cls, model_version=self.manifest["version"],
+            station=cap.source.station or self.cfg.station, cls=cls, model_version=model.manifest["version"],
             score=scored.score, norm_score=scored.norm_score, threshold=scored.threshold,
             verdict=messages.VERDICT_ANOMALY if scored.anomalous else messages.VERDICT_OK,
             latency_ms=latency, heatmap=images.heatmap, thumbnail=images.thumbnail, crops=images.crops,
@@ -250,6 +343,7 @@ class Agent:
     def start(self) -> None:
         self.link.start()
         self.publisher.start()
+        self.updates.start()
         workers = [("score", self._score), ("infer", self._infer), ("metrics", self._metrics)]
         workers += [(f"capture-{i}", lambda s=s: self._capture(s)) for i, s in enumerate(self.cfg.sources)]
         for name, target in workers:

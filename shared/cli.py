@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("trainer.cli", "export_main", "export a checkpoint to ONNX and pack a model package"),
     "quantize": ("trainer.quantize.cli", "quantize_main", "FP16 / PTQ / QAT variants and their accuracy-speed report"),
     "demo-model": ("trainer.cli", "demo_model_main", "train (or reuse) the small unified model the demo runs"),
-    "agent": ("agent.cli", "main", "the station agent (`agent run`, `agent check`)"),
+    "agent": ("agent.cli", "main", "the station agent (`agent run`, `agent check`, `agent bench`)"),
     "hub": ("hub.cli", "main", "the hub: MQTT ingest, database and dashboard"),
     "fleet": ("shared.fleet", "main", "one site as local processes (`fleet up --agents N`, `fleet status`)"),
     "keys": ("shared.package_cli", "keys_main", "signing keys for model packages (`keys new`)"),
