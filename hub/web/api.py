@@ -1,4 +1,4 @@
-"""JSON API for services and scripts: devices, results, reviews, training data, models.
+"""JSON API for services and scripts: devices, results, reviews, training data, models, rollouts.
 
 Authenticate with ``Authorization: Bearer <token>`` (`kdfleet hub add-token
 NAME --role ROLE`) or a dashboard session. Times are ISO 8601 in UTC; images
@@ -17,7 +17,7 @@ from flask import Blueprint, abort, current_app, jsonify, request, send_file, ur
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
-from hub.services import devices, registry, results, reviews
+from hub.services import devices, registry, results, reviews, rollouts
 from hub.services.common import NotFound, QueryError, check_ulid, parse_limit, parse_time
 from hub.services.packages import PackageStore, StoredPackage, UploadError
 from hub.services.results import ResultFilter
@@ -59,8 +59,11 @@ def _review(v: reviews.ReviewView) -> dict[str, Any]:
     out["result_url"] = url_for("api.result", result_id=v.result_id)
     for name in ("heatmap", "thumbnail", "frame"):
         out[f"{name}_url"] = _image_url(out.pop(f"{name}_sha"))
-    # for training: the best picture of the frame there is
+    # for training: the best picture of the frame there is; /images/ takes sessions only, so token
+    # clients (the trainer) fetch the same bytes under /api/images/
     out["image_url"] = out["frame_url"] or out["thumbnail_url"]
+    best = v.frame_sha or v.thumbnail_sha
+    out["image_api_url"] = url_for("api.image", sha=best) if best else None
     return out
 
 
@@ -204,6 +207,14 @@ def training_data() -> ResponseReturnValue:
     return jsonify(items=body["items"], next=body["next"])
 
 
+@bp.get("/images/<sha>")
+def image(sha: str) -> ResponseReturnValue:
+    """An image of the store, as /images/<sha> serves it, for token clients."""
+    from hub.web.images import get
+
+    return get(sha)
+
+
 @bp.get("/models")
 def model_list() -> ResponseReturnValue:
     found = registry.list_models(get_session(), name=request.args.get("name") or None)
@@ -316,3 +327,56 @@ def model_package(model_id: int) -> ResponseReturnValue:
         response.headers["Content-Range"] = f"bytes */{size}"
     response.headers["X-Package-Sha256"] = model.sha256
     return response
+
+
+def _number(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
+    """body[key] as `kind` (int or float), `default` when absent or null; QueryError otherwise."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise QueryError(f"{key} must be a {'whole number' if kind is int else 'number'}, not {value!r}")
+    return kind(value)
+
+
+def _rollout_request(body: dict[str, Any]) -> tuple[int, rollouts.Policy, dict[str, Any]]:
+    """(model id, policy, start_rollout keywords) from a POST /api/rollouts body."""
+    model_id = body.get("model_id")
+    if isinstance(model_id, bool) or not isinstance(model_id, int):
+        raise QueryError("model_id must be the registry id of the model to ship (GET /api/models lists them)")
+    canary = body.get("canary", 1)
+    if isinstance(canary, bool) or not isinstance(canary, (int, str)):
+        raise QueryError("canary must be a device count (2) or a percentage (\"10%\")")
+    policy = rollouts.Policy(
+        canary,
+        _number(body, "wave_size", 0, int),
+        _number(body, "soak_s", 60.0, float),
+        _number(body, "max_failures", 1, int),
+        _number(body, "max_anomaly_rate", None, float),
+        _number(body, "max_latency_ms", None, float),
+    )
+    site, devices_, note = body.get("site"), body.get("devices"), body.get("note", "")
+    if site is not None and not isinstance(site, str):
+        raise QueryError("site must be a site name")
+    if devices_ is not None and not (isinstance(devices_, list) and all(isinstance(d, str) for d in devices_)):
+        raise QueryError("devices must be a list of device names")
+    if not isinstance(note, str):
+        raise QueryError("note must be a string")
+    return model_id, policy, {"site": site or None, "devices": devices_ or None, "note": note}
+
+
+@bp.post("/rollouts")
+@requires("admin")
+def rollout_create() -> ResponseReturnValue:
+    """Start a rollout of a registry model, as `kdfleet hub rollout start` does; `kdfleet hub serve` drives it."""
+    session = get_session()
+    try:
+        model_id, policy, options = _rollout_request(_json_body())
+        rollout_id = rollouts.start_rollout(session, model_id, policy, user_id=_user_id(), **options)
+    except NotFound as exc:
+        abort(404, str(exc))
+    except QueryError as exc:
+        abort(400, str(exc))
+    session.commit()
+    detail = rollouts.rollout_detail(session, rollout_id)
+    return jsonify(plain(detail) | {"counts": detail.counts()}), 201

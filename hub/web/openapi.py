@@ -191,6 +191,7 @@ SCHEMAS: dict[str, Any] = {
             "thumbnail_url": URL,
             "frame_url": URL,
             "image_url": {**URL, "description": "the full frame when kept, else the thumbnail"},
+            "image_api_url": {**URL, "description": "the same image under /api/images/, for token clients"},
             "result_url": {"type": "string"},
         },
     },
@@ -247,6 +248,58 @@ SCHEMAS: dict[str, Any] = {
             "classes": {"type": "array", "items": {"type": "string"}},
             "precision": {"type": "string", "enum": ["fp32", "fp16", "int8", "mixed"]},
             "notes": {"type": "string"},
+        },
+    },
+    "NewRollout": {
+        "type": "object",
+        "required": ["model_id"],
+        "properties": {
+            "model_id": {"type": "integer", "description": "registry id of the model to ship"},
+            "site": {"type": "string", "description": "one site's devices only (default every site)"},
+            "devices": {"type": "array", "items": {"type": "string"}, "description": "only these devices"},
+            "canary": {
+                "oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[0-9.]+%$"}],
+                "description": "devices that go first: a count or a percentage such as \"10%\" (default 1)",
+            },
+            "wave_size": {"type": "integer", "minimum": 0, "description": "devices per wave; 0: the rest at once"},
+            "soak_s": {"type": "number", "minimum": 0, "description": "healthy seconds before the next wave (60)"},
+            "max_failures": {"type": "integer", "minimum": 1, "description": "failed updates that stop it (1)"},
+            "max_anomaly_rate": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
+            "max_latency_ms": {"type": "number", "minimum": 0, "nullable": True},
+            "note": {"type": "string"},
+        },
+    },
+    "RolloutDetail": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "model_id": {"type": "integer"},
+            "model": {"type": "string"},
+            "version": {"type": "string"},
+            "state": {"type": "string"},
+            "note": {"type": "string"},
+            "policy": {"type": "object", "description": "canary, wave_size, soak_s, max_failures, "
+                       "max_anomaly_rate, max_latency_ms"},
+            "targets": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "device": {"type": "string"},
+                        "site": {"type": "string"},
+                        "wave": {"type": "integer"},
+                        "state": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "previous": {"type": "string"},
+                        "desired_at": NULLABLE_TIME,
+                        "active_at": NULLABLE_TIME,
+                        "updated_at": TIME,
+                    },
+                },
+            },
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "created_at": TIME,
+            "updated_at": TIME,
         },
     },
     "PackageUpload": {
@@ -340,6 +393,22 @@ PATHS: dict[str, Any] = {
             "responses": {"200": _ok(_list("items", "Review"))} | ERRORS,
         }
     },
+    "/api/images/{sha}": {
+        "get": {
+            "summary": "An image (heat map, thumbnail, frame, crop) by its sha256, as /images/{sha} serves it to "
+            "signed-in users; for token clients such as the trainer",
+            "parameters": [_path("sha", "the image's sha256")],
+            "responses": {
+                "200": {
+                    "description": "the image",
+                    "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                                "image/png": {"schema": {"type": "string", "format": "binary"}}},
+                },
+            }
+            | ERRORS
+            | NOT_FOUND,
+        }
+    },
     "/api/models": {
         "get": {
             "summary": "The model registry, newest first",
@@ -398,6 +467,18 @@ PATHS: dict[str, Any] = {
             },
             "responses": {"200": _ok(_ref("Model"))} | ERRORS | FORBIDDEN | NOT_FOUND,
         },
+    },
+    "/api/rollouts": {
+        "post": {
+            "summary": "Start a rollout of a registry model (admin role), canary first, then in waves, as "
+            "`kdfleet hub rollout start` does; `kdfleet hub serve` drives it. Devices already running the model "
+            "are left out; 400 when no device is left or one is in another live rollout",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("NewRollout")}},
+            },
+            "responses": {"201": _ok(_ref("RolloutDetail"), "Created")} | ERRORS | FORBIDDEN | NOT_FOUND,
+        }
     },
 }
 
