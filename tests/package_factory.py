@@ -54,7 +54,7 @@ def plate(rng: np.random.Generator, spot: bool) -> np.ndarray:
 
 def build_package(out: Path, *, version: str = "1.0.0", model_id: str = "darkness",
                   key: Ed25519PrivateKey | None = None, golden_offset: float = 0.0,
-                  metrics: dict | None = None) -> Path:
+                  metrics: dict | None = None, parent: str | None = None) -> Path:
     """Write a tiny package to `out`; `golden_offset` shifts the expected golden scores (a bad self-test)."""
     import onnxruntime as ort
 
@@ -67,7 +67,7 @@ def build_package(out: Path, *, version: str = "1.0.0", model_id: str = "darknes
                     input_size=SIZE, map_size=SIZE // 4, sigma=1.0, mean=[0.0] * 3, std=[1.0] * 3,
                     precision="fp32", quantization=None,
                     calibration={"plate": {"center": 0.14, "scale": 0.1, "threshold": 0.3}},
-                    metrics=metrics if metrics is not None else {"image_auroc": 0.99}, parent=None)
+                    metrics=metrics if metrics is not None else {"image_auroc": 0.99}, parent=parent)
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     golden = []
     for i, spot in enumerate((False, True)):

@@ -311,6 +311,8 @@ class Model(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     url: Mapped[str] = mapped_column(String(URL_LEN))  # where devices download the package
     notes: Mapped[str] = mapped_column(Text, default="")
+    parent_version: Mapped[str] = mapped_column(String(TEXT_LEN), default="")  # lineage: retrained from
+    metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON summary of the manifest's metrics
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -49,6 +51,8 @@ class ModelView:
     created_at: datetime
     devices_running: int  # devices whose latest status names this model and version
     rollouts: list[RolloutView]
+    parent_version: str = ""  # the version it was retrained from
+    metrics: dict[str, Any] = field(default_factory=dict)  # summary_metrics() of its manifest
 
 
 def _running(session: Session, models: list[Model]) -> dict[tuple[str, str], int]:
@@ -104,6 +108,8 @@ def _views(session: Session, models: list[Model]) -> list[ModelView]:
             created_at=m.created_at,
             devices_running=running.get((m.name, m.version), 0),
             rollouts=rollouts[m.id],
+            parent_version=m.parent_version,
+            metrics=json.loads(m.metrics or "{}"),
         )
         for m in models
     ]
@@ -124,6 +130,37 @@ def model_detail(session: Session, model_id: int) -> ModelView:
     return _views(session, [model])[0]
 
 
+def summary_metrics(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What the registry shows of a package's metrics: means, per-class image AUROC, cost, drop vs FP32."""
+    m = manifest.get("metrics") or {}
+    mean = m.get("mean") or {}
+    out: dict[str, Any] = {k: mean[k] for k in ("image_auroc", "pixel_auroc", "aupro") if _number(mean.get(k))}
+    classes = {c: v.get("image_auroc") for c, v in (m.get("classes") or {}).items() if isinstance(v, dict)}
+    if classes and all(_number(v) for v in classes.values()):
+        out["classes"] = classes
+    for key in ("latency_ms", "size_mb"):
+        if _number(m.get(key)):
+            out[key] = m[key]
+    drop = m.get("drop_vs_fp32") or {}
+    if _number(drop.get("image_auroc")):
+        out["drop_vs_fp32"] = {k: v for k, v in drop.items() if _number(v)}
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _metrics(data: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise QueryError("metrics must be an object (image_auroc, pixel_auroc, classes, latency_ms, ...)")
+    text = json.dumps(metrics)
+    if len(text) > 20_000:
+        raise QueryError(f"metrics take {len(text)} characters as JSON, over the 20000 limit")
+    return metrics
+
+
 def _text(data: Mapping[str, Any], key: str, limit: int, required: bool = True) -> str:
     value = data.get(key, "")
     if not isinstance(value, str):
@@ -140,7 +177,7 @@ def register_model(session: Session, data: Mapping[str, Any], *, user_id: int | 
     """Add a model package to the registry from a JSON-like mapping; the caller commits.
 
     Keys: name, version, sha256, size_bytes, url (required); method, classes
-    (a list of class names), precision, notes.
+    (a list of class names), precision, notes, parent_version, metrics (summary_metrics's shape).
     """
     return _views(session, [_create(session, data, user_id)])[0]
 
@@ -160,6 +197,8 @@ def register_package(
         "classes": m["classes"],
         "precision": m["precision"],
         "notes": notes,
+        "parent_version": m.get("parent") or "",
+        "metrics": summary_metrics(m),
     }
     model = _create(session, data, user_id)
     model.url = url(model.id)
@@ -226,6 +265,8 @@ def _create(session: Session, data: Mapping[str, Any], user_id: int | None) -> M
         precision=precision,
         classes=",".join(classes),
         notes=_text(data, "notes", 4000, required=False),
+        parent_version=_text(data, "parent_version", 64, required=False),
+        metrics=json.dumps(_metrics(data)),
         created_by_id=user_id,
     )
     session.add(model)

@@ -13,6 +13,12 @@ from hub.services.charts import WINDOWS
 from hub.services.results import REVIEW_STATES, SORTS
 
 TIME = {"type": "string", "format": "date-time"}
+MODEL_METRICS = {
+    "type": "object",
+    "description": "the package's measured metrics: image_auroc, pixel_auroc, aupro (means), classes "
+                   "(image AUROC per class), latency_ms, size_mb, drop_vs_fp32 (for quantised packages)",
+    "additionalProperties": True,
+}
 NULLABLE_TIME = {**TIME, "nullable": True}
 URL = {"type": "string", "nullable": True, "description": "a path on this hub"}
 
@@ -233,6 +239,8 @@ SCHEMAS: dict[str, Any] = {
             "created_at": TIME,
             "devices_running": {"type": "integer"},
             "rollouts": {"type": "array", "items": _ref("Rollout")},
+            "parent_version": {"type": "string", "description": "the version it was retrained from"},
+            "metrics": MODEL_METRICS,
         },
     },
     "NewModel": {
@@ -248,6 +256,8 @@ SCHEMAS: dict[str, Any] = {
             "classes": {"type": "array", "items": {"type": "string"}},
             "precision": {"type": "string", "enum": ["fp32", "fp16", "int8", "mixed"]},
             "notes": {"type": "string"},
+            "parent_version": {"type": "string"},
+            "metrics": MODEL_METRICS,
         },
     },
     "NewRollout": {

@@ -156,3 +156,22 @@ def test_a_device_updates_from_the_hub_resuming_a_partial_download(
     assert states == ["downloading", "verifying", "building", "testing", "active"]
     assert updater.current().path.read_bytes() == made["good"].read_bytes()
     assert seen[-1] == (body["url"], "bytes=7000-")
+
+
+def test_the_registry_shows_a_package_s_metrics_and_lineage(app: Flask, tmp_path, unique, tokens, sign_in) -> None:
+    metrics = {"mean": {"image_auroc": 0.971, "pixel_auroc": 0.952, "aupro": 0.8},
+               "classes": {"plate": {"image_auroc": 0.971}}, "latency_ms": 3.2, "size_mb": 0.1,
+               "drop_vs_fp32": {"image_auroc": 0.004, "pixel_auroc": 0.001, "aupro": 0.0}}
+    path = build_package(tmp_path / "int8.kdpkg", model_id=f"lineage-{unique}", version="1.1.0", metrics=metrics,
+                         parent="1.0.0")
+    body = upload(app.test_client(), path, tokens["admin"]).get_json()
+    assert body["parent_version"] == "1.0.0"
+    assert body["metrics"] == {"image_auroc": 0.971, "pixel_auroc": 0.952, "aupro": 0.8,
+                               "classes": {"plate": 0.971}, "latency_ms": 3.2, "size_mb": 0.1,
+                               "drop_vs_fp32": {"image_auroc": 0.004, "pixel_auroc": 0.001, "aupro": 0.0}}
+    viewer, _ = sign_in("viewer")
+    page = viewer.get("/models/").get_data(as_text=True)
+    row = page[page.index(f"lineage-{unique}"):]
+    row = row[:row.index("</tr>")]
+    assert "0.971 / 0.952" in row and "-0.004" in row and "3.2 ms" in row and "1.0.0" in row
+    assert 'title="plate 0.971"' in row

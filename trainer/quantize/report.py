@@ -204,8 +204,9 @@ def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = 
 
     tradeoff = mixed_tradeoff(cfg, cache, fp32, spec, folder, tcfg, variants, say) if "sensitivity" in cache else []
     if cfg.packages:
+        reference = next(v for v in variants if v.recipe == Recipe("fp32"))
         for v in variants:
-            v.detail["package"] = str(package_variant(v, tcfg, cfg, folder))
+            v.detail["package"] = str(package_variant(v, tcfg, cfg, folder, reference))
     report = assemble(tcfg, cfg, variants, lat["torch-eager"], graph, load_before, tradeoff)
     write_report(report, out)
     return report
@@ -240,8 +241,9 @@ def mixed_tradeoff(cfg: ReportConfig, cache: dict[str, Any], fp32: Path, spec: D
     return rows
 
 
-def package_variant(v: Variant, tcfg, cfg: ReportConfig, folder: Path) -> Path:
-    """A model package for the variant: its own calibration, metrics and golden scores."""
+def package_variant(v: Variant, tcfg, cfg: ReportConfig, folder: Path, reference: Variant) -> Path:
+    """A model package for the variant: its own calibration, metrics (with the drop against the FP32
+    `reference` measured in the same run) and golden scores."""
     from shared.package import write_package
     from trainer.evaluate import DEFAULT_SIGMA, onnx_runner
     from trainer.export import build_manifest, golden_images
@@ -253,6 +255,7 @@ def package_variant(v: Variant, tcfg, cfg: ReportConfig, folder: Path) -> Path:
                               None, ckpt)
     manifest["precision"] = v.recipe.precision
     manifest["quantization"] = json_safe({k: val for k, val in v.detail.items() if k != "package"})
+    manifest["metrics"]["drop_vs_fp32"] = json_safe({k: reference.metrics[k] - v.metrics[k] for k in v.metrics})
     golden = golden_images(onnx_runner(v.path), cfg.data or tcfg.data, list(tcfg.classes), sigma)
     return write_package(folder / f"{v.recipe.name.replace(':', '_')}.kdpkg", manifest, v.path, golden)
 
