@@ -6,7 +6,7 @@ the hub's ingest rate and lag are then.
 
 Runs `kdfleet fleet up` for real (private Mosquitto with provisioned device credentials, the
 hub on SQLite, N agent processes replaying a folder) with the agent tests' hand-made ONNX model
-(no training: tests/agent/conftest.py), or --package/--data/--cls. Time to all online is
+(no training: tests/package_factory.py), or --package/--data/--cls. Time to all online is
 counted by `fleet up` from its start (provisioning included) to the moment the hub's API shows
 every device online with a result stored in the last minute. Then /metrics is scraped every
 2 s for --measure seconds (60: the last scrape's window holds only steady state): ingest rate
@@ -38,15 +38,9 @@ def tiny_model(folder: Path) -> tuple[Path, Path]:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from tests.agent.conftest import plate, tiny_package
+    from tests.package_factory import build_package, plate
 
-    class Factory:  # the one method of pytest's TempPathFactory the fixture uses
-        def mktemp(self, name: str) -> Path:
-            path = folder / name
-            path.mkdir(parents=True, exist_ok=True)
-            return path
-
-    package = tiny_package.__wrapped__(Factory())
+    package = build_package(folder / "pkg" / "darkness.kdpkg", metrics={})
     plates = folder / "plates"
     plates.mkdir(exist_ok=True)
     rng = np.random.default_rng(3)

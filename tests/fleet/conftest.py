@@ -14,16 +14,16 @@ from tests.hub.conftest import cheap_password_hashes, data_dir, hub_db, migrated
 
 @pytest.fixture(scope="session")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The agent tests' hand-built "darkness" ONNX package (no training)."""
-    from tests.agent.conftest import tiny_package as build
+    """The hand-built "darkness" ONNX package the agent tests use (no training)."""
+    from tests.package_factory import build_package
 
-    return build.__wrapped__(tmp_path_factory)
+    return build_package(tmp_path_factory.mktemp("pkg") / "darkness.kdpkg", metrics={})
 
 
 @pytest.fixture(scope="session")
 def plate_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Twelve plates the darkness model scores, every third with a dark spot (class "plate")."""
-    from tests.agent.conftest import plate
+    from tests.package_factory import plate
 
     folder = tmp_path_factory.mktemp("plates")
     rng = np.random.default_rng(3)

@@ -25,6 +25,7 @@ from hub.db.session import Database, upgrade
 from hub.services import users
 from hub.store import ImageStore
 from hub.web import create_app
+from tests.waiting import wait_for as _wait_for
 from shared import messages, topics
 from shared.ids import new_ulid
 from shared.imaging import encode_jpeg, encode_png
@@ -93,18 +94,6 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def store(data_dir: Path) -> ImageStore:
     return ImageStore(data_dir / "images")
-
-
-def _wait_for(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Poll until `predicate()` is true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def jpeg(seed: int, h: int = 48, w: int = 64) -> bytes:

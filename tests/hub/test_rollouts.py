@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -18,6 +18,7 @@ from hub.services.rollouts import Policy, TargetStatus, decide
 from shared import messages, topics
 from shared.config import BrokerConfig
 from shared.mqtt import MqttLink, NotConnected
+from tests.waiting import wait_for as wait
 
 # -- the policy ----------------------------------------------------------------------------
 
@@ -130,15 +131,6 @@ def controller(hub_db: Database, broker: tuple[str, int], unique: str) -> Iterat
 def model_id(db: Database, unique: str, version: str) -> int:
     with db.transaction() as s:
         return s.scalar(select(Model.id).where(Model.name == f"m-{unique}", Model.version == version))
-
-
-def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def detail(db: Database, rollout_id: str) -> rollouts.RolloutDetail:
