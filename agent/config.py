@@ -73,7 +73,7 @@ class PublishConfig:
 class UpdateConfig:
     """Over-the-air model updates from the hub (agent/updater.py)."""
 
-    models_dir: str = "var/agent/models"   # installed packages and their current / last_good pointers
+    models_dir: str = ""                   # installed packages and pointers; "": beside the spool, <spool>-models
     hub_url: str = ""                      # base for relative package URLs in the hub's desired-model message
     hub_token: str | None = None           # hub API token, sent as a bearer token with downloads
     attempts: int = 3                      # a broken download resumes this many times before giving up
@@ -126,6 +126,13 @@ class AgentConfig:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)}: must be {need}")
         self.broker_config()  # the URL must parse
+
+    def models_dir(self) -> Path:
+        """Where over-the-air packages are installed: update.models_dir, else beside the spool (one per agent)."""
+        if self.update.models_dir:
+            return Path(self.update.models_dir)
+        spool = Path(self.spool.path)
+        return spool.with_name(f"{spool.stem}-models")
 
     def broker_config(self) -> BrokerConfig:
         b = BrokerConfig.from_url(self.broker)

@@ -92,12 +92,15 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         keys = [load_public_key(k) for k in cfg.trusted_keys] or None
-        self.updater = Updater(cfg.update.models_dir, keys or (), device=cfg.device, hub_url=cfg.update.hub_url,
+        self.updater = Updater(cfg.models_dir(), keys or (), device=cfg.device, hub_url=cfg.update.hub_url,
                                token=cfg.update.hub_token, attempts=cfg.update.attempts, runtime=cfg.runtime)
         installed = self.updater.current()   # a model the hub sent earlier wins over the configured one
         package = read_package(installed.path if installed else cfg.package, trusted_keys=keys)
-        self.active = ActiveModel(package, self.build_runtime(package.model, package.manifest),
-                                  self._scorer(package.manifest))
+        try:
+            runtime = self.build_runtime(package.model, package.manifest)
+        except UpdateError as exc:   # at start-up this is a configuration error
+            raise ValueError(str(exc)) from None
+        self.active = ActiveModel(package, runtime, self._scorer(package.manifest))
         self.spool = Spool(cfg.spool.path, cfg.spool.max_results, cfg.spool.max_bytes, cfg.spool.max_age_s)
         self.stop = threading.Event()
         self.counters = Counters()

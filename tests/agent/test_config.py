@@ -149,3 +149,12 @@ def test_run_command_exits_2_with_the_error(tmp_path, capsys):
     path = write(tmp_path, GOOD.replace("fps = 10", "fps = -1"))
     assert agent_main(["run", "--config", str(path)]) == 2
     assert "fps = -1.0: must be >= 0" in capsys.readouterr().err
+
+
+def test_each_agent_installs_updates_beside_its_own_spool_unless_told() -> None:
+    base = {"device": "cam-1", "site": "plant1", "package": "m.kdpkg", "sources": [{"uri": "/images", "cls": "screw"}]}
+    one = load(None, {**base, "spool": {"path": "/var/lib/kdfleet/cam-1.db"}})
+    two = load(None, {**base, "spool": {"path": "/var/lib/kdfleet/cam-2.db"}})
+    assert one.models_dir() == Path("/var/lib/kdfleet/cam-1-models") != two.models_dir()
+    told = load(None, {**base, "update": {"models_dir": "/models"}})
+    assert told.models_dir() == Path("/models")

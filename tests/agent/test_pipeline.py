@@ -8,6 +8,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from agent.config import load
 from agent.pipeline import Agent
@@ -104,3 +105,12 @@ def test_live_source_drops_frames_at_capture_never_results(tmp_path, tiny_packag
     assert sub.wait(c.captured - c.dropped, 15)
     assert len(sub.results) == c.captured - c.dropped == c.spooled
     sub.link.stop()
+
+
+def test_a_source_class_the_model_does_not_know_is_refused_at_start(tmp_path, tiny_package, plates, unique):
+    folder, _ = plates(1)
+    cfg = load(None, {"device": "cam-1", "site": f"agent-{unique}", "package": str(tiny_package),
+                      "runtime": "onnxruntime", "update": {"models_dir": str(tmp_path / "models")},
+                      "sources": [{"uri": str(folder), "cls": "bottle"}]})
+    with pytest.raises(ValueError, match=r"source class\(es\) \['bottle'\] are not in model darkness"):
+        Agent(cfg)
