@@ -3,7 +3,9 @@
 Speaks MQTT 5 when the broker does and falls back to 3.1.1 when it refuses;
 reconnects with backoff and jitter; resubscribes and calls `on_connect` (the
 place to publish a retained birth message) on every connect; reports broker
-acknowledgements of QoS 1 publishes; one failing message handler never stops
+acknowledgements of QoS 1 publishes (an MQTT 5 "no matching subscribers"
+acknowledgement is not reported: nobody would ever read that message, so the
+sender keeps it and sends it again); one failing message handler never stops
 the loop. Bad credentials stop the retries: they will not heal by waiting.
 
 With ``manual_ack=True`` a QoS 1 message is acknowledged only when the
@@ -20,6 +22,7 @@ import logging
 import random
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as paho
@@ -37,6 +40,8 @@ _REFUSED_PROTOCOL = {1, 132}          # 3.1.1 "unacceptable protocol version", M
 _REFUSED_AUTH = {4, 5, 134, 135}      # bad user/password, not authorised
 _LOG_PAYLOAD = 64
 SESSION_EXPIRY_S = 24 * 3600  # how long the broker keeps a persistent session's queued messages
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason: accepted, but no subscription matched
+UNROUTED_WARN_EVERY_S = 60.0
 
 Subscriptions = Sequence[tuple[str, int]] | Callable[[str], Sequence[tuple[str, int]]]
 # manual acknowledgement: call once the message is safe; False when the connection it came on is gone
@@ -88,6 +93,7 @@ class MqttLink:
         self.subscribed = threading.Event()  # every subscription of this connection confirmed
         self._pending_subs: set[int] = set()
         self.fatal: str | None = None  # set when retrying cannot help (bad credentials)
+        self._unrouted_warned = -UNROUTED_WARN_EVERY_S
         self._client: paho.Client | None = None
         self._lock = threading.Lock()
         self._stopping = False
@@ -280,6 +286,15 @@ class MqttLink:
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if getattr(reason_code, "is_failure", False):
             log.error("broker rejected message %s: %s", mid, reason_code)
+            return
+        if getattr(reason_code, "value", 0) == NO_MATCHING_SUBSCRIBERS:
+            # accepted, but nobody (not even an offline persistent session) will ever read it:
+            # not delivered, so the sender keeps it and tries again later
+            now = time.monotonic()
+            if now - self._unrouted_warned > UNROUTED_WARN_EVERY_S:
+                self._unrouted_warned = now
+                log.warning("broker %s has no subscriber for what we publish (is the hub running?); "
+                            "results are kept and sent again", self.broker.url)
             return
         if self.on_published:
             try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -86,4 +87,48 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(tmp_path, tiny_package, pl
         proc.kill()
     # every result stranded in the spool by the kill arrived after the restart
     assert sub.wait_until(lambda ids: stranded <= ids, 30), f"{len(stranded - set(sub.results))} stranded never arrived"
+    sub.link.stop()
+
+
+def test_results_nobody_subscribes_to_are_kept_until_someone_does(tmp_path, tiny_package, plates, private_broker,
+                                                                   unique):
+    folder, truth = plates(5)
+    broker = private_broker()   # a new site's broker: the hub has never subscribed
+    site = f"unrouted-{unique}"
+    agent = Agent(agent_config(tmp_path, tiny_package, (broker.host, broker.port), site, folder))
+    agent.publisher.resend_after_s = 1.0
+    runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
+    runner.start()
+    deadline = time.monotonic() + 20
+    while agent.publisher.published < 2 * len(truth) and time.monotonic() < deadline:
+        time.sleep(0.05)   # sent, acknowledged as "no matching subscribers", sent again
+    assert agent.publisher.published >= 2 * len(truth) and agent.spool.depth() == len(truth)
+    sub = Collector((broker.host, broker.port), site, "cam-1", f"sub-{unique}")
+    runner.join(30)
+    assert not runner.is_alive()
+    assert sub.wait(len(truth), 10), f"{len(sub.results)} of {len(truth)} arrived"
+    sub.link.stop()
+
+
+def test_sigterm_delivers_what_was_made_before_going_offline(tmp_path, tiny_package, plates, broker, unique):
+    folder, _ = plates(20)
+    site = f"term-{unique}"
+    sub = Collector(broker, site, "cam-1", f"sub-{unique}")
+    spool_path = tmp_path / "spool.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--folder", str(folder), "--loop", "--fps", "50",
+         "--package", str(tiny_package), "--broker", f"mqtt://{broker[0]}:{broker[1]}", "--site", site,
+         "--device", "cam-1", "--cls", "plate", "--spool", str(spool_path), "--runtime", "onnxruntime"],
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert sub.wait(30, 30), "the agent did not start publishing"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    with sqlite3.connect(spool_path) as db:
+        made = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0]
+        left = db.execute("SELECT count(*) FROM spool").fetchone()[0]
+    assert left == 0, f"{left} results left undelivered in the spool"
+    assert sub.wait(made, 10), f"{len(sub.results)} of {made} results arrived"
     sub.link.stop()
