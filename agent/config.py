@@ -98,6 +98,7 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    keepalive_s: int = 30               # the broker declares the agent offline after 1.5x this without a word
     runtime: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     threads: int = 0                    # inference threads; 0: one per core
     batch_size: int = 1                 # frames per inference call
@@ -122,7 +123,8 @@ class AgentConfig:
                               ("queue_size", self.queue_size >= 1, ">= 1"),
                               ("threads", self.threads >= 0, ">= 0 (0: one per core)"),
                               ("metrics_interval_s", self.metrics_interval_s > 0, "> 0"),
-                              ("heatmap_size", self.heatmap_size >= 16, ">= 16")):
+                              ("heatmap_size", self.heatmap_size >= 16, ">= 16"),
+                              ("keepalive_s", 5 <= self.keepalive_s <= 65535, "5 to 65535 seconds")):
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)}: must be {need}")
         self.broker_config()  # the URL must parse
@@ -138,7 +140,7 @@ class AgentConfig:
         b = BrokerConfig.from_url(self.broker)
         return dataclasses.replace(
             b, username=self.username or b.username, password=self.password or b.password,
-            ca_file=self.ca_file, tls=b.tls or self.ca_file is not None)
+            ca_file=self.ca_file, tls=b.tls or self.ca_file is not None, keepalive=self.keepalive_s)
 
 
 def load(path: str | Path | None, overrides: dict[str, Any] | None = None,

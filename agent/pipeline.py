@@ -114,8 +114,10 @@ class Agent:
                              on_connect=self._birth, on_published=self._on_published,
                              subscriptions=[(topics.topic(cfg.site, cfg.device, topics.MODEL_DESIRED), 1)],
                              on_message=self._on_desired)
+        # delivery stops after everything else, so a stop (SIGTERM, Ctrl-C) still delivers what was made
+        self._delivery_stop = threading.Event()
         self.publisher = Publisher(self.spool, self.link, topics.topic(cfg.site, cfg.device, topics.RESULT),
-                                   self.stop)
+                                   self._delivery_stop)
         self._normal_seen = 0
         self._threads: list[threading.Thread] = []
         self._sources_left = len(cfg.sources)
@@ -362,11 +364,15 @@ class Agent:
         return self.sources_done() and self.spool.depth() == 0
 
     def shutdown(self, drain_s: float = 10.0) -> None:
-        """Stop capturing, let queued frames finish, try briefly to deliver, then go offline."""
+        """Stop capturing, let queued frames finish, try for `drain_s` to deliver, then go offline.
+
+        What is not delivered by then stays in the spool for the next start.
+        """
+        self.stop.set()
         deadline = time.monotonic() + drain_s
         while time.monotonic() < deadline and not self.drained() and self.link.connected.is_set():
             time.sleep(0.05)
-        self.stop.set()
+        self._delivery_stop.set()
         self.publisher.join(2)
         self.link.stop(final=(self.status_topic, messages.encode(self._status(False)), True))
         self.spool.close()

@@ -32,6 +32,7 @@ import os
 import resource
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from shared import topics
 
 TARGET_FPS = 150.0
 TARGET_RSS_MB = 400.0
@@ -186,6 +189,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="kdfleet-bench-agent-"))
+    consumer: subprocess.Popen | None = None
     try:
         cfg = load(None, {
             "package": spec.package, "broker": spec.broker, "site": "bench", "device": f"bench-{spec.label}",
@@ -201,6 +205,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
         # first calls allocate and plan: not what a station does all day
         _in_thread(lambda: [agent.runtime.infer(blank) for _ in range(3)])
         n = len(_images(spec.folder))
+        consumer = _consumer(spec.broker, topics.topic("bench", f"bench-{spec.label}", topics.RESULT))
         cpu0, t0 = _cpu_s(), time.perf_counter()
         agent.start()
         if not agent.link.wait_connected(10):
@@ -229,7 +234,37 @@ def measure(spec: RunSpec) -> dict[str, Any]:
         out["stages"] = _in_thread(lambda: stage_times(agent, spec, tmp))
         return out
     finally:
+        if consumer is not None:
+            consumer.terminate()
+            consumer.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+CONSUMER = """
+import sys, threading
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+c.on_subscribe = lambda *a: print("subscribed", flush=True)
+c.connect(host, port)
+c.loop_forever()
+"""
+
+
+def _consumer(broker: str, topic: str) -> subprocess.Popen:
+    """The results' reader, in its own process as the hub would be: a broker acknowledges a result
+    that no subscription matches with "no matching subscribers", and the agent keeps such results."""
+    from shared.config import BrokerConfig
+
+    b = BrokerConfig.from_url(broker)
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, b.host, str(b.port), topic],
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout is None or proc.stdout.readline().strip() != "subscribed":
+        proc.kill()
+        raise RuntimeError(f"could not subscribe to {topic} on {broker}")
+    return proc
 
 
 def stage_times(agent: Any, spec: RunSpec, tmp: Path) -> dict[str, dict[str, float]]:

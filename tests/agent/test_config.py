@@ -158,3 +158,10 @@ def test_each_agent_installs_updates_beside_its_own_spool_unless_told() -> None:
     assert one.models_dir() == Path("/var/lib/kdfleet/cam-1-models") != two.models_dir()
     told = load(None, {**base, "update": {"models_dir": "/models"}})
     assert told.models_dir() == Path("/models")
+
+
+def test_keepalive_reaches_the_broker_connection() -> None:
+    base = {"device": "cam-1", "site": "plant1", "package": "m.kdpkg", "sources": [{"uri": "/images", "cls": "screw"}]}
+    assert load(None, {**base, "keepalive_s": 10}).broker_config().keepalive == 10
+    with pytest.raises(ConfigError, match="keepalive_s = 2: must be 5 to 65535 seconds"):
+        load(None, {**base, "keepalive_s": 2})
