@@ -15,6 +15,7 @@ import pytest
 from agent.config import load
 from agent.pipeline import Agent
 from agent.sources import WRITE_GRACE_S, CaptureSource, Frame, SourceError, open_source, redact
+from tests.agent.test_pipeline import Collector
 
 MISSING_CAMERA = "57"   # no /dev/video57 on any machine these tests run on
 
@@ -264,12 +265,15 @@ def test_missing_camera_is_a_clear_error_and_the_other_sources_keep_running(tmp_
                                           "cannot open: is it connected"):
         open_source(MISSING_CAMERA, 0, threading.Event()).probe()
     agent = Agent(cfg)
+    hub = Collector(broker, f"s{unique}", "cam-test", f"sub-{unique}")   # what reads the results
     with caplog.at_level(logging.ERROR, logger="agent.sources"):
         agent.start()
         try:
             assert until(lambda: agent.counters.spooled == len(truth), 20)
             assert until(lambda: agent.spool.depth() == 0, 20)   # delivered too
+            assert hub.wait(len(truth), 10)
             assert not agent.sources_done()   # the camera keeps being retried
         finally:
             agent.shutdown(drain_s=0)
+            hub.link.stop()
     assert f"camera {MISSING_CAMERA}" in caplog.text and "retrying with backoff" in caplog.text
