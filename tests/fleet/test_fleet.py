@@ -102,10 +102,12 @@ def test_alive_tells_a_reused_pid_apart() -> None:
     me = ProcessRecord("me", os.getpid(), start_ticks(os.getpid()) or -1, "")
     assert alive(me)
     assert not alive(ProcessRecord("me", os.getpid(), me.start_ticks + 1, ""))
-    done = subprocess.Popen(["true"])
+    done = subprocess.Popen(["sleep", "30"])   # alive until killed: its start time is readable
     ticks = start_ticks(done.pid)
+    assert ticks is not None and alive(ProcessRecord("sleep", done.pid, ticks, ""))
+    done.kill()
     done.wait()
-    assert ticks is not None and not alive(ProcessRecord("true", done.pid, ticks, ""))
+    assert not alive(ProcessRecord("sleep", done.pid, ticks, ""))
 
 
 def test_status_and_down_without_a_fleet(tmp_path: Path) -> None:
