@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -79,6 +80,7 @@ class Counters:
         self.latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.infer_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.infer_at: deque[float] = deque(maxlen=LATENCY_WINDOW)   # monotonic end of each batch
+        self.score_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.window_start = time.monotonic()
         self.window_frames = 0
 
@@ -271,12 +273,15 @@ class Agent:
             if item is _DONE:
                 return
             cap, amap, model = item
+            t = time.perf_counter()
             try:
                 payload, anomalous = self._result(cap, amap, model)
             except Exception:
                 log.exception("scoring %s failed; skipped", cap.name)
                 self.counters.add(skipped=1)
                 continue
+            with self.counters.lock:
+                self.counters.score_ms.append((time.perf_counter() - t) * 1000)
             if payload is None:
                 continue
             while True:
@@ -335,13 +340,16 @@ class Agent:
             fps = c.window_frames / max(now - c.window_start, 1e-6)
             c.window_start, c.window_frames = now, 0
             lat = np.array(c.latency_ms) if c.latency_ms else np.zeros(1)
+            infer = latency_percentiles(c.infer_ms)
+            score = latency_percentiles(c.score_ms)
             dropped = c.dropped
         return messages.Metrics(
             device=self.cfg.device, ts=time.time(), fps=fps,
             latency_p50_ms=float(np.percentile(lat, 50)), latency_p95_ms=float(np.percentile(lat, 95)),
             frames_dropped=dropped, spool_depth=self.spool.depth(),
             results_dropped=sum(self.spool.dropped().values()), cpu_percent=_cpu_percent(),
-            temperature_c=_temperature())
+            temperature_c=_temperature(), infer_p50_ms=infer[0], infer_p95_ms=infer[1],
+            score_p50_ms=score[0], score_p95_ms=score[1], gpu_percent=_gpu_percent())
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -393,6 +401,35 @@ class Agent:
             self.shutdown()
 
 
+def latency_percentiles(values: deque[float]) -> tuple[float, float]:
+    """p50 and p95 of a latency window; -1 for an empty one."""
+    if not values:
+        return -1.0, -1.0
+    a = np.array(values)
+    return float(np.percentile(a, 50)), float(np.percentile(a, 95))
+
+
+# Jetson boards report GPU load in tenths of a percent here
+JETSON_GPU_LOAD = ("/sys/devices/gpu.0/load", "/sys/devices/platform/gpu.0/load",
+                   "/sys/devices/platform/bus@0/17000000.gpu/load")
+
+
+def _gpu_percent() -> float:
+    """GPU load in percent where readable: Jetson sysfs, else NVML (nvidia-ml-py) if installed; -1 otherwise."""
+    for path in JETSON_GPU_LOAD:
+        try:
+            return int(Path(path).read_text().strip()) / 10.0
+        except (OSError, ValueError):
+            continue
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return float(pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(0)).gpu)
+    except Exception:   # no NVML library, no GPU, no driver: unknown
+        return -1.0
+
+
 def _cpu_percent() -> float:
     try:
         import psutil
@@ -404,8 +441,6 @@ def _cpu_percent() -> float:
 
 def _temperature() -> float:
     """The hottest thermal zone (Jetsons and most PCs expose them), -1 when none is readable."""
-    from pathlib import Path
-
     temps = []
     for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
         try:

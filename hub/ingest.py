@@ -362,6 +362,9 @@ class BatchWriter:
                     spool_depth=msg.spool_depth,
                     cpu_percent=msg.cpu_percent if msg.cpu_percent >= 0 else None,
                     temperature_c=None if msg.temperature_c == -1.0 else msg.temperature_c,
+                    infer_p95_ms=msg.infer_p95_ms if msg.infer_p95_ms >= 0 else None,
+                    score_p95_ms=msg.score_p95_ms if msg.score_p95_ms >= 0 else None,
+                    gpu_percent=msg.gpu_percent if msg.gpu_percent >= 0 else None,
                     last_seen=env.received_at,
                 )
             else:

@@ -101,6 +101,13 @@ class Metrics:
     results_dropped: int = 0
     cpu_percent: float = -1.0
     temperature_c: float = -1.0
+    # per stage, over the same window: inference (per frame of a batch) and scoring with crops and
+    # heat map; capture-to-scored latency above is the whole pipeline, queues included. -1: unknown
+    infer_p50_ms: float = -1.0
+    infer_p95_ms: float = -1.0
+    score_p50_ms: float = -1.0
+    score_p95_ms: float = -1.0
+    gpu_percent: float = -1.0   # where readable (Jetson sysfs, NVML); -1 otherwise
 
 
 @dataclass(frozen=True, slots=True)

@@ -172,6 +172,9 @@ class Device(Base):
     spool_depth: Mapped[int | None] = mapped_column(Integer)
     cpu_percent: Mapped[float | None] = mapped_column(Double)
     temperature_c: Mapped[float | None] = mapped_column(Double)
+    infer_p95_ms: Mapped[float | None] = mapped_column(Double)  # per stage: inference, per frame
+    score_p95_ms: Mapped[float | None] = mapped_column(Double)  # per stage: scoring, crops, heat map
+    gpu_percent: Mapped[float | None] = mapped_column(Double)
     # MQTT credentials (`kdfleet hub add-device`); the hash is in Mosquitto's own format
     mqtt_username: Mapped[str | None] = mapped_column(String(TEXT_LEN), unique=True)
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(TEXT_LEN))

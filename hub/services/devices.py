@@ -35,6 +35,9 @@ class DeviceView:
     results_dropped: int | None
     cpu_percent: float | None
     temperature_c: float | None
+    infer_p95_ms: float | None
+    score_p95_ms: float | None
+    gpu_percent: float | None
     metrics_at: datetime | None
     status_at: datetime | None
     provisioned: bool  # has MQTT credentials from `kdfleet hub add-device`
@@ -107,6 +110,9 @@ def _view(site: str, station: str | None, d: Device, now: datetime, silent: time
         results_dropped=d.results_dropped,
         cpu_percent=d.cpu_percent,
         temperature_c=d.temperature_c,
+        infer_p95_ms=d.infer_p95_ms,
+        score_p95_ms=d.score_p95_ms,
+        gpu_percent=d.gpu_percent,
         metrics_at=d.metrics_at,
         status_at=d.status_at,
         provisioned=d.mqtt_password_hash is not None,

@@ -140,6 +140,11 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
                                   "dropped, as last reported."),
         "cpu": Family("kdfleet_device_cpu_percent", "gauge", "CPU use the device reported, percent."),
         "temp": Family("kdfleet_device_temperature_celsius", "gauge", "Temperature the device reported."),
+        "gpu": Family("kdfleet_device_gpu_percent", "gauge", "GPU use the device reported, percent."),
+        "infer95": Family("kdfleet_device_inference_p95_seconds", "gauge", "95th percentile inference time "
+                          "per frame reported."),
+        "score95": Family("kdfleet_device_scoring_p95_seconds", "gauge", "95th percentile scoring time "
+                          "(score, crops, heat map) per frame reported."),
     }
     counts = dict.fromkeys(STATES, 0)
     spool_total = 0
@@ -166,6 +171,9 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
         f["results_dropped"].add(v.results_dropped, **labels)
         f["cpu"].add(v.cpu_percent, **labels)
         f["temp"].add(v.temperature_c, **labels)
+        f["gpu"].add(v.gpu_percent, **labels)
+        f["infer95"].add(None if v.infer_p95_ms is None else v.infer_p95_ms / 1000, **labels)
+        f["score95"].add(None if v.score_p95_ms is None else v.score_p95_ms / 1000, **labels)
         if v.state != "offline" and v.spool_depth is not None:
             spool_total += v.spool_depth
     for state in STATES:

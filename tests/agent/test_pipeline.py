@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import cv2
@@ -11,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.config import load
-from agent.pipeline import Agent
+from agent.pipeline import Agent, latency_percentiles
 from shared import messages, topics
 from shared.config import BrokerConfig
 from shared.imaging import letterbox, read_image
@@ -84,6 +85,12 @@ def test_one_result_per_image_with_the_runtime_s_scores(tmp_path, tiny_package, 
             assert crop is not None and c.x + c.w <= 64 and c.y + c.h <= 48
         assert cv2.imdecode(np.frombuffer(r.heatmap, np.uint8), cv2.IMREAD_COLOR) is not None
     assert agent.counters.skipped == 1
+    c = agent.counters   # per stage: what the metrics message reports as p50 / p95
+    assert len(c.score_ms) == len(truth) and len(c.infer_ms) == len(truth)
+    infer, score = latency_percentiles(c.infer_ms), latency_percentiles(c.score_ms)
+    assert 0 < infer[0] <= infer[1] and 0 < score[0] <= score[1]
+    assert np.median(c.latency_ms) >= infer[0] + score[0]   # the whole pipeline takes longer than its stages
+    assert latency_percentiles(deque()) == (-1.0, -1.0)
 
 
 def test_live_source_drops_frames_at_capture_never_results(tmp_path, tiny_package, plates, broker, unique):
