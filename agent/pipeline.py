@@ -301,7 +301,7 @@ class Agent:
             _, placement = letterbox(cap.image, model.size)
         else:
             placement = cap.placement
-        scored = model.scorer.score(amap, cls)
+        scored = model.scorer.score(amap, cls, placement)   # the frame, not the letterbox border
         latency = (time.monotonic() - cap.t0) * 1000
         with self.counters.lock:
             self.counters.latency_ms.append(latency)

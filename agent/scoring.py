@@ -16,7 +16,7 @@ import numpy as np
 
 from shared.imaging import Placement, encode_jpeg, encode_png, unletterbox
 from shared.messages import MAX_IMAGE, Crop
-from shared.scoring import ClassCalibration, find_regions, scale_box, smooth
+from shared.scoring import ClassCalibration, find_regions, frame_max, scale_box, smooth
 
 CROP_BYTES = 96 * 1024      # 8 crops + a frame stay well inside the 2 MiB payload limit
 THUMB_BYTES = 48 * 1024
@@ -27,7 +27,7 @@ HEAT_SPAN = 2.0             # colour scale of overlays: normalised 0 (typical no
 class Scored:
     """One map's verdict."""
 
-    score: float            # raw image score: max of the smoothed map
+    score: float            # raw image score: max of the smoothed map over the frame (shared.scoring.frame_max)
     norm_score: float       # normalised with the class calibration (threshold ~ 1 by default)
     threshold: float        # raw threshold applied (the config's override or the calibration's)
     anomalous: bool
@@ -70,11 +70,12 @@ class Scorer:
         self.crop_pad = crop_pad
         self.frame_px = frame_px
 
-    def score(self, amap: np.ndarray, cls: str) -> Scored:
-        """Score one raw map (m, m) for product class `cls`."""
+    def score(self, amap: np.ndarray, cls: str, placement: Placement | None = None) -> Scored:
+        """Score one raw map (m, m) for product class `cls`; with the frame's `placement`, as evaluation does,
+        the letterbox border is left out of the maximum."""
         cal = self.calibration[cls]
         smoothed = smooth(amap, self.sigma)
-        score = float(smoothed.max())
+        score = frame_max(smoothed, placement, self.input_size)
         return Scored(score, float(cal.normalise(score)), cal.threshold, score > cal.threshold, smoothed)
 
     def frame_map(self, scored: Scored, cls: str, placement: Placement) -> np.ndarray:

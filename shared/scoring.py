@@ -1,14 +1,18 @@
 """The numpy scoring core shared by evaluation and the agent.
 
 An anomaly map (h, w) from the network becomes: a smoothed map, an image score
-(its maximum), a score normalised per class, a verdict against the class
+(its maximum over the frame's own region), a score normalised per class, a verdict against the class
 threshold, and boxes around the anomalous regions. No torch, no I/O.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:   # the core stays numpy-only at run time
+    from shared.imaging import Placement
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -32,9 +36,35 @@ def smooth(amap: np.ndarray, sigma: float) -> np.ndarray:
     return sum(k[i] * tmp[i : i + amap.shape[0], :] for i in range(len(k))).astype(np.float32)
 
 
-def image_score(amap: np.ndarray, sigma: float) -> float:
-    """Image anomaly score: the maximum of the smoothed map."""
-    return float(smooth(amap, sigma).max())
+def frame_slices(shape: tuple[int, ...], placement: Placement, size: int) -> tuple[slice, slice]:
+    """Rows and columns of a map (h, w) over the letterboxed square that the frame itself covers.
+
+    `placement` is where the frame landed in the `size` x `size` square
+    (`shared.imaging.Placement`: y0, x0, h, w); rounding as `unletterbox`.
+    """
+    mh, mw = shape[:2]
+    sy, sx = mh / size, mw / size
+    y0, y1 = round(placement.y0 * sy), round((placement.y0 + placement.h) * sy)
+    x0, x1 = round(placement.x0 * sx), round((placement.x0 + placement.w) * sx)
+    return slice(y0, max(y1, y0 + 1)), slice(x0, max(x1, x0 + 1))
+
+
+def frame_max(smoothed: np.ndarray, placement: Placement | None = None, size: int | None = None) -> float:
+    """The maximum of a smoothed map over the frame's own region (the whole map without a placement).
+
+    The letterbox border is a reflection of the frame, not part of it: a peak
+    there would count a defect twice or flag a mirrored edge, so it is left out.
+    """
+    if placement is None:
+        return float(smoothed.max())
+    if size is None:
+        raise ValueError("a placement needs the letterboxed input size")
+    return float(smoothed[frame_slices(smoothed.shape, placement, size)].max())
+
+
+def image_score(amap: np.ndarray, sigma: float, placement: Placement | None = None, size: int | None = None) -> float:
+    """Image anomaly score: the maximum of the smoothed map over the frame (`frame_max`)."""
+    return frame_max(smooth(amap, sigma), placement, size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ on the test split; latency per image (batch 1, this CPU, FP32 unless the ONNX
 says otherwise) and model size.
 
 Scoring follows the agent exactly: frames are letterboxed, the map is
-smoothed (`sigma` in map pixels) and the image score is its maximum
+smoothed (`sigma` in map pixels) and the image score is its maximum over
+the frame's own region, the letterbox border left out
 (`shared.scoring.image_score`). For pixel metrics the smoothed map is cut back
 to each image's own frame (`unletterbox`) at most `pixel_side` pixels on its
 long side, and the mask is resized to the same grid.
@@ -142,7 +143,7 @@ def score_images(runner: Runner, paths: list[str], sigma: float, batch_size: int
         images, places, shapes = load_frames(paths[i:i + 32], runner.size, threads)
         maps = run_batched(runner, images, batch_size)
         for amap, place, (h, w) in zip(maps, places, shapes, strict=True):
-            scores.append(image_score(amap, sigma))
+            scores.append(image_score(amap, sigma, place, runner.size))
             if pixel_side:
                 frames.append(unletterbox(smooth(amap, sigma), place, runner.size, pixel_grid(h, w, pixel_side)))
     return np.asarray(scores, np.float64), frames

@@ -20,6 +20,23 @@ def test_image_score_is_max_of_smoothed_map():
     assert scoring.image_score(amap, 0) == 5.0
 
 
+def test_image_score_leaves_the_letterbox_border_out():
+    # a 320x256 frame letterboxed to 128: rows 13..115 hold the frame, the rest is its reflection
+    from shared.imaging import letterbox, unletterbox
+
+    _, place = letterbox(np.zeros((256, 320, 3), np.uint8), 128)
+    amap = np.zeros((32, 32), np.float32)
+    amap[1, 16] = 9.0     # in the reflected border above the frame
+    amap[16, 16] = 2.0    # inside the frame
+    assert scoring.image_score(amap, 0) == 9.0                       # no placement: the whole square
+    assert scoring.image_score(amap, 0, place, 128) == 2.0
+    ys, xs = scoring.frame_slices(amap.shape, place, 128)
+    region = amap[ys, xs]
+    np.testing.assert_array_equal(region, unletterbox(amap, place, 128, region.shape))
+    with pytest.raises(ValueError):
+        scoring.image_score(amap, 0, place)
+
+
 def test_calibration_flags_about_one_percent_of_normals():
     normal = np.random.default_rng(1).normal(10, 1, 5000)
     cal = scoring.calibrate(normal)
