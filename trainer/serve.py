@@ -382,7 +382,20 @@ def run_cycle(cfg: ServeConfig, hub: Hub) -> Outcome:
     with open(cfg.workdir / CYCLES, "a") as f:
         f.write(json.dumps({"cycle": state["cycle"], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             **dataclasses.asdict(outcome)}) + "\n")
+    report(hub, cfg, state["cycle"], outcome)
     return outcome
+
+
+def report(hub: Hub, cfg: ServeConfig, cycle: int, outcome: Outcome) -> None:
+    """Tell the hub what the cycle did and why (the dashboard's Retraining table); a failure is only logged."""
+    body = {"model_name": cfg.model_id or "", "cycle": cycle, "outcome": outcome.status,
+            "reason": outcome.reason[:4000], "new_images": outcome.new_images, "version": outcome.version or "",
+            "model_id": outcome.hub_model_id, "rollout_id": outcome.rollout_id or "",
+            "gate": json.loads(json.dumps(outcome.gate, default=float))}
+    try:
+        hub.post_json("/api/retrain-cycles", body)
+    except ServeError as exc:
+        log.warning("cycle %d not reported to the hub (it stays in %s): %s", cycle, CYCLES, exc)
 
 
 def _cycle(cfg: ServeConfig, hub: Hub, state: dict[str, Any]) -> Outcome:

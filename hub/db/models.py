@@ -42,6 +42,7 @@ VERDICTS = ("ok", "anomaly")
 REVIEW_LABELS = ("defect", "false_alarm")
 ROLLOUT_STATES = ("draft", "canary", "rolling", "paused", "completed", "rolled_back", "failed")
 # one device in a rollout: waiting for its wave, told (desired), then the agent's own update states
+RETRAIN_OUTCOMES = ("waiting", "refused", "published", "failed")  # a `kdfleet trainer serve` cycle
 TARGET_STATES = ("pending", "desired", "downloading", "verifying", "building", "testing", "active", "failed",
                  "rolled_back")
 
@@ -370,3 +371,22 @@ class RolloutTarget(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     device: Mapped[Device] = relationship(lazy="raise")
+
+
+class RetrainCycle(Base):
+    """One cycle of the retraining service, as it reported it: what it did and why."""
+
+    __tablename__ = "retrain_cycles"
+    __table_args__ = (CheckConstraint(_in("outcome", RETRAIN_OUTCOMES), name="outcome"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(TEXT_LEN), default="")  # the model it retrains
+    cycle: Mapped[int] = mapped_column(Integer)  # the service's own cycle number
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    new_images: Mapped[int] = mapped_column(Integer, default=0)  # reviewed images it had not trained on
+    version: Mapped[str] = mapped_column(String(TEXT_LEN), default="")  # the candidate's, when published
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    rollout_id: Mapped[str | None] = mapped_column(String(ULID_LEN))
+    gate: Mapped[str] = mapped_column(Text, default="{}")  # JSON: per-class AUROC of both models, false alarms
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

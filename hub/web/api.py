@@ -17,7 +17,7 @@ from flask import Blueprint, abort, current_app, jsonify, request, send_file, ur
 from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
-from hub.services import devices, registry, results, reviews, rollouts
+from hub.services import devices, registry, results, retraining, reviews, rollouts
 from hub.services.common import NotFound, QueryError, check_ulid, parse_limit, parse_time
 from hub.services.packages import PackageStore, StoredPackage, UploadError
 from hub.services.results import ResultFilter
@@ -380,3 +380,26 @@ def rollout_create() -> ResponseReturnValue:
     session.commit()
     detail = rollouts.rollout_detail(session, rollout_id)
     return jsonify(plain(detail) | {"counts": detail.counts()}), 201
+
+
+@bp.get("/retrain-cycles")
+def retrain_cycles() -> ResponseReturnValue:
+    """The retraining service's latest cycles, newest first (?limit=, default 20)."""
+    try:
+        limit = parse_limit(request.args.get("limit"), default=20, maximum=200)
+    except QueryError as exc:
+        abort(400, str(exc))
+    return jsonify(cycles=plain(retraining.recent_cycles(get_session(), limit)))
+
+
+@bp.post("/retrain-cycles")
+@requires("admin")
+def retrain_cycle_report() -> ResponseReturnValue:
+    """A cycle's report from `kdfleet trainer serve`: outcome and reason, shown on the dashboard."""
+    session = get_session()
+    try:
+        view = retraining.record_cycle(session, _json_body())
+    except QueryError as exc:
+        abort(400, str(exc))
+    session.commit()
+    return jsonify(plain(view)), 201

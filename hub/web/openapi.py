@@ -279,6 +279,23 @@ SCHEMAS: dict[str, Any] = {
             "note": {"type": "string"},
         },
     },
+    "RetrainCycle": {
+        "type": "object",
+        "required": ["cycle", "outcome"],
+        "properties": {
+            "id": {"type": "integer", "readOnly": True},
+            "model_name": {"type": "string", "description": "the model the service retrains"},
+            "cycle": {"type": "integer", "minimum": 0},
+            "outcome": {"type": "string", "enum": ["waiting", "refused", "published", "failed"]},
+            "reason": {"type": "string"},
+            "new_images": {"type": "integer", "minimum": 0},
+            "version": {"type": "string", "description": "the candidate's version, when published"},
+            "model_id": {"type": "integer", "nullable": True},
+            "rollout_id": {"type": "string", "nullable": True},
+            "gate": {"type": "object", "description": "per-class AUROC of both models, false-alarm scores"},
+            "created_at": TIME,
+        },
+    },
     "RolloutDetail": {
         "type": "object",
         "properties": {
@@ -476,6 +493,18 @@ PATHS: dict[str, Any] = {
                 },
             },
             "responses": {"200": _ok(_ref("Model"))} | ERRORS | FORBIDDEN | NOT_FOUND,
+        },
+    },
+    "/api/retrain-cycles": {
+        "get": {
+            "summary": "The retraining service's latest cycles, newest first: outcome and reason",
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 200}}],
+            "responses": {"200": _ok(_list("cycles", "RetrainCycle"))} | ERRORS,
+        },
+        "post": {
+            "summary": "Report a cycle of `kdfleet trainer serve` (admin role)",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RetrainCycle")}}},
+            "responses": {"201": _ok(_ref("RetrainCycle"), "Created")} | ERRORS | FORBIDDEN,
         },
     },
     "/api/rollouts": {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
-from hub.services import registry, rollouts
+from hub.services import registry, retraining, rollouts
 from hub.services.common import NotFound, QueryError
 from hub.web.auth import requires
 from hub.web.db import get_session
@@ -16,7 +16,9 @@ ACTIONS = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts
 
 @bp.get("/")
 def index() -> ResponseReturnValue:
-    return render_template("registry/index.html", models=registry.list_models(get_session()))
+    session = get_session()
+    return render_template("registry/index.html", models=registry.list_models(session),
+                           cycles=retraining.recent_cycles(session))
 
 
 @bp.get("/rollouts/<rollout_id>")

@@ -4,6 +4,7 @@ gate, upload and roll out; and a refused candidate that uploads nothing."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,9 +115,16 @@ def test_false_alarms_retrain_pass_the_gate_and_roll_out(
         assert rollout is not None and rollout.model_id == model.id and rollout.state == "canary"
         assert session.scalars(select(RolloutTarget).where(RolloutTarget.rollout_id == rollout.id)).all()
 
+    # the dashboard shows the cycle and why
+    reported = hub_cycles(live_hub[0], admin_token)[0]
+    assert (reported["outcome"], reported["version"], reported["model_id"]) == ("published", "0.1.1", model.id)
+    assert reported["reason"] == cycle["reason"] and reported["rollout_id"] == rollout.id
+    assert reported["gate"]["false_alarms"]["n"] == fa["n"]
+
     # a second cycle finds nothing new and waits
     assert serve_once(live_hub[0], admin_token, data, base, workdir) == 0
     assert last_cycle(workdir)["status"] == "waiting"
+    assert hub_cycles(live_hub[0], admin_token)[0]["outcome"] == "waiting"
 
 
 def test_a_candidate_that_fails_the_gate_is_not_uploaded(
@@ -136,3 +144,11 @@ def test_a_candidate_that_fails_the_gate_is_not_uploaded(
         assert len(session.scalars(select(Model)).all()) == models_before
         assert len(session.scalars(select(Rollout)).all()) == rollouts_before
     assert not list((workdir / "cycles").rglob("*.kdpkg"))
+    reported = hub_cycles(live_hub[0], admin_token)[0]
+    assert reported["outcome"] == "refused" and "class disc: image AUROC" in reported["reason"]
+
+
+def hub_cycles(hub_url: str, token: str) -> list[dict]:
+    request = urllib.request.Request(f"{hub_url}/api/retrain-cycles", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["cycles"]

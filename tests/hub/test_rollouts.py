@@ -12,7 +12,7 @@ from sqlalchemy import select
 from hub.db.models import Device, Model, Site
 from hub.db.session import Database
 from hub.rollouts import RolloutController
-from hub.services import rollouts
+from hub.services import rollouts, users
 from hub.services.common import QueryError
 from hub.services.rollouts import Policy, TargetStatus, decide
 from shared import messages, topics
@@ -247,3 +247,20 @@ def test_the_rollout_page_shows_each_device_and_admins_steer_it(hub_db, site, si
     assert admin.post(f"/models/rollouts/{rid}/pause", data={}).status_code in (400, 403)   # no CSRF token
     assert admin.get("/models/rollouts/nope").status_code == 404
     assert f"/models/rollouts/{rid}" in admin.get("/models/").get_data(as_text=True)
+
+
+def test_retraining_cycles_are_recorded_and_shown_with_their_reason(hub_db, sign_in, unique) -> None:
+    admin, _ = sign_in("admin")
+    with hub_db.transaction() as s:
+        users_token = users.create_token(s, f"t-{unique}", "admin")[1]
+    bearer = {"Authorization": f"Bearer {users_token}"}
+    refused = {"model_name": f"m-{unique}", "cycle": 3, "outcome": "refused", "new_images": 24,
+               "reason": f"class screw: image AUROC 0.91 fell to 0.88 ({unique})", "gate": {"screw": [0.91, 0.88]}}
+    created = admin.post("/api/retrain-cycles", json=refused, headers=bearer)
+    assert created.status_code == 201 and created.get_json()["gate"] == {"screw": [0.91, 0.88]}
+    bad = admin.post("/api/retrain-cycles", json={**refused, "outcome": "maybe"}, headers=bearer)
+    assert bad.status_code == 400 and "outcome must be one of" in bad.get_json()["detail"]
+    listed = admin.get("/api/retrain-cycles?limit=5", headers=bearer).get_json()["cycles"]
+    assert listed[0]["reason"] == refused["reason"]
+    page = admin.get("/models/").get_data(as_text=True)
+    assert "Retraining" in page and refused["reason"] in page and f"m-{unique}" in page
