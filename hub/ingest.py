@@ -201,10 +201,8 @@ class BatchWriter:
                 session, {s for s, _ in devices | stations} - self._sites.keys()
             )
             site_ids = self._sites | new_sites
-            new_devices = self._ensure_devices(session, site_ids, devices - self._devices.keys())
-            new_stations = self._ensure_stations(
-                session, site_ids, stations - self._stations.keys()
-            )
+            new_devices = self._ensure_site_rows(session, Device, site_ids, devices - self._devices.keys())
+            new_stations = self._ensure_site_rows(session, Station, site_ids, stations - self._stations.keys())
             new_classes = self._ensure_classes(session, classes - self._classes.keys())
             device_ids = self._devices | new_devices
             station_ids = self._stations | new_stations
@@ -274,39 +272,22 @@ class BatchWriter:
         return rows, crops
 
     @staticmethod
-    def _ensure_devices(
-        session: Session, site_ids: dict[str, int], pairs: set[tuple[str, str]]
+    def _ensure_site_rows(
+        session: Session, model: type[Device] | type[Station], site_ids: dict[str, int],
+        pairs: set[tuple[str, str]],
     ) -> dict[tuple[str, str], int]:
-        """Ids of (site, device) pairs, creating the rows the hub has not seen before."""
+        """Ids of (site, name) pairs of devices or stations, creating the rows the hub has not seen before."""
         if not pairs:
             return {}
         # sorted, so that concurrent writers lock rows in the same order
         session.execute(
-            insert_ignoring_duplicates(session, Device),
-            [{"site_id": site_ids[s], "name": d} for s, d in sorted(pairs)],
-        )
-        found = session.execute(
-            select(Site.name, Device.name, Device.id)
-            .join(Device.site)
-            .where(Device.site_id.in_(site_ids.values()), Device.name.in_({d for _, d in pairs}))
-        )
-        return {(s, d): i for s, d, i in found if (s, d) in pairs}
-
-    @staticmethod
-    def _ensure_stations(
-        session: Session, site_ids: dict[str, int], pairs: set[tuple[str, str]]
-    ) -> dict[tuple[str, str], int]:
-        """Ids of (site, station) pairs, creating the stations the hub has not seen before."""
-        if not pairs:
-            return {}
-        session.execute(
-            insert_ignoring_duplicates(session, Station),
+            insert_ignoring_duplicates(session, model),
             [{"site_id": site_ids[s], "name": n} for s, n in sorted(pairs)],
         )
         found = session.execute(
-            select(Site.name, Station.name, Station.id)
-            .join(Station.site)
-            .where(Station.site_id.in_(site_ids.values()), Station.name.in_({n for _, n in pairs}))
+            select(Site.name, model.name, model.id)
+            .join(Site, model.site_id == Site.id)
+            .where(model.site_id.in_(site_ids.values()), model.name.in_({n for _, n in pairs}))
         )
         return {(s, n): i for s, n, i in found if (s, n) in pairs}
 
