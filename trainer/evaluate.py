@@ -1,8 +1,9 @@
 """Evaluation of a model (torch module, checkpoint, ONNX file or package) on an MVTec-layout set.
 
 Per class and mean: image AUROC, pixel AUROC, AUPRO (FPR limit 0.3) and F1-max
-on the test split; latency per image (batch 1, this CPU, FP32 unless the ONNX
-says otherwise) and model size.
+on the test split, and per class the image AUROC of each defect type (which
+kinds of defect a model misses); latency per image (batch 1, this CPU, FP32
+unless the ONNX says otherwise) and model size.
 
 Scoring follows the agent exactly: frames are letterboxed, the map is
 smoothed (`sigma` in map pixels) and the image score is its maximum over
@@ -201,6 +202,7 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
         labels = np.array([int(s.label != 0) for s in test])
         masks = load_masks(test, [m.shape for m in maps])
         per_class[cls] = class_metrics(scores, labels, maps, masks, cal, auroc, pixel_auroc, aupro, f1_max)
+        per_class[cls]["defects"] = defect_aurocs(scores, labels, [s.defect for s in test], auroc)
         per_class[cls]["n_val"] = len(val)
         if details:
             per_class[cls]["scores"] = scores.tolist()
@@ -241,6 +243,19 @@ def class_metrics(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray]
         "n_anomalous": int(labels.sum()),
         "calibration": cal.to_dict(),
     }
+
+
+def defect_aurocs(scores: np.ndarray, labels: np.ndarray, defects: list[str], auroc) -> dict[str, dict[str, Any]]:
+    """Per defect type: the image AUROC of its images against every normal test image, and its count."""
+    normal = scores[labels == 0]
+    kinds = np.asarray(defects)
+    out = {}
+    for kind in sorted(set(kinds[labels == 1])):
+        mine = scores[(labels == 1) & (kinds == kind)]
+        both = np.concatenate([normal, mine])
+        y = np.concatenate([np.zeros(len(normal)), np.ones(len(mine))])
+        out[str(kind)] = {"image_auroc": float(auroc(both, y)) if len(normal) else float("nan"), "n": len(mine)}
+    return out
 
 
 def worst_misses(samples: list, scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray],

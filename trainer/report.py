@@ -121,6 +121,22 @@ def accuracy_table(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def defect_table(entries: list[dict[str, Any]]) -> str:
+    """Image AUROC per class and defect type (rows), one column per entry; `–` where an entry lacks the class."""
+    kinds: dict[tuple[str, str], int] = {}
+    for e in entries:
+        for cls, m in e["result"]["classes"].items():
+            for kind, d in m.get("defects", {}).items():
+                kinds.setdefault((cls, kind), d["n"])
+    lines = ["| class | defect | images | " + " | ".join(e["label"] for e in entries) + " |",
+             "|---|---|---:|" + "---:|" * len(entries)]
+    for (cls, kind), n in kinds.items():
+        vals = [e["result"]["classes"].get(cls, {}).get("defects", {}).get(kind, {}).get("image_auroc")
+                for e in entries]
+        lines.append(f"| {cls} | {kind} | {n} | " + " | ".join(fmt(v) for v in vals) + " |")
+    return "\n".join(lines)
+
+
 def summary_table(entries: list[dict[str, Any]]) -> str:
     """One row per entry: the class means of every metric."""
     keys = (*METRICS, ("f1_max", "F1-max"))
@@ -286,6 +302,8 @@ def report_markdown(results: dict[str, Any]) -> str:
         "Class means, and F1-max (the best F1 over thresholds chosen on the test labels, so not a "
         "deployable figure):", "",
         summary_table(entries), "",
+        "Image AUROC per defect type: each type's images against all normal test images of their class.", "",
+        defect_table(entries), "",
         "## Cost", "",
         "Latency: median of single-image runs (batch 1) on this CPU, FP32. One-class size is the sum over "
         "its models.", "",

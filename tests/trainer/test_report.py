@@ -43,8 +43,8 @@ def report(checkpoints: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
     return out
 
 
-def markdown_table(text: str, head: str) -> tuple[list[str], dict[str, list[str]]]:
-    """(header cells, row name -> cells) of the Markdown table whose header line starts with `head`."""
+def table_rows(text: str, head: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, rows of cells) of the Markdown table whose header starts with `head`; names may repeat."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(head))
     rows = []
@@ -52,7 +52,13 @@ def markdown_table(text: str, head: str) -> tuple[list[str], dict[str, list[str]
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return rows[0], {r[0]: r[1:] for r in rows[2:]}
+    return rows[0], rows[2:]
+
+
+def markdown_table(text: str, head: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(header cells, row name -> cells) of the Markdown table whose header line starts with `head`."""
+    header, rows = table_rows(text, head)
+    return header, {r[0]: r[1:] for r in rows}
 
 
 def test_compare_writes_the_folder(report: Path) -> None:
@@ -97,6 +103,39 @@ def test_table_has_the_rows_columns_and_numbers_of_results_json(report: Path) ->
     _, cost = markdown_table((report / "report.md").read_text(), "| model | models |")
     assert list(cost) == labels
     assert [r[3] for r in cost.values()] == [f"{e['result']['latency_ms']:.1f}" for e in results["entries"]]
+
+
+def test_defect_table_gives_each_defect_type_its_own_auroc(report: Path) -> None:
+    results = json.loads((report / "results.json").read_text())
+    head, rows = table_rows((report / "report.md").read_text(), "| class | defect |")
+    labels = [e["label"] for e in results["entries"]]
+    assert head[3:] == labels
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("disc", "scratch", "2"), ("disc", "spot", "2"), ("stripes", "scratch", "2"), ("stripes", "spot", "2")]
+    for e in results["entries"]:
+        col = 3 + labels.index(e["label"])
+        for cls, kind, *_ in rows:
+            m = e["result"]["classes"].get(cls)
+            want = "–" if m is None else f"{m['defects'][kind]['image_auroc']:.3f}"
+            assert [r[col] for r in rows if r[:2] == [cls, kind]] == [want]
+
+
+def test_defect_aurocs_match_sklearn_per_defect_type() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from shared.metrics import auroc
+    from trainer.evaluate import defect_aurocs
+
+    rng = np.random.default_rng(3)
+    defects = ["good"] * 20 + ["crack"] * 7 + ["stain"] * 9
+    labels = np.array([int(d != "good") for d in defects])
+    scores = rng.normal(size=len(defects)) + labels * np.array([0] * 20 + [2] * 7 + [0.3] * 9)
+    got = defect_aurocs(scores, labels, defects, auroc)
+    assert list(got) == ["crack", "stain"]
+    for kind, n in (("crack", 7), ("stain", 9)):
+        keep = [i for i, d in enumerate(defects) if d in ("good", kind)]
+        assert got[kind]["n"] == n
+        assert got[kind]["image_auroc"] == pytest.approx(roc_auc_score(labels[keep], scores[keep]), abs=1e-12)
 
 
 def test_figures_decode_and_show_something(report: Path) -> None:
