@@ -100,12 +100,12 @@ def check_main(argv: list[str]) -> int:
         try:
             from agent.runtimes import open_runtime
             from shared.imaging import decode_image
-            from shared.scoring import image_score
+            from shared.scoring import package_score
 
             rt = open_runtime(cfg.runtime, package.model, package.manifest, cfg.threads)
             worst = 0.0
             for g in package.golden:
-                score = image_score(rt.infer(decode_image(g.png)[None])[0], package.manifest["sigma"])
+                score = package_score(rt.infer(decode_image(g.png)[None])[0], package.manifest, g.cls)
                 worst = max(worst, abs(score - g.score) / max(abs(g.score), 1e-6))
             report(f"runtime {rt.name}, golden self-test ({len(package.golden)} images, worst error {worst:.1e})",
                    None if worst < 0.05 else "scores differ from the manifest's by more than 5 %")

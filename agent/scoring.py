@@ -27,11 +27,11 @@ HEAT_SPAN = 2.0             # colour scale of overlays: normalised 0 (typical no
 class Scored:
     """One map's verdict."""
 
-    score: float            # raw image score: max of the smoothed map over the frame (shared.scoring.frame_max)
+    score: float            # image score: max of the smoothed map over the frame (shared.scoring.frame_max)
     norm_score: float       # normalised with the class calibration (threshold ~ 1 by default)
     threshold: float        # raw threshold applied (the config's override or the calibration's)
     anomalous: bool
-    smoothed: np.ndarray    # (m, m) float32 smoothed raw map over the letterboxed square
+    smoothed: np.ndarray    # (m, m) float32 smoothed map (after the position reference) over the letterboxed square
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ class Scorer:
         for cls, d in manifest["calibration"].items():
             cal = ClassCalibration.from_dict(d)
             if cls in thresholds:
-                cal = ClassCalibration(cal.center, cal.scale, float(thresholds[cls]))
+                cal = cal.with_threshold(thresholds[cls])
             self.calibration[cls] = cal
         self.thumbnail_px = thumbnail_px
         self.heatmap_format = heatmap_format
@@ -71,10 +71,11 @@ class Scorer:
         self.frame_px = frame_px
 
     def score(self, amap: np.ndarray, cls: str, placement: Placement | None = None) -> Scored:
-        """Score one raw map (m, m) for product class `cls`; with the frame's `placement`, as evaluation does,
-        the letterbox border is left out of the maximum."""
+        """Score one raw map (m, m) for product class `cls`: standardised by the class's position reference
+        when the package has one, smoothed, and with the frame's `placement`, as evaluation does, the
+        letterbox border left out of the maximum."""
         cal = self.calibration[cls]
-        smoothed = smooth(amap, self.sigma)
+        smoothed = smooth(cal.standardise(amap), self.sigma)
         score = frame_max(smoothed, placement, self.input_size)
         return Scored(score, float(cal.normalise(score)), cal.threshold, score > cal.threshold, smoothed)
 

@@ -292,14 +292,14 @@ class Updater:
 def self_test(runtime: Any, package: Package) -> float:
     """Score every golden image; raises UpdateError unless each is within tolerance. Returns the worst error."""
     from shared.imaging import decode_image
-    from shared.scoring import image_score
+    from shared.scoring import package_score
 
     if not package.golden:
         raise UpdateError("package has no golden images, so it cannot be self-tested; re-export it")
     tol = float(package.manifest.get("golden_tolerance", GOLDEN_TOLERANCE))
     worst = 0.0
     for g in package.golden:
-        score = image_score(runtime.infer(decode_image(g.png)[None])[0], package.manifest["sigma"])
+        score = package_score(runtime.infer(decode_image(g.png)[None])[0], package.manifest, g.cls)
         error = abs(score - g.score) / max(abs(g.score), 1e-3)
         worst = max(worst, error)
         if not error <= tol:   # also catches NaN

@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="unified,one-class", help="default %(default)s")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores when idle, else 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-images", type=int, default=None, metavar="N",
+                   help="normal images per class behind its position reference (default: evaluate's; 0: raw maps)")
     args = p.parse_args(argv)
 
     t0 = time.monotonic()
@@ -100,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     rc = compare_main(["--train", "--data", str(data), "--classes", ",".join(classes), "--methods", args.methods,
                        "--modes", args.modes, "--size", str(args.size), "--epochs", str(args.epochs),
                        "--seed", str(args.seed), "--threads", str(threads), "--out", str(out),
-                       "--work", str(work / f"runs-{args.size}px-{args.epochs}ep")])
+                       "--work", str(work / f"runs-{args.size}px-{args.epochs}ep"),
+                       *(["--reference-images", str(args.reference_images)] if args.reference_images is not None
+                         else [])])
     if rc:
         return rc
     results = json.loads((out / "results.json").read_text())

@@ -106,6 +106,13 @@ def validate_manifest(m: Any) -> dict[str, Any]:
             raise PackageError(f"calibration of {c!r} needs numeric center, scale, threshold")
         if cal["scale"] <= 0:
             raise PackageError(f"calibration of {c!r} has a non-positive scale")
+        if cal.get("reference") is not None:
+            from shared.scoring import PositionReference   # numpy: only for packages that carry one
+
+            try:
+                PositionReference.from_dict(cal["reference"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PackageError(f"calibration of {c!r} has a malformed position reference: {exc}") from exc
     if MODEL not in m["files"]:
         raise PackageError(f"manifest does not list {MODEL}")
     return m

@@ -1,13 +1,20 @@
 """The numpy scoring core shared by evaluation and the agent.
 
-An anomaly map (h, w) from the network becomes: a smoothed map, an image score
-(its maximum over the frame's own region), a score normalised per class, a verdict against the class
-threshold, and boxes around the anomalous regions. No torch, no I/O.
+An anomaly map (h, w) from the network becomes: a map standardised by its
+class's position reference, a smoothed map, an image score (its maximum over
+the frame's own region), a score normalised per class, a verdict against the
+class threshold, and boxes around the anomalous regions. No torch, no I/O.
+
+The position reference is what a fixed camera makes possible: where a class's
+normal images always run high (a busy background, the image border, a
+part's edges), the map is discounted by that position's normal spread, so the
+image score compares each position with its own normal self.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,31 +74,117 @@ def image_score(amap: np.ndarray, sigma: float, placement: Placement | None = No
     return frame_max(smooth(amap, sigma), placement, size)
 
 
+def package_score(amap: np.ndarray, manifest: dict[str, Any], cls: str) -> float:
+    """The image score a model package defines for a whole letterboxed map of class `cls`
+    (its position reference, its sigma): what golden images record and self-tests check."""
+    cal = ClassCalibration.from_dict(manifest["calibration"][cls])
+    return image_score(cal.standardise(amap), float(manifest["sigma"]))
+
+
+REFERENCE_GRID = 16    # cells per side of a position reference: 16 px cells at 256 px, as good as per pixel here
+SPREAD_FLOOR = 0.5     # no cell's spread below half the median cell's: calm areas must not amplify noise
+REFERENCE_IMAGES = 64  # normal training images per class behind its reference, evenly spread over the set
+
+
+def _block_means(a: np.ndarray, grid: int) -> np.ndarray:
+    """Area-average a 2-D array down to (grid, grid); uneven blocks where the side is not a multiple."""
+    h, w = a.shape
+    if h < grid or w < grid:
+        raise ValueError(f"a {h}x{w} map is smaller than the {grid}x{grid} reference grid")
+    ys, xs = np.linspace(0, h, grid + 1).astype(int), np.linspace(0, w, grid + 1).astype(int)
+    sums = np.add.reduceat(np.add.reduceat(a, ys[:-1], axis=0), xs[:-1], axis=1)
+    return (sums / np.outer(np.diff(ys), np.diff(xs))).astype(np.float32)
+
+
+def _upsample(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a coarse grid (g, g) to `shape`, cell centres aligned, edges held."""
+    def axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(int)
+        return lo, np.minimum(lo + 1, n_in - 1), (pos - lo).astype(np.float32)
+
+    y0, y1, fy = axis(shape[0], a.shape[0])
+    x0, x1, fx = axis(shape[1], a.shape[1])
+    rows = a[y0] * (1 - fy)[:, None] + a[y1] * fy[:, None]
+    return (rows[:, x0] * (1 - fx) + rows[:, x1] * fx).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True, eq=False)   # arrays: compared by identity
+class PositionReference:
+    """Mean and spread of a class's normal raw maps at each position, on a coarse grid (g, g)."""
+
+    mean: np.ndarray
+    spread: np.ndarray
+
+    def standardise(self, amap: np.ndarray) -> np.ndarray:
+        """(map - mean) / spread, the grid resized to the map: 0 = typical normal at that position."""
+        amap = np.asarray(amap, dtype=np.float32)
+        return (amap - _upsample(self.mean, amap.shape)) / _upsample(self.spread, amap.shape)
+
+    def to_dict(self) -> dict[str, list[list[float]]]:
+        return {"mean": np.round(self.mean.astype(float), 6).tolist(),
+                "spread": np.round(self.spread.astype(float), 6).tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PositionReference:
+        mean, spread = np.asarray(d["mean"], np.float32), np.asarray(d["spread"], np.float32)
+        if mean.ndim != 2 or mean.shape != spread.shape or min(mean.shape) < 1:
+            raise ValueError(f"a position reference needs two equal 2-D grids, got {mean.shape} and {spread.shape}")
+        if not (np.isfinite(mean).all() and np.isfinite(spread).all() and (spread > 0).all()):
+            raise ValueError("a position reference needs finite values and a positive spread")
+        return cls(mean, spread)
+
+
+def fit_reference(normal_maps: np.ndarray, grid: int = REFERENCE_GRID) -> PositionReference:
+    """The position reference of a class from its normal raw maps (N, h, w), N >= 2."""
+    maps = np.asarray(normal_maps, dtype=np.float64)
+    if maps.ndim != 3 or len(maps) < 2:
+        raise ValueError(f"a position reference needs at least two normal maps (N, h, w), got {maps.shape}")
+    mean = _block_means(maps.mean(0), grid)
+    spread = _block_means(maps.std(0), grid)
+    floor = max(SPREAD_FLOOR * float(np.median(spread)), 1e-6 * max(float(np.abs(mean).max()), 1e-6))
+    return PositionReference(mean, np.maximum(spread, floor).astype(np.float32))
+
+
 @dataclass(frozen=True, slots=True)
 class ClassCalibration:
-    """Per-class score statistics from held-out normal images, and the decision threshold.
+    """Per-class score statistics from held-out normal images, the decision threshold, and
+    optionally the class's position reference (applied to the raw map before anything else).
 
-    `center` and `scale` map raw scores to normalised ones (0 = typical normal,
+    `center` and `scale` map image scores to normalised ones (0 = typical normal,
     1 = the threshold's distance from it, for the default threshold).
     """
 
     center: float
     scale: float
     threshold: float
+    reference: PositionReference | None = None
 
     def normalise(self, score: float | np.ndarray) -> float | np.ndarray:
         return (score - self.center) / self.scale
 
-    def to_dict(self) -> dict[str, float]:
-        return {"center": self.center, "scale": self.scale, "threshold": self.threshold}
+    def standardise(self, amap: np.ndarray) -> np.ndarray:
+        """The raw map against the position reference; unchanged without one."""
+        return np.asarray(amap, np.float32) if self.reference is None else self.reference.standardise(amap)
+
+    def with_threshold(self, threshold: float) -> ClassCalibration:
+        return dataclasses.replace(self, threshold=float(threshold))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"center": self.center, "scale": self.scale, "threshold": self.threshold}
+        if self.reference is not None:
+            d["reference"] = self.reference.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ClassCalibration:
-        return cls(float(d["center"]), float(d["scale"]), float(d["threshold"]))
+        ref = PositionReference.from_dict(d["reference"]) if d.get("reference") is not None else None
+        return cls(float(d["center"]), float(d["scale"]), float(d["threshold"]), ref)
 
 
-def calibrate(normal_scores: np.ndarray, quantile: float = 0.99, margin: float = 1.1) -> ClassCalibration:
-    """Calibration from the image scores of held-out normal images.
+def calibrate(normal_scores: np.ndarray, quantile: float = 0.99, margin: float = 1.1,
+              reference: PositionReference | None = None) -> ClassCalibration:
+    """Calibration from the image scores of held-out normal images (scored with `reference`, if any).
 
     The threshold sits `margin` times the normal scores' `quantile` away from
     their median, so about 1 % of normal images or fewer are flagged.
@@ -102,7 +195,7 @@ def calibrate(normal_scores: np.ndarray, quantile: float = 0.99, margin: float =
     center = float(np.median(s))
     spread = float(np.quantile(s, quantile) - center)
     scale = max(spread * margin, 1e-6 * max(1.0, abs(center)), 1e-12)
-    return ClassCalibration(center=center, scale=scale, threshold=center + scale)
+    return ClassCalibration(center=center, scale=scale, threshold=center + scale, reference=reference)
 
 
 def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:

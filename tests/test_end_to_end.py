@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 
 from shared.imaging import letterbox, read_image
 from shared.package import read_package
-from shared.scoring import image_score
+from shared.scoring import package_score
 from tests.trainer.tiny_data import make_tiny_set
 from trainer.export import export_package
 from trainer.train import TrainConfig, train
@@ -101,12 +101,12 @@ def test_results_travel_from_model_to_database(trained, hub, broker, unique, tmp
     # the scores the hub stored are the agent's: recompute them independently from the package
     pkg = read_package(package)
     session = ort.InferenceSession(pkg.model, providers=["CPUExecutionProvider"])
-    size, sigma = pkg.manifest["input_size"], pkg.manifest["sigma"]
+    size = pkg.manifest["input_size"]
     by_source = {r.source: r for r in rows}
     assert sorted(by_source) == sorted(str(p.relative_to(folder)) for p in files)
     for p in files:
         boxed, _ = letterbox(read_image(p), size)
-        expected = image_score(session.run(None, {"image": boxed[None]})[0][0, 0], sigma)
+        expected = package_score(session.run(None, {"image": boxed[None]})[0][0, 0], pkg.manifest, "disc")
         row = by_source[str(p.relative_to(folder))]
         assert row.score == pytest.approx(expected, rel=1e-4, abs=1e-5)
         assert row.verdict == ("anomaly" if expected > row.threshold else "ok")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.scoring import REFERENCE_IMAGES
 from trainer.models import METHOD_NAMES, MethodNotAvailable
 
 EPILOG_DATA = "The set follows the MVTec AD layout: OUT/CLASS/{train/good, test/<defect>, ground_truth/<defect>}."
@@ -136,6 +137,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=None, metavar="DIR",
                     help="also write a report folder (results.json, report.md, ROC / histogram / worst-miss "
                          "PNGs), as `kdfleet compare` does")
+    ap.add_argument("--reference-images", type=int, default=REFERENCE_IMAGES, metavar="N",
+                    help="normal training images per class behind its position reference (default %(default)s; "
+                         "0 scores the raw maps)")
     ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = ap.parse_args(argv)
 
@@ -145,6 +149,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     classes = list(parse_classes(args.classes)) if args.classes else None
     extra: dict[str, Any] = {"details": True, "worst": WORST, "progress": log} if args.report else {}
+    extra["reference_images"] = args.reference_images
     results: dict[str, Any] = {}
     items: list[dict[str, Any]] = []
     try:
@@ -267,6 +272,9 @@ def compare_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worst", type=int, default=WORST, help="worst misses shown per class and kind (default "
                                                               "%(default)s)")
     ap.add_argument("--latency-runs", type=int, default=20, help="timed single-image runs (default %(default)s)")
+    ap.add_argument("--reference-images", type=int, default=REFERENCE_IMAGES, metavar="N",
+                    help="normal training images per class behind its position reference (default %(default)s; "
+                         "0 scores the raw maps)")
     ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = ap.parse_args(argv)
     if args.train == bool(args.models):
@@ -351,7 +359,8 @@ def evaluate_items(items: list[dict[str, Any]], data: Path, classes: list[str],
     from trainer.evaluate import evaluate
     from trainer.report import group_entries
 
-    kw = {"details": True, "worst": args.worst, "latency_runs": args.latency_runs, "threads": args.threads or 2}
+    kw = {"details": True, "worst": args.worst, "latency_runs": args.latency_runs, "threads": args.threads or 2,
+          "reference_images": args.reference_images}
     for n, it in enumerate(items, 1):
         tag = f"{it['method']} {it['mode']} [{n}/{len(items)}]"
         log(f"evaluating {tag}: {it['source']}")

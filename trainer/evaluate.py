@@ -12,6 +12,11 @@ the frame's own region, the letterbox border left out
 to each image's own frame (`unletterbox`) at most `pixel_side` pixels on its
 long side, and the mask is resized to the same grid.
 
+Position reference: per class, `shared.scoring.fit_reference` on the raw maps
+of up to `reference_images` normal training images (evenly spread); every map
+of that class is standardised with it before smoothing, in evaluation as in
+the agent. `reference_images=0` scores the raw maps.
+
 Calibration: per class, `shared.scoring.calibrate` on the image scores of the
 held-out normal validation images (the same train/validation split as
 training, so never trained on). MVTec-layout sets have no labelled
@@ -33,7 +38,8 @@ import numpy as np
 import torch
 
 from shared.imaging import read_mask, unletterbox
-from shared.scoring import ClassCalibration, calibrate, image_score, smooth
+from shared.scoring import (REFERENCE_IMAGES, ClassCalibration, PositionReference, calibrate, fit_reference,
+                            image_score, smooth)
 from trainer.inference_graph import INPUT_NAME, MAP_STRIDE, InferenceGraph
 
 DEFAULT_SIGMA = 1.0   # 4 px at full resolution, in stride-4 map pixels
@@ -134,9 +140,28 @@ def pixel_grid(h: int, w: int, side: int) -> tuple[int, int]:
     return max(1, round(h * s)), max(1, round(w * s))
 
 
+def raw_maps(runner: Runner, paths: list[str], batch_size: int = 8, threads: int = 2) -> np.ndarray:
+    """The runner's raw maps (N, h, w) of the images at `paths` (at least one)."""
+    from trainer.train import load_frames
+
+    return np.concatenate([run_batched(runner, load_frames(paths[i:i + 32], runner.size, threads)[0], batch_size)
+                           for i in range(0, len(paths), 32)])
+
+
+def reference_for(runner: Runner, paths: list[str], n: int, batch_size: int = 8,
+                  threads: int = 2) -> PositionReference | None:
+    """The position reference from up to `n` of the normal images at `paths` (evenly spread); None if n < 2."""
+    if n < 2 or len(paths) < 2:
+        return None
+    picks = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).round())]
+    return fit_reference(raw_maps(runner, picks, batch_size, threads))
+
+
 def score_images(runner: Runner, paths: list[str], sigma: float, batch_size: int = 8,
-                 pixel_side: int | None = None, threads: int = 2) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Image scores (N,) and, with `pixel_side`, smoothed maps cut back to each frame's bounded grid."""
+                 pixel_side: int | None = None, threads: int = 2,
+                 reference: PositionReference | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Image scores (N,) and, with `pixel_side`, smoothed maps cut back to each frame's bounded grid;
+    maps standardised with `reference` first when one is given."""
     from trainer.train import load_frames
 
     scores, frames = [], []
@@ -144,6 +169,8 @@ def score_images(runner: Runner, paths: list[str], sigma: float, batch_size: int
         images, places, shapes = load_frames(paths[i:i + 32], runner.size, threads)
         maps = run_batched(runner, images, batch_size)
         for amap, place, (h, w) in zip(maps, places, shapes, strict=True):
+            if reference is not None:
+                amap = reference.standardise(amap)
             scores.append(image_score(amap, sigma, place, runner.size))
             if pixel_side:
                 frames.append(unletterbox(smooth(amap, sigma), place, runner.size, pixel_grid(h, w, pixel_side)))
@@ -166,13 +193,16 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
              size: int | None = None, *, sigma: float = DEFAULT_SIGMA, val_fraction: float | None = None,
              seed: int | None = None, pixel_side: int = 256, batch_size: int = 8, latency_runs: int = 20,
              threads: int = 2, details: bool = False, worst: int = 0,
+             reference_images: int = REFERENCE_IMAGES,
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Metrics per class and mean, calibration per class, latency and size.
 
     model_or_onnx: an InferenceGraph or method model (give `size`), a checkpoint
     path (.pt), an ONNX file or a .kdpkg. The validation split (`val_fraction`,
     `seed`) defaults to the checkpoint's, else 0.2 and 0. With `details`, each
-    class also carries its per-image scores, labels and paths. With `worst`,
+    class also carries its per-image scores, labels and paths. `reference_images`:
+    normal training images behind each class's position reference (0: none,
+    raw maps). With `worst`,
     each class keeps its `worst` highest-scored normal and lowest-scored
     anomalous test images with their maps and masks (numpy, for figures).
     `progress` hears one line per class.
@@ -195,10 +225,11 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
         if progress:
             progress(f"class {cls} ({i + 1}/{len(classes)})")
         test = load_samples(data_root, [cls], "test")
-        _, val = split_normal(data_root, [cls], val_fraction, seed)
-        val_scores, _ = score_images(runner, [s.path for s in val], sigma, batch_size, None, threads)
-        cal = calibrate(val_scores)
-        scores, maps = score_images(runner, [s.path for s in test], sigma, batch_size, pixel_side, threads)
+        train, val = split_normal(data_root, [cls], val_fraction, seed)
+        ref = reference_for(runner, [s.path for s in train], reference_images, batch_size, threads)
+        val_scores, _ = score_images(runner, [s.path for s in val], sigma, batch_size, None, threads, ref)
+        cal = calibrate(val_scores, reference=ref)
+        scores, maps = score_images(runner, [s.path for s in test], sigma, batch_size, pixel_side, threads, ref)
         labels = np.array([int(s.label != 0) for s in test])
         masks = load_masks(test, [m.shape for m in maps])
         per_class[cls] = class_metrics(scores, labels, maps, masks, cal, auroc, pixel_auroc, aupro, f1_max)

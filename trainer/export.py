@@ -93,13 +93,14 @@ def json_safe(x: Any) -> Any:
     return x
 
 
-def golden_images(runner, data: str | Path, classes: list[str], sigma: float, per_class: int = 2) -> list[GoldenImage]:
-    """Per class, the first normal and the first anomalous test images (letterboxed PNGs) and their scores."""
-    from shared.scoring import image_score
+def golden_images(runner, data: str | Path, manifest: dict[str, Any], per_class: int = 2) -> list[GoldenImage]:
+    """Per class of `manifest`, the first normal and the first anomalous test images (letterboxed PNGs)
+    and the scores the manifest's own scoring gives them."""
+    from shared.scoring import package_score
     from trainer.data.mvtec import load_samples
 
     picks = []
-    for cls in classes:
+    for cls in manifest["classes"]:
         test = load_samples(data, [cls], "test")
         normal = [s for s in test if s.label == 0][: (per_class + 1) // 2]
         anomalous = [s for s in test if s.label == 1][: per_class // 2]
@@ -109,7 +110,7 @@ def golden_images(runner, data: str | Path, classes: list[str], sigma: float, pe
     for s, img in zip(picks, images, strict=True):
         amap = runner(img[None])[0, 0]
         name = f"{s.cls}-{s.defect}-{Path(s.path).stem}.png"
-        out.append(GoldenImage(name, encode_png(img), s.cls, image_score(amap, sigma)))
+        out.append(GoldenImage(name, encode_png(img), s.cls, package_score(amap, manifest, s.cls)))
     return out
 
 
@@ -131,9 +132,8 @@ def export_package(checkpoint: str | Path, out: str | Path, data: str | Path | N
 
     result = evaluate(onnx_path, data, list(cfg.classes), cfg.size, sigma=sigma, val_fraction=cfg.val_fraction,
                       seed=cfg.seed, latency_runs=latency_runs)
-    runner = onnx_runner(onnx_path)
-    golden = golden_images(runner, data, list(cfg.classes), sigma, golden_per_class)
     manifest = build_manifest(cfg, result, sigma, version, model_id, parent, ckpt)
+    golden = golden_images(onnx_runner(onnx_path), data, manifest, golden_per_class)
     path = write_package(out, manifest, onnx_path, golden, key=key)
     onnx_path.unlink()
     return path

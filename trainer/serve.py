@@ -288,7 +288,7 @@ def scored(runner: Any, data: Path, classes: list[str], val_fraction: float, see
         cal = ClassCalibration.from_dict(result["classes"][cls]["calibration"])
         for role in ("normal", "defect"):
             paths = [c["file"] for c in collected.values() if c["cls"] == cls and c["role"] == role]
-            raw, _ = score_images(runner, paths, sigma)
+            raw, _ = score_images(runner, paths, sigma, reference=cal.reference)
             result["classes"][cls][f"hub_{role}_raw"] = raw.tolist()
             result["classes"][cls][f"hub_{role}"] = [float(cal.normalise(s)) for s in raw]
     return result
@@ -363,7 +363,7 @@ def build_package(cfg: ServeConfig, checkpoint: Path, onnx_path: Path, result: d
     if recipe is not None:
         manifest["precision"] = "int8"
         manifest["quantization"] = json_safe(recipe)
-    golden = golden_images(onnx_runner(onnx_path), data, list(tcfg.classes), result["sigma"])
+    golden = golden_images(onnx_runner(onnx_path), data, manifest)
     key = load_private_key(cfg.key) if cfg.key else None
     return write_package(out, manifest, onnx_path, golden, key=key)
 

@@ -98,6 +98,8 @@ def test_truncated_and_extra_members_are_refused(tmp_path, model_file):
     ({"classes": []}, "non-empty"),
     ({"calibration": {"brick": {"center": 0, "scale": 1, "threshold": 1}}}, "no calibration"),
     ({"input_size": "256"}, "wrong type"),
+    ({"calibration": {c: {"center": 0, "scale": 1, "threshold": 1, "reference": {"mean": [[0.0]], "spread": [[0.0]]}}
+                      for c in ("brick", "screw")}}, "malformed position reference"),
 ])
 def test_invalid_manifest_is_refused(tmp_path, model_file, over, reason):
     with pytest.raises(pkg.PackageError, match=reason):

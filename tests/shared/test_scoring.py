@@ -64,3 +64,47 @@ def test_regions_and_boxes():
     x, y, w, h = scoring.scale_box(regions[1], 4.0, 4.0, 0.0, (256, 256))
     assert (x, y, w, h) == (40, 20, 40, 16)
     assert scoring.scale_box(regions[0], 4.0, 4.0, 10.0, (256, 256))[2] <= 256
+
+
+def test_position_reference_discounts_where_normal_maps_run_high():
+    rng = np.random.default_rng(0)
+    normals = rng.normal(1.0, 0.1, (40, 64, 64))
+    normals[:, :, :8] += rng.normal(2.0, 1.0, (40, 64, 8))   # a busy strip: high and spread out on every normal
+    ref = scoring.fit_reference(normals)
+    assert ref.mean.shape == ref.spread.shape == (16, 16)
+    assert ref.mean[:, :2].mean() == pytest.approx(3.0, abs=0.2) and ref.mean[:, 4:].mean() == pytest.approx(1.0, abs=0.02)
+    defect = rng.normal(1.0, 0.1, (64, 64))
+    defect[30:34, 40:44] = 2.5                               # a defect in the calm area, weaker than the strip
+    normal = rng.normal(1.0, 0.1, (64, 64))
+    normal[:, :8] += 3.5                                     # a busy strip a little above its average
+    raw = [scoring.image_score(m, 1.0) for m in (normal, defect)]
+    assert raw[0] > raw[1]                                   # raw: the normal image scores higher
+    std = [scoring.image_score(ref.standardise(m), 1.0) for m in (normal, defect)]
+    assert std[1] > 3 * std[0]                               # against the reference: the defect stands out
+    z = ref.standardise(rng.normal(1.0, 0.1, (64, 64)))
+    assert abs(float(z[:, 16:].mean())) < 0.1                # a typical normal position standardises near 0
+
+
+def test_position_reference_grid_resizing_is_exact_on_constants_and_blocks():
+    blocks = np.kron(np.arange(16.0).reshape(4, 4), np.ones((8, 8)))   # 32 x 32, constant 8 x 8 blocks
+    np.testing.assert_allclose(scoring._block_means(blocks, 4), np.arange(16.0).reshape(4, 4))
+    np.testing.assert_allclose(scoring._block_means(np.ones((24, 24)), 16), np.ones((16, 16)))   # uneven blocks
+    up = scoring._upsample(np.array([[0.0, 1.0], [2.0, 3.0]]), (4, 4))
+    np.testing.assert_allclose(up[0], [0, 0.25, 0.75, 1])    # cell centres aligned, edges held
+    np.testing.assert_allclose(up[:, 0], [0, 0.5, 1.5, 2])
+
+
+def test_position_reference_round_trips_and_refuses_bad_grids():
+    ref = scoring.fit_reference(np.random.default_rng(1).random((5, 32, 32)))
+    cal = scoring.calibrate(np.linspace(0, 1, 20), reference=ref)
+    back = scoring.ClassCalibration.from_dict(cal.to_dict())
+    np.testing.assert_allclose(back.reference.mean, ref.mean, atol=1e-6)
+    np.testing.assert_allclose(back.reference.spread, ref.spread, atol=1e-6)
+    assert back.with_threshold(7.0).reference is back.reference and back.with_threshold(7.0).threshold == 7.0
+    assert "reference" not in scoring.calibrate(np.linspace(0, 1, 20)).to_dict()
+    for bad in ({"mean": [[0.0]], "spread": [[0.0]]}, {"mean": [[0.0, 1.0]], "spread": [[1.0]]},
+                {"mean": [0.0, 1.0], "spread": [1.0, 1.0]}, {"mean": [[float("nan")]], "spread": [[1.0]]}):
+        with pytest.raises(ValueError):
+            scoring.PositionReference.from_dict(bad)
+    with pytest.raises(ValueError, match="at least two"):
+        scoring.fit_reference(np.zeros((1, 32, 32)))

@@ -13,7 +13,7 @@ import torch
 
 from shared.imaging import decode_image
 from shared.package import read_package
-from shared.scoring import image_score
+from shared.scoring import ClassCalibration, package_score
 from tests.trainer.tiny_data import make_tiny_set
 from trainer.evaluate import evaluate
 from trainer.export import OPSET, check_onnx, export_onnx, export_package, quick_package
@@ -71,6 +71,15 @@ def test_onnx_and_torch_evaluate_alike(checkpoint: Path, tiny: Path, tmp_path: P
             assert a["calibration"][cls][k] == pytest.approx(b["calibration"][cls][k], rel=1e-4)
 
 
+def test_position_reference_is_per_class_and_optional(checkpoint: Path, tiny: Path) -> None:
+    with_ref = evaluate(checkpoint, tiny, latency_runs=1)
+    raw = evaluate(checkpoint, tiny, latency_runs=1, reference_images=0)
+    for cls in ("disc", "stripes"):
+        assert "reference" in with_ref["calibration"][cls] and "reference" not in raw["calibration"][cls]
+    a, b = (ClassCalibration.from_dict(with_ref["calibration"][c]).reference for c in ("disc", "stripes"))
+    assert not np.allclose(a.mean, b.mean)   # each class has its own
+
+
 def test_package(checkpoint: Path, tiny: Path, tmp_path: Path) -> None:
     path = export_package(checkpoint, tmp_path / "m.kdpkg", version="1.2.3", latency_runs=1)
     pkg = read_package(path)
@@ -89,7 +98,9 @@ def test_package(checkpoint: Path, tiny: Path, tmp_path: Path) -> None:
         frame = decode_image(g.png)
         assert frame.shape == (64, 64, 3)
         (amap,) = sess.run(None, {"image": frame[None]})
-        assert image_score(amap[0, 0], m["sigma"]) == pytest.approx(g.score, rel=1e-5)
+        assert package_score(amap[0, 0], m, g.cls) == pytest.approx(g.score, rel=1e-5)
+    ref = ClassCalibration.from_dict(m["calibration"]["disc"]).reference   # per class, in the manifest
+    assert ref is not None and ref.mean.shape == (16, 16) and (ref.spread > 0).all()
 
 
 def test_quick_package_is_cached(tiny: Path, tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ def package_variant(v: Variant, tcfg, cfg: ReportConfig, folder: Path, reference
     manifest["precision"] = v.recipe.precision
     manifest["quantization"] = json_safe({k: val for k, val in v.detail.items() if k != "package"})
     manifest["metrics"]["drop_vs_fp32"] = json_safe({k: reference.metrics[k] - v.metrics[k] for k in v.metrics})
-    golden = golden_images(onnx_runner(v.path), cfg.data or tcfg.data, list(tcfg.classes), sigma)
+    golden = golden_images(onnx_runner(v.path), cfg.data or tcfg.data, manifest)
     return write_package(folder / f"{v.recipe.name.replace(':', '_')}.kdpkg", manifest, v.path, golden)
 
 
