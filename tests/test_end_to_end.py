@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 
 from shared.imaging import letterbox, read_image
 from shared.package import read_package
-from shared.scoring import package_score
+from shared.scoring import ClassCalibration, image_score
 from tests.trainer.tiny_data import make_tiny_set
 from trainer.export import export_package
 from trainer.train import TrainConfig, train
@@ -101,12 +101,14 @@ def test_results_travel_from_model_to_database(trained, hub, broker, unique, tmp
     # the scores the hub stored are the agent's: recompute them independently from the package
     pkg = read_package(package)
     session = ort.InferenceSession(pkg.model, providers=["CPUExecutionProvider"])
-    size = pkg.manifest["input_size"]
+    size, sigma = pkg.manifest["input_size"], pkg.manifest["sigma"]
+    cal = ClassCalibration.from_dict(pkg.manifest["calibration"]["disc"])
     by_source = {r.source: r for r in rows}
     assert sorted(by_source) == sorted(str(p.relative_to(folder)) for p in files)
     for p in files:
-        boxed, _ = letterbox(read_image(p), size)
-        expected = package_score(session.run(None, {"image": boxed[None]})[0][0, 0], pkg.manifest, "disc")
+        boxed, placement = letterbox(read_image(p), size)
+        amap = session.run(None, {"image": boxed[None]})[0][0, 0]
+        expected = image_score(cal.standardise(amap), sigma, placement, size)   # the frame, as the agent does
         row = by_source[str(p.relative_to(folder))]
         assert row.score == pytest.approx(expected, rel=1e-4, abs=1e-5)
         assert row.verdict == ("anomaly" if expected > row.threshold else "ok")
