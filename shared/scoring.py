@@ -21,6 +21,10 @@ import numpy as np
 if TYPE_CHECKING:   # the core stays numpy-only at run time
     from shared.imaging import Placement
 
+REFERENCE_GRID = 16    # cells per side of a position reference: 16 px cells at 256 px, as good as per pixel here
+SPREAD_FLOOR = 0.5     # no cell's spread below half the median cell's: calm areas must not amplify noise
+REFERENCE_IMAGES = 64  # normal training images per class behind its reference, evenly spread over the set
+
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
     """1-D normalised Gaussian kernel truncated at 4 sigma."""
@@ -79,11 +83,6 @@ def package_score(amap: np.ndarray, manifest: dict[str, Any], cls: str) -> float
     (its position reference, its sigma): what golden images record and self-tests check."""
     cal = ClassCalibration.from_dict(manifest["calibration"][cls])
     return image_score(cal.standardise(amap), float(manifest["sigma"]))
-
-
-REFERENCE_GRID = 16    # cells per side of a position reference: 16 px cells at 256 px, as good as per pixel here
-SPREAD_FLOOR = 0.5     # no cell's spread below half the median cell's: calm areas must not amplify noise
-REFERENCE_IMAGES = 64  # normal training images per class behind its reference, evenly spread over the set
 
 
 def _block_means(a: np.ndarray, grid: int) -> np.ndarray:
