@@ -114,11 +114,15 @@ class PositionReference:
 
     mean: np.ndarray
     spread: np.ndarray
+    _resized: dict = dataclasses.field(default_factory=dict, init=False, repr=False)   # map shape -> grids
 
     def standardise(self, amap: np.ndarray) -> np.ndarray:
         """(map - mean) / spread, the grid resized to the map: 0 = typical normal at that position."""
         amap = np.asarray(amap, dtype=np.float32)
-        return (amap - _upsample(self.mean, amap.shape)) / _upsample(self.spread, amap.shape)
+        if amap.shape not in self._resized:   # once per map shape: an agent sees one
+            self._resized[amap.shape] = (_upsample(self.mean, amap.shape), 1.0 / _upsample(self.spread, amap.shape))
+        mean, inv_spread = self._resized[amap.shape]
+        return (amap - mean) * inv_spread
 
     def to_dict(self) -> dict[str, list[list[float]]]:
         return {"mean": np.round(self.mean.astype(float), 6).tolist(),
