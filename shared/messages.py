@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from shared.ids import is_ulid
+
 SCHEMA_VERSION = 1
 MAX_PAYLOAD = 2 * 1024 * 1024   # a result with crops and a frame stays well below this
 MAX_IMAGE = 512 * 1024          # one encoded image (heat map, thumbnail, crop, frame)
@@ -148,6 +150,7 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("result", "verdict"): VERDICTS,
     ("model_state", "state"): MODEL_STATES,
 }
+_ULIDS = {("result", "id")}   # the hub's deduplication key: anything else could collide once stored
 
 
 def encode(msg: Any) -> bytes:
@@ -238,6 +241,10 @@ def _check(kind: str, name: str, hint: Any, value: Any) -> Any:
         limit = 2048 if name == "url" else MAX_TEXT
         if len(value) > limit:
             raise MessageError(f"{where}: {len(value)} characters, over the {limit} limit")
+        if "\x00" in value:   # no name or text has one, and PostgreSQL refuses to store it
+            raise MessageError(f"{where}: contains a NUL character")
+        if (kind, name) in _ULIDS and not is_ulid(value):
+            raise MessageError(f"{where}: {value[:40]!r} is not a ULID (26 upper-case Crockford base32 digits)")
         choices = _CHOICES.get((kind, name))
         if choices and value not in choices:
             raise MessageError(f"{where}: {value!r} is not one of {choices}")
