@@ -36,6 +36,7 @@ from hub.web import (
     images,
     live,
     metrics,
+    params,
     registry,
     results,
     review,
@@ -100,6 +101,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     db.init_app(app, database, ImageStore(data_dir / "images"))
     register_filters(app)
     app.jinja_env.globals.update(csrf_token=auth.csrf_token, principal=auth.current)
+    # first of all hooks, /metrics's and sign-in's included: a user name with NUL would reach the database
+    app.before_request(params.refuse_nul)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
 
