@@ -170,6 +170,9 @@ def test_malformed_payloads_are_counted_not_stored_and_ingest_goes_on(
             make_result(site, "cam-1", heatmap=b"<script>alert(1)</script>")
         ),  # not an image
         messages.encode(make_result(site, "cam-1", verdict="ok"))[:-7],  # truncated
+        # an id PostgreSQL would cut to its 26-character column, where it could collide
+        messages.encode(make_result(site, "cam-1", id=good.id + "X" * 174)),
+        messages.encode(make_result(site, "cam-1", station="line\x00a")),  # text PostgreSQL refuses
     ]
     for payload in bad:
         publisher.publish(result_topic, payload)
