@@ -47,3 +47,15 @@ def truncated_jpeg(seed: int = 0, h: int = 48, w: int = 64) -> bytes:
 
 def random_bytes(seed: int = 0, n: int = 4096) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+HOSTILE = ("0000a-bomb.png", "0000b-huge.png", "0000c-truncated.jpg", "0000d-random.png")
+
+
+def add_hostile_files(folder: Path, huge_png: Path) -> list[str]:
+    """Put one of each hostile file into `folder` (names sorting among the good ones); their names."""
+    (folder / HOSTILE[0]).write_bytes(png_claiming(100_000, 100_000))
+    (folder / HOSTILE[1]).write_bytes(huge_png.read_bytes())
+    (folder / HOSTILE[2]).write_bytes(truncated_jpeg())
+    (folder / HOSTILE[3]).write_bytes(random_bytes())
+    return list(HOSTILE)

@@ -13,16 +13,10 @@ import pytest
 
 from shared.image_header import read_header
 from shared.imaging import DEFAULT_LIMITS, ImageError, ImageLimits, check_image, decode_image, read_image, read_mask
-from tests.hostile_images import png_claiming, random_bytes, truncated_jpeg, write_blank_png
+from tests.hostile_images import png_claiming, random_bytes, truncated_jpeg
 
 SAMPLE = np.dstack([np.tile(np.arange(12, dtype=np.uint8) * 20, (10, 1)), np.full((10, 12), 90, np.uint8),
                     np.full((10, 12), 200, np.uint8)])   # (10, 12, 3): BGR, distinct channels
-
-
-@pytest.fixture(scope="session")
-def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete 20000 x 20000 RGB PNG (1.2 GB of pixels once decoded, 5 MB of file)."""
-    return write_blank_png(tmp_path_factory.mktemp("huge") / "huge.png", 20000, 20000)
 
 
 def test_a_74_byte_png_claiming_100000_squared_pixels_is_refused_by_name(tmp_path):
