@@ -110,6 +110,8 @@ class Metrics:
     score_p50_ms: float = -1.0
     score_p95_ms: float = -1.0
     gpu_percent: float = -1.0   # where readable (Jetson sysfs, NVML); -1 otherwise
+    frames_rejected: int = 0    # frames or files the sources could not use since the agent started
+    source_error: str = ""      # why a source is failing (it is retried meanwhile); "" while all work
 
 
 @dataclass(frozen=True, slots=True)
