@@ -176,6 +176,8 @@ class Device(Base):
     infer_p95_ms: Mapped[float | None] = mapped_column(Double)  # per stage: inference, per frame
     score_p95_ms: Mapped[float | None] = mapped_column(Double)  # per stage: scoring, crops, heat map
     gpu_percent: Mapped[float | None] = mapped_column(Double)
+    frames_rejected: Mapped[int | None] = mapped_column(Integer)  # frames its sources could not use
+    source_error: Mapped[str | None] = mapped_column(String(TEXT_LEN))  # a failing source's error; "": none
     # MQTT credentials (`kdfleet hub add-device`); the hash is in Mosquitto's own format
     mqtt_username: Mapped[str | None] = mapped_column(String(TEXT_LEN), unique=True)
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(TEXT_LEN))
