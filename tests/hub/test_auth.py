@@ -456,3 +456,17 @@ def test_a_hub_served_over_tls_sets_a_secure_session_cookie(app: Flask, tmp_path
         server.shutdown()
         thread.join(5)
     assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def test_proxy_hops_is_a_checked_hub_setting(tmp_path) -> None:
+    from hub.config import load as load_hub_config
+    from shared.config import ConfigError
+
+    good = tmp_path / "hub.toml"
+    good.write_text("[web]\nproxy_hops = 1\nsecure_cookies = true\n")
+    settings = load_hub_config(good).web_settings()
+    assert (settings["HUB_PROXY_HOPS"], settings["SESSION_COOKIE_SECURE"]) == (1, True)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[web]\nproxy_hops = 9\n")
+    with pytest.raises(ConfigError, match=r"web\.proxy_hops: 9 is not within 0\.\.5"):
+        load_hub_config(bad)
