@@ -353,6 +353,9 @@ def test_missing_camera_is_a_clear_error_and_the_other_sources_keep_running(tmp_
             assert until(lambda: agent.spool.depth() == 0, 20)   # delivered too
             assert hub.wait(len(truth), 10)
             assert not agent.sources_done()   # the camera keeps being retried
+            assert agent.source_error().startswith(f"camera {MISSING_CAMERA} (/dev/video{MISSING_CAMERA} on Linux): "
+                                                   "cannot open")   # and the hub is told why
+            assert agent.metrics().source_error == agent.source_error()
         finally:
             agent.shutdown(drain_s=0)
             hub.link.stop()
