@@ -104,8 +104,8 @@ class Counters:
 class _SourceMonitor(SourceEvents):
     """One source's events: its rejected frames counted, its error kept for the metrics message."""
 
-    def __init__(self, agent: Agent, index: int) -> None:
-        self.agent, self.index = agent, index
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
         self.error = ""
 
     def rejected(self, name: str, reason: str) -> None:
@@ -151,7 +151,7 @@ class Agent:
         self._normal_seen = 0
         self._threads: list[threading.Thread] = []
         self._sources_left = len(cfg.sources)
-        self._monitors = [_SourceMonitor(self, i) for i in range(len(cfg.sources))]
+        self._monitors = [_SourceMonitor(self) for _ in cfg.sources]
 
     # -- the model --------------------------------------------------------------
 
@@ -249,7 +249,7 @@ class Agent:
                 except Exception as exc:   # the source stops, never the station: reported, then opened again
                     bug = not isinstance(exc, SourceError)
                     why = f"source {redact(src_cfg.uri)}: {type(exc).__name__}: {exc}" if bug else str(exc)
-                    log.error("%s; opening it again in %.0f s", why, backoff, exc_info=bug)
+                    log.error("%s; opening it again in %.1f s", why, backoff, exc_info=bug)
                     monitor.state(why)
                 self.stop.wait(backoff * random.uniform(0.8, 1.2))   # jitter: sources failing together spread out
                 backoff = min(backoff * 2, RESTART_MAX_S)
@@ -284,7 +284,8 @@ class Agent:
 
     def source_changed(self) -> None:
         """A source failed or recovered: tell the hub now rather than at the next metrics interval."""
-        self._send_metrics()
+        if not self.stop.is_set():   # stopping: the spool may be closing, and the last will says it all
+            self._send_metrics()
 
     def _put_waiting(self, item: Captured) -> None:
         while not self.stop.is_set():
