@@ -14,9 +14,10 @@ PTQ has; these are the ones the report compares:
   the backbone expects (for ImageNet's statistics about 1-2 % of the draws
   clip at 0 or 255; for EfficientNet-Lite's (x - 127) / 128 about a third do).
 - `mixed`: half good training images lightly augmented (flips, gain, sensor
-  noise), half the same with a synthetic anomaly painted in (a patch cut from
-  another image and pasted elsewhere, a scratch, or a blotch of foreign
-  colour), so the ranges also cover the activations a defect produces.
+  noise), half the same with a synthetic anomaly painted in
+  (`trainer.data.anomalies`: a patch cut from another image and pasted
+  elsewhere, a scratch, or a blotch of foreign colour), so the ranges also
+  cover the activations a defect produces.
 
 Images are sampled evenly over the classes and deterministically for a seed.
 """
@@ -26,9 +27,9 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from trainer.data.anomalies import paint_anomaly
 from trainer.inference_graph import INPUT_NAME
 from trainer.models.backbone import input_normalization
 
@@ -109,7 +110,7 @@ def mixed_images(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     for i in range(len(out)):
         img = augment(out[i], rng)
         if i % 2:
-            img = synthetic_anomaly(img, frames[(i + 1) % len(frames)], rng)
+            img, _ = paint_anomaly(img, frames[(i + 1) % len(frames)], rng)
         out[i] = img
     return out
 
@@ -124,33 +125,6 @@ def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def synthetic_anomaly(img: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One of: a patch of `other` pasted in (CutPaste), a scratch, a soft blotch of foreign colour."""
-    img = np.ascontiguousarray(img).copy()
-    s = img.shape[0]
-    kind = rng.integers(3)
-    if kind == 0:
-        ph, pw = (int(v) for v in rng.integers(s // 10, s // 4, 2))
-        y0, x0 = int(rng.integers(0, s - ph)), int(rng.integers(0, s - pw))
-        sy, sx = int(rng.integers(0, s - ph)), int(rng.integers(0, s - pw))
-        patch = other[sy:sy + ph, sx:sx + pw].astype(np.float32) * rng.uniform(0.7, 1.3)
-        img[y0:y0 + ph, x0:x0 + pw] = np.clip(patch, 0, 255).astype(np.uint8)
-    elif kind == 1:
-        p0 = tuple(int(v) for v in rng.integers(0, s, 2))
-        p1 = tuple(int(v) for v in rng.integers(0, s, 2))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        cv2.line(img, p0, p1, colour, int(rng.integers(1, max(2, s // 64) + 1)), cv2.LINE_AA)
-    else:
-        mask = np.zeros(img.shape[:2], np.float32)
-        centre = tuple(int(v) for v in rng.integers(s // 8, s - s // 8, 2))
-        axes = tuple(int(v) for v in rng.integers(s // 20, s // 6, 2))
-        cv2.ellipse(mask, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
-        mask = cv2.GaussianBlur(mask, (0, 0), max(1.0, s / 128))[..., None] * rng.uniform(0.5, 0.9)
-        colour = rng.integers(0, 256, 3).astype(np.float32)
-        img = np.clip(img * (1 - mask) + colour * mask, 0, 255).astype(np.uint8)
-    return img
-
-
 class FrameReader:
     """An ONNX Runtime `CalibrationDataReader` over frames, `batch_size` per call.
 
@@ -158,12 +132,16 @@ class FrameReader:
     (`CalibStridedMinMax`) and never holds every activation of every frame at once.
     """
 
-    def __init__(self, frames: np.ndarray, batch_size: int = 1, input_name: str = INPUT_NAME) -> None:
+    def __init__(self, frames: np.ndarray, batch_size: int = 1, input_name: str = INPUT_NAME,
+                 class_input: str | None = None) -> None:
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be uint8 (N, S, S, 3), got {frames.dtype} {frames.shape}")
         self.frames = frames
         self.batch_size = batch_size
         self.input_name = input_name
+        # a class-conditional graph: the class only picks a bank for the float distance head, so every
+        # frame runs as class 0 (the quantised layers' activations do not depend on it)
+        self.class_input = class_input
         self.set_range(0, len(self))
 
     def __len__(self) -> int:
@@ -177,7 +155,10 @@ class FrameReader:
             return None
         i = self._next * self.batch_size
         self._next += 1
-        return {self.input_name: self.frames[i:i + self.batch_size]}
+        batch = self.frames[i:i + self.batch_size]
+        if self.class_input is None:
+            return {self.input_name: batch}
+        return {self.input_name: batch, self.class_input: np.zeros(len(batch), np.int32)}
 
     def rewind(self) -> None:
         self.set_range(0, len(self))
