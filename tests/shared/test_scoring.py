@@ -72,7 +72,8 @@ def test_position_reference_discounts_where_normal_maps_run_high():
     normals[:, :, :8] += rng.normal(2.0, 1.0, (40, 64, 8))   # a busy strip: high and spread out on every normal
     ref = scoring.fit_reference(normals)
     assert ref.mean.shape == ref.spread.shape == (16, 16)
-    assert ref.mean[:, :2].mean() == pytest.approx(3.0, abs=0.2) and ref.mean[:, 4:].mean() == pytest.approx(1.0, abs=0.02)
+    assert ref.mean[:, :2].mean() == pytest.approx(3.0, abs=0.2)
+    assert ref.mean[:, 4:].mean() == pytest.approx(1.0, abs=0.02)
     defect = rng.normal(1.0, 0.1, (64, 64))
     defect[30:34, 40:44] = 2.5                               # a defect in the calm area, weaker than the strip
     normal = rng.normal(1.0, 0.1, (64, 64))
