@@ -105,7 +105,7 @@ def check_main(argv: list[str]) -> int:
             rt = open_runtime(cfg.runtime, package.model, package.manifest, cfg.threads)
             worst = 0.0
             for g in package.golden:
-                score = package_score(rt.infer(decode_image(g.png)[None])[0], package.manifest, g.cls)
+                score = package_score(rt.infer(decode_image(g.png)[None], [g.cls])[0], package.manifest, g.cls)
                 worst = max(worst, abs(score - g.score) / max(abs(g.score), 1e-6))
             report(f"runtime {rt.name}, golden self-test ({len(package.golden)} images, worst error {worst:.1e})",
                    None if worst < 0.05 else "scores differ from the manifest's by more than 5 %")

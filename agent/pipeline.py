@@ -316,7 +316,7 @@ class Agent:
             try:
                 boxed = [b.boxed if b.boxed.shape[0] == model.size else letterbox(b.image, model.size)[0]
                          for b in batch]
-                maps = model.runtime.infer(np.stack(boxed))
+                maps = model.runtime.infer(np.stack(boxed), [b.source.cls for b in batch])
             except Exception:
                 log.exception("inference failed on %d frame(s); skipped", len(batch))
                 self.counters.add(skipped=len(batch))

@@ -299,7 +299,7 @@ def self_test(runtime: Any, package: Package) -> float:
     tol = float(package.manifest.get("golden_tolerance", GOLDEN_TOLERANCE))
     worst = 0.0
     for g in package.golden:
-        score = package_score(runtime.infer(decode_image(g.png)[None])[0], package.manifest, g.cls)
+        score = package_score(runtime.infer(decode_image(g.png)[None], [g.cls])[0], package.manifest, g.cls)
         error = abs(score - g.score) / max(abs(g.score), 1e-3)
         worst = max(worst, error)
         if not error <= tol:   # also catches NaN

@@ -169,14 +169,21 @@ class TorchEager:
         from trainer.train import load_checkpoint
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        _, model, _ = load_checkpoint(checkpoint)
+        cfg, model, _ = load_checkpoint(checkpoint)
         self.torch = torch
         self.graph = InferenceGraph(model).eval()
+        self.classes = list(cfg.classes)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 -> (N, m, m) float32, as the agent's runtimes return it."""
+    def infer(self, batch: np.ndarray, classes: list[str] | None = None) -> np.ndarray:
+        """(N, S, S, 3) uint8 [, class names] -> (N, m, m) float32, as the agent's runtimes return it."""
+        frames = self.torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
         with self.torch.inference_mode():
-            out = self.graph(self.torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8)))  # (N, 1, m, m)
+            if self.graph.class_conditional:
+                names = list(classes or []) * len(batch) if len(classes or []) == 1 else list(classes or [])
+                index = self.torch.tensor([self.classes.index(c) for c in names], dtype=self.torch.int32)
+                out = self.graph(frames, index)                                               # (N, 1, m, m)
+            else:
+                out = self.graph(frames)
         return out[:, 0].numpy()
 
 
@@ -203,7 +210,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
         size = agent.size
         blank = np.zeros((spec.batch_size, size, size, 3), np.uint8)
         # first calls allocate and plan: not what a station does all day
-        _in_thread(lambda: [agent.runtime.infer(blank) for _ in range(3)])
+        _in_thread(lambda: [agent.runtime.infer(blank, [spec.cls]) for _ in range(3)])
         n = len(_images(spec.folder))
         consumer = _consumer(spec.broker, topics.topic("bench", f"bench-{spec.label}", topics.RESULT))
         cpu0, t0 = _cpu_s(), time.perf_counter()

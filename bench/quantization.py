@@ -105,7 +105,7 @@ def targets(reports: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.models import available_methods
+    from trainer.models import METHOD_NAMES
     from trainer.quantize import parse_recipes
     from trainer.quantize.qat import QATConfig
     from trainer.quantize.report import ReportConfig, format_table, quantize_report, write_report
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quantization", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/bench-quantization", help="data, checkpoints and reports go here")
     p.add_argument("--data", help="an MVTec-layout set to use instead of the synthetic one")
-    p.add_argument("--methods", default=",".join(available_methods()), help="comma-separated (default: all built)")
+    p.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated (default: every method)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=20, help="training epochs when a checkpoint is missing")
     p.add_argument("--recipes", default=RECIPES)

@@ -28,7 +28,7 @@ SIGNATURE = "manifest.sig"
 MODEL = "model.onnx"
 MAX_MEMBER = 512 * 1024 * 1024
 
-METHODS = ("stfpm", "rd", "us")
+METHODS = ("stfpm", "rd", "us", "patchcore")
 PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 
 # key -> type(s) every manifest must carry
@@ -113,6 +113,8 @@ def validate_manifest(m: Any) -> dict[str, Any]:
                 PositionReference.from_dict(cal["reference"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise PackageError(f"calibration of {c!r} has a malformed position reference: {exc}") from exc
+    if m.get("class_input") is not None and not isinstance(m["class_input"], str):
+        raise PackageError("manifest 'class_input' must be the name of the graph's class-index input, or null")
     if MODEL not in m["files"]:
         raise PackageError(f"manifest does not list {MODEL}")
     return m

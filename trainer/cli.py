@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from shared.scoring import REFERENCE_IMAGES
-from trainer.models import METHOD_NAMES, MethodNotAvailable
+from trainer.models import METHOD_NAMES
 
+REFERENCE_CHOICES = ("auto", "on", "off")   # trainer.evaluate.REFERENCE_CHOICES, without importing torch here
 EPILOG_DATA = "The set follows the MVTec AD layout: OUT/CLASS/{train/good, test/<defect>, ground_truth/<defect>}."
 
 
@@ -107,9 +108,7 @@ def train_main(argv: list[str] | None = None) -> int:
         for c in configs:
             print(f"training {c.method} on {', '.join(c.classes) or 'all classes'} -> {c.out}", file=sys.stderr)
             print(train(c, resume=args.resume), flush=True)
-    except MethodNotAvailable as exc:
-        return fail("kdfleet train", str(exc))
-    except (ValueError, FileNotFoundError) as exc:   # DatasetError and BackboneError are ValueErrors
+    except (ValueError, FileNotFoundError) as exc:   # UnknownMethod, DatasetError, BackboneError: ValueErrors
         return fail("kdfleet train", str(exc))
     return 0
 
@@ -126,20 +125,22 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         prog="kdfleet evaluate",
         description="Evaluate models on an MVTec-layout set: image/pixel AUROC, AUPRO@0.3, F1-max per class "
                     "and mean, per-class calibration, latency and size.",
-        epilog="Give several one-class checkpoints to evaluate each on its own class(es). "
-               "--yardstick adds the training-free kNN baseline on the same teacher.")
+        epilog="Give several one-class checkpoints to evaluate each on its own class(es). --yardstick adds "
+               "the memory-bank yardstick (PatchCore on the same teacher, fitted on the spot) and says where a "
+               "trained model falls below it. Progress goes to stderr, tables to stdout.")
     ap.add_argument("models", nargs="+", type=Path, help="checkpoint (.pt), ONNX (.onnx) or package (.kdpkg)")
     ap.add_argument("--data", type=Path, default=None, help="data root (default: the checkpoint's)")
     ap.add_argument("--classes", default=None, help="comma-separated classes (default: the model's)")
     ap.add_argument("--size", type=int, default=None, help="input side (default: the model's)")
-    ap.add_argument("--yardstick", action="store_true", help="also evaluate the kNN yardstick")
+    ap.add_argument("--yardstick", action="store_true", help="also evaluate the PatchCore yardstick")
     ap.add_argument("--json", type=Path, default=None, help="write the full results as JSON here")
     ap.add_argument("--report", type=Path, default=None, metavar="DIR",
                     help="also write a report folder (results.json, report.md, ROC / histogram / worst-miss "
                          "PNGs), as `kdfleet compare` does")
-    ap.add_argument("--reference-images", type=int, default=REFERENCE_IMAGES, metavar="N",
-                    help="normal training images per class behind its position reference (default %(default)s; "
-                         "0 scores the raw maps)")
+    ap.add_argument("--reference", choices=REFERENCE_CHOICES, default="auto",
+                    help="each class's position reference: auto keeps it where it scores synthetic anomalies on "
+                         "held-out normal images better than the raw map; on / off for every class "
+                         "(default %(default)s)")
     ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = ap.parse_args(argv)
 
@@ -148,8 +149,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     classes = list(parse_classes(args.classes)) if args.classes else None
-    extra: dict[str, Any] = {"details": True, "worst": WORST, "progress": log} if args.report else {}
-    extra["reference_images"] = args.reference_images
+    extra: dict[str, Any] = {"details": True, "worst": WORST} if args.report else {}
+    extra["reference"] = args.reference
     results: dict[str, Any] = {}
     items: list[dict[str, Any]] = []
     try:
@@ -157,19 +158,26 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             data = args.data or model_data(m)
             if data is None:
                 return fail("kdfleet evaluate", f"{m}: give --data (the model does not say where its data is)")
-            r = evaluate(m, data, classes, args.size, threads=args.threads or 2, **extra)
+            log(f"evaluating {m} on {data}")
+            r = evaluate(m, data, classes, args.size, threads=args.threads or 2,
+                         progress=lambda s, m=m: log(f"  {m.name}: {s}"), **extra)
             results[str(m)] = r
             method = describe_model(m)[0] if m.suffix != ".onnx" else m.stem
             items.append({"method": method, "mode": mode_of(r["classes"]), "source": str(m), "result": r})
             print(f"## {m}\n\n{format_table(r)}\n")
+            yard = None
             if args.yardstick:
                 from trainer.yardstick import yardstick_report
 
-                y = yardstick_report(str(data), list(r["classes"]), r["input_size"], threads=args.threads or 2,
-                                     **extra)
-                results[f"{m} (kNN yardstick)"] = y
-                items.append({"method": "knn", "mode": mode_of(r["classes"]), "source": f"kNN for {m}", "result": y})
-                print(f"## kNN yardstick (same classes, {r['input_size']} px)\n\n{format_table(y)}\n")
+                log(f"fitting the PatchCore yardstick on {', '.join(r['classes'])} at {r['input_size']} px")
+                yard = yardstick_report(str(data), list(r["classes"]), r["input_size"], threads=args.threads or 2,
+                                        progress=lambda s: log(f"  yardstick: {s}"), **extra)
+                results[f"{m} (yardstick)"] = yard
+                items.append({"method": "patchcore", "mode": mode_of(r["classes"]),
+                              "source": f"PatchCore yardstick for {m}", "result": yard})
+                print(f"## PatchCore yardstick (same classes, {r['input_size']} px)\n\n{format_table(yard)}\n")
+            for line in verdicts(r, yard, method):
+                print(line)
         if args.report:
             from trainer.report import group_entries, write_report
 
@@ -185,6 +193,35 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(json_safe(jsonable(results)), indent=2))
     return 0
+
+
+# how far below the yardstick a trained model may score before the verdict says so (sampling noise of
+# AUROC on a few dozen test images is about this large)
+YARDSTICK_SLACK = 0.01
+
+
+def verdicts(result: dict[str, Any], yardstick: dict[str, Any] | None, method: str) -> list[str]:
+    """Plain sentences on what a user should worry about: below the yardstick, thresholds that catch nothing."""
+    out = []
+    for cls, m in result["classes"].items():
+        if m.get("n_anomalous") and m.get("tpr_at_threshold") == 0:
+            out.append(f"verdict: class {cls}: the shipped threshold catches none of its {m['n_anomalous']} "
+                       f"defective test images (image AUROC {m['image_auroc']:.3f}); lower it with the agent's "
+                       f"threshold override or retrain with more normal images")
+    if yardstick is not None and method != "patchcore":
+        for key, name in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
+            mine, ref = result["mean"][key], yardstick["mean"][key]
+            if math.isfinite(mine) and math.isfinite(ref) and mine < ref - YARDSTICK_SLACK:
+                worst = sorted(((m[key] - yardstick["classes"][c][key], c) for c, m in result["classes"].items()
+                                if math.isfinite(m[key]) and math.isfinite(yardstick["classes"][c][key])))[:1]
+                where = f"; furthest behind on {worst[0][1]} ({worst[0][0]:+.3f})" if worst else ""
+                out.append(f"verdict: {method} scores below the PatchCore yardstick on {name} AUROC "
+                           f"({mine:.3f} vs {ref:.3f}){where}: the student has not learned what the teacher's "
+                           f"features separate; the yardstick itself is deployable (--method patchcore)")
+    if not out:
+        out.append("verdict: no class below the yardstick and every shipped threshold catches defects"
+                   if yardstick is not None else "verdict: every shipped threshold catches defects")
+    return out
 
 
 def log(msg: str) -> None:
@@ -250,7 +287,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="kdfleet compare",
         description="Compare methods unified (one model for all classes) vs one-class (one model per class), "
-                    "per class, beside the kNN yardstick: writes results.json, report.md (accuracy and cost "
+                    "per class, beside the PatchCore yardstick: writes results.json, report.md (accuracy and cost "
                     "tables) and PNG figures (ROC curves, score histograms, worst-miss heat maps).",
         epilog="Checkpoints trained on several classes count as unified, on one class as one-class; give one "
                "one-class checkpoint per class. With --train, the models are trained first (under --work; a "
@@ -268,13 +305,14 @@ def compare_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=20, help="with --train: default %(default)s")
     ap.add_argument("--seed", type=int, default=0, help="training seed and the yardstick's split (default 0)")
     ap.add_argument("--work", type=Path, default=None, help="with --train: runs folder (default OUT/runs)")
-    ap.add_argument("--no-yardstick", action="store_true", help="leave out the kNN yardstick")
+    ap.add_argument("--no-yardstick", action="store_true", help="leave out the PatchCore yardstick")
     ap.add_argument("--worst", type=int, default=WORST, help="worst misses shown per class and kind (default "
                                                               "%(default)s)")
     ap.add_argument("--latency-runs", type=int, default=20, help="timed single-image runs (default %(default)s)")
-    ap.add_argument("--reference-images", type=int, default=REFERENCE_IMAGES, metavar="N",
-                    help="normal training images per class behind its position reference (default %(default)s; "
-                         "0 scores the raw maps)")
+    ap.add_argument("--reference", choices=REFERENCE_CHOICES, default="auto",
+                    help="each class's position reference: auto keeps it where it scores synthetic anomalies on "
+                         "held-out normal images better than the raw map; on / off for every class "
+                         "(default %(default)s)")
     ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = ap.parse_args(argv)
     if args.train == bool(args.models):
@@ -298,7 +336,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         from trainer.report import accuracy_table, cost_table, summary_table, write_report
 
         write_report(entries, args.out, meta, log)
-    except (ValueError, FileNotFoundError) as exc:   # MethodNotAvailable, DatasetError are ValueErrors
+    except (ValueError, FileNotFoundError) as exc:   # UnknownMethod, DatasetError are ValueErrors
         return fail("kdfleet compare", str(exc))
     print(f"{accuracy_table(entries)}\n\n{summary_table(entries)}\n\n{cost_table(entries)}\n")
     print(args.out / "report.md")
@@ -355,12 +393,12 @@ def checkpoint_items(paths: list[Path], data: Path | None,
 
 def evaluate_items(items: list[dict[str, Any]], data: Path, classes: list[str],
                    args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Evaluate every item (and the kNN yardstick in each mode present) into report entries."""
+    """Evaluate every item (and the PatchCore yardstick beside each mode present) into report entries."""
     from trainer.evaluate import evaluate
     from trainer.report import group_entries
 
     kw = {"details": True, "worst": args.worst, "latency_runs": args.latency_runs, "threads": args.threads or 2,
-          "reference_images": args.reference_images}
+          "reference": args.reference}
     for n, it in enumerate(items, 1):
         tag = f"{it['method']} {it['mode']} [{n}/{len(items)}]"
         log(f"evaluating {tag}: {it['source']}")
@@ -376,25 +414,35 @@ def evaluate_items(items: list[dict[str, Any]], data: Path, classes: list[str],
 
 def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int,
                     kw: dict[str, Any]) -> list[dict[str, Any]]:
-    """The kNN yardstick in each mode present: one bank per class (one-class) or on every class (unified)."""
+    """The PatchCore yardstick beside every mode present. Its banks are per class, so one fit on every
+    covered class is the unified and the one-class model at once: it is fitted and evaluated once."""
     from trainer.evaluate import evaluate
     from trainer.yardstick import fit_yardstick
 
     size = items[0]["result"]["input_size"]
+    covered = list(dict.fromkeys(c for it in items for c in it["result"]["classes"]))
+    log(f"fitting the PatchCore yardstick on {', '.join(covered)} at {size} px")
+    t0 = time.monotonic()
+    model = fit_yardstick(str(data), covered, size, seed=seed, threads=kw["threads"],
+                          progress=lambda p: log(f"  yardstick: {p.note}"))
+    fit_s = time.monotonic() - t0
+    r = evaluate(model, data, covered, size, seed=seed, progress=lambda s: log(f"  yardstick: {s}"), **kw)
     out = []
     for mode in dict.fromkeys(it["mode"] for it in items):
-        covered = list(dict.fromkeys(c for it in items if it["mode"] == mode for c in it["result"]["classes"]))
-        for group in ([[c] for c in covered] if mode == "one-class" else [covered]):
-            tag = f"knn {mode} ({', '.join(group)})"
-            log(f"fitting and evaluating {tag} at {size} px")
-            t0 = time.monotonic()
-            model = fit_yardstick(str(data), group, size, seed=seed, threads=kw["threads"])
-            fit_s = time.monotonic() - t0
-            r = evaluate(model, data, group, size, seed=seed, progress=lambda s, tag=tag: log(f"  {tag}: {s}"),
-                         **kw)
-            out.append({"method": "knn", "mode": mode, "source": f"kNN yardstick on {', '.join(group)}",
-                        "result": r, "train_s": fit_s})
+        mine = list(dict.fromkeys(c for it in items if it["mode"] == mode for c in it["result"]["classes"]))
+        out.append({"method": "patchcore", "mode": mode, "source": f"PatchCore yardstick on {', '.join(covered)}",
+                    "result": subset(r, mine), "train_s": fit_s})
     return out
+
+
+def subset(result: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """An evaluation result restricted to `classes`, its means recomputed."""
+    from trainer.evaluate import nanmean
+
+    per_class = {c: result["classes"][c] for c in classes}
+    mean = {k: nanmean([m[k] for m in per_class.values()]) for k in result["mean"]}
+    return {**result, "classes": per_class, "mean": mean,
+            "calibration": {c: result["calibration"][c] for c in classes}}
 
 
 # -- export ---------------------------------------------------------------------

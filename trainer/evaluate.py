@@ -10,16 +10,21 @@ smoothed (`sigma` in map pixels) and the image score is its maximum over
 the frame's own region, the letterbox border left out
 (`shared.scoring.image_score`). For pixel metrics the smoothed map is cut back
 to each image's own frame (`unletterbox`) at most `pixel_side` pixels on its
-long side, and the mask is resized to the same grid.
+long side, and the mask is resized to the same grid. Defect images without a
+mask (image-level labels) count for the image metrics only.
 
 Position reference: per class, `shared.scoring.fit_reference` on the raw maps
-of up to `reference_images` normal training images (evenly spread); every map
-of that class is standardised with it before smoothing, in evaluation as in
-the agent. `reference_images=0` scores the raw maps.
+of the held-out normal validation images (never trained on, never in a
+memory bank), put on trial (`reference_trial`): it is kept only where it
+scores synthetic anomalies painted onto those images better than the raw map
+does. A kept reference standardises every map of the class before
+smoothing, in evaluation as in the agent; both variants' test metrics are
+reported.
 
 Calibration: per class, `shared.scoring.calibrate` on the image scores of the
 held-out normal validation images (the same train/validation split as
-training, so never trained on). MVTec-layout sets have no labelled
+training, so never trained on), each standardised with the reference fitted
+on the others, so its score is that of an unseen image. MVTec-layout sets have no labelled
 calibration split, and choosing the threshold on the test anomalies would
 leak test labels into the shipped threshold, so F1-optimal thresholds appear
 only as the F1-max metric. The shipped threshold's false-positive and
@@ -37,39 +42,47 @@ import cv2
 import numpy as np
 import torch
 
-from shared.imaging import read_mask, unletterbox
-from shared.scoring import (REFERENCE_IMAGES, ClassCalibration, PositionReference, calibrate, fit_reference,
-                            image_score, smooth)
-from trainer.inference_graph import INPUT_NAME, MAP_STRIDE, InferenceGraph
+from shared.imaging import Placement, read_mask, unletterbox
+from shared.scoring import ClassCalibration, PositionReference, calibrate, fit_reference, image_score, smooth
+from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, InferenceGraph
 
 DEFAULT_SIGMA = 1.0   # 4 px at full resolution, in stride-4 map pixels
 
 
-# -- runners: uint8 (N, S, S, 3) -> float32 (N, 1, S/4, S/4) --------------------
+# -- runners: uint8 (N, S, S, 3) [, class index] -> float32 (N, 1, S/4, S/4) ------
 
 @dataclass
 class Runner:
-    """A callable that maps letterboxed frames to raw anomaly maps, with what is known about it."""
+    """A callable that maps letterboxed frames to raw anomaly maps, with what is known about it.
 
-    run: Callable[[np.ndarray], np.ndarray]
+    A class-conditional model needs each frame's class index (its position
+    in the model's class list); other models ignore it.
+    """
+
+    run: Callable[[np.ndarray, np.ndarray], np.ndarray]
     size: int
     runtime: str          # "torch" or "onnxruntime"
     size_bytes: int       # weights (torch) or the ONNX file
     meta: dict[str, Any]  # what the source says about itself (checkpoint config, manifest)
+    class_conditional: bool = False
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.run(images)
+    def __call__(self, images: np.ndarray, class_index: int | np.ndarray = 0) -> np.ndarray:
+        index = np.array(np.broadcast_to(np.asarray(class_index, np.int32), (len(images),)))   # a writable copy
+        return self.run(images, index)
 
 
 def torch_runner(graph: torch.nn.Module, size: int, meta: dict[str, Any] | None = None) -> Runner:
-    graph = graph.eval()
+    graph = (graph if isinstance(graph, InferenceGraph) else InferenceGraph(graph)).eval()
 
     @torch.no_grad()
-    def run(images: np.ndarray) -> np.ndarray:
-        return graph(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+    def run(images: np.ndarray, class_index: np.ndarray) -> np.ndarray:
+        frames = torch.from_numpy(np.ascontiguousarray(images))
+        if graph.class_conditional:
+            return graph(frames, torch.from_numpy(class_index)).numpy()
+        return graph(frames).numpy()
 
     n_bytes = sum(t.numel() * t.element_size() for t in list(graph.parameters()) + list(graph.buffers()))
-    return Runner(run, size, "torch", n_bytes, meta or {})
+    return Runner(run, size, "torch", n_bytes, meta or {}, graph.class_conditional)
 
 
 def onnx_runner(model: bytes | str | Path, meta: dict[str, Any] | None = None, threads: int = 0) -> Runner:
@@ -82,11 +95,15 @@ def onnx_runner(model: bytes | str | Path, meta: dict[str, Any] | None = None, t
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     shape = sess.get_inputs()[0].shape   # [N, S, S, 3]
     size = int(shape[1])
+    conditional = CLASS_INPUT_NAME in {i.name for i in sess.get_inputs()}
 
-    def run(images: np.ndarray) -> np.ndarray:
-        return sess.run(None, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})[0]
+    def run(images: np.ndarray, class_index: np.ndarray) -> np.ndarray:
+        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)}
+        if conditional:
+            feed[CLASS_INPUT_NAME] = class_index
+        return sess.run(None, feed)[0]
 
-    return Runner(run, size, "onnxruntime", len(data), meta or {})
+    return Runner(run, size, "onnxruntime", len(data), meta or {}, conditional)
 
 
 def make_runner(source: Any, size: int | None = None, threads: int = 0) -> Runner:
@@ -94,10 +111,9 @@ def make_runner(source: Any, size: int | None = None, threads: int = 0) -> Runne
     if isinstance(source, Runner):
         return source
     if isinstance(source, torch.nn.Module):
-        graph = source if isinstance(source, InferenceGraph) else InferenceGraph(source)
         if size is None:
             raise ValueError("evaluating a torch module needs the input size")
-        return torch_runner(graph, size)
+        return torch_runner(source, size)
     path = Path(source)
     if path.suffix == ".onnx":
         return onnx_runner(path, {}, threads)
@@ -112,11 +128,12 @@ def make_runner(source: Any, size: int | None = None, threads: int = 0) -> Runne
     return torch_runner(InferenceGraph(model), size or cfg.size, {"config": cfg.to_dict()})
 
 
-def run_batched(runner: Runner, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-    """Maps (N, h, w) for uint8 frames (N, S, S, 3)."""
+def run_batched(runner: Runner, images: np.ndarray, batch_size: int = 8, class_index: int = 0) -> np.ndarray:
+    """Maps (N, h, w) for uint8 frames (N, S, S, 3), all of the class at `class_index`."""
     if len(images) == 0:
         return np.zeros((0, runner.size // MAP_STRIDE, runner.size // MAP_STRIDE), np.float32)
-    return np.concatenate([runner(images[i:i + batch_size])[:, 0] for i in range(0, len(images), batch_size)])
+    return np.concatenate([runner(images[i:i + batch_size], class_index)[:, 0]
+                           for i in range(0, len(images), batch_size)])
 
 
 def measure_latency(runner: Runner, runs: int = 20) -> float:
@@ -140,72 +157,175 @@ def pixel_grid(h: int, w: int, side: int) -> tuple[int, int]:
     return max(1, round(h * s)), max(1, round(w * s))
 
 
-def raw_maps(runner: Runner, paths: list[str], batch_size: int = 8, threads: int = 2) -> np.ndarray:
-    """The runner's raw maps (N, h, w) of the images at `paths` (at least one)."""
+@dataclass
+class Inferred:
+    """Raw maps of a list of images and where each frame landed in its letterboxed square."""
+
+    maps: np.ndarray                 # (N, h, w) raw
+    places: list[Placement]
+    shapes: list[tuple[int, int]]    # each frame's own (H, W)
+    frames: np.ndarray | None = None  # the letterboxed uint8 frames, when kept
+
+    def scores(self, sigma: float, size: int, references: list[PositionReference | None]) -> np.ndarray:
+        """Image scores (N,), each map standardised with its reference first (None: raw)."""
+        return np.asarray([image_score(standardise(m, r), sigma, p, size)
+                           for m, p, r in zip(self.maps, self.places, references, strict=True)], np.float64)
+
+    def frame_maps(self, sigma: float, size: int, reference: PositionReference | None,
+                   side: int) -> list[np.ndarray]:
+        """Smoothed maps cut back to each frame's own grid, its long side at most `side` pixels."""
+        return [unletterbox(smooth(standardise(m, reference), sigma), p, size, pixel_grid(h, w, side))
+                for m, p, (h, w) in zip(self.maps, self.places, self.shapes, strict=True)]
+
+
+def standardise(amap: np.ndarray, reference: PositionReference | None) -> np.ndarray:
+    return amap if reference is None else reference.standardise(amap)
+
+
+def infer(runner: Runner, paths: list[str], batch_size: int = 8, threads: int = 2, class_index: int = 0,
+          keep_frames: bool = False) -> Inferred:
+    """Raw maps of the images at `paths`, read in chunks so memory stays bounded for large sets."""
     from trainer.train import load_frames
 
-    return np.concatenate([run_batched(runner, load_frames(paths[i:i + 32], runner.size, threads)[0], batch_size)
-                           for i in range(0, len(paths), 32)])
-
-
-def reference_for(runner: Runner, paths: list[str], n: int, batch_size: int = 8,
-                  threads: int = 2) -> PositionReference | None:
-    """The position reference from up to `n` of the normal images at `paths` (evenly spread); None if n < 2."""
-    if n < 2 or len(paths) < 2:
-        return None
-    picks = [paths[int(i)] for i in np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).round())]
-    return fit_reference(raw_maps(runner, picks, batch_size, threads))
+    maps, places, shapes, frames = [], [], [], []
+    for i in range(0, len(paths), 32):
+        images, p, sh = load_frames(paths[i:i + 32], runner.size, threads)
+        maps.append(run_batched(runner, images, batch_size, class_index))
+        places += p
+        shapes += sh
+        if keep_frames:
+            frames.append(images)
+    empty = np.zeros((0, runner.size // MAP_STRIDE, runner.size // MAP_STRIDE), np.float32)
+    return Inferred(np.concatenate(maps) if maps else empty, places, shapes,
+                    np.concatenate(frames) if frames else None)
 
 
 def score_images(runner: Runner, paths: list[str], sigma: float, batch_size: int = 8,
                  pixel_side: int | None = None, threads: int = 2,
-                 reference: PositionReference | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+                 reference: PositionReference | None = None,
+                 class_index: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     """Image scores (N,) and, with `pixel_side`, smoothed maps cut back to each frame's bounded grid;
     maps standardised with `reference` first when one is given."""
-    from trainer.train import load_frames
+    got = infer(runner, paths, batch_size, threads, class_index)
+    scores = got.scores(sigma, runner.size, [reference] * len(paths))
+    return scores, got.frame_maps(sigma, runner.size, reference, pixel_side) if pixel_side else []
 
-    scores, frames = [], []
-    for i in range(0, len(paths), 32):   # bounded memory for large sets
-        images, places, shapes = load_frames(paths[i:i + 32], runner.size, threads)
-        maps = run_batched(runner, images, batch_size)
-        for amap, place, (h, w) in zip(maps, places, shapes, strict=True):
-            if reference is not None:
-                amap = reference.standardise(amap)
-            scores.append(image_score(amap, sigma, place, runner.size))
-            if pixel_side:
-                frames.append(unletterbox(smooth(amap, sigma), place, runner.size, pixel_grid(h, w, pixel_side)))
-    return np.asarray(scores, np.float64), frames
+
+# -- the position reference, on trial per class ------------------------------------
+
+REFERENCE_CHOICES = ("auto", "on", "off")
+MIN_REFERENCE_IMAGES = 4   # fewer held-out normal images give no usable spread per position
+
+
+@dataclass
+class ReferenceTrial:
+    """How a class scores raw and with its position reference on held-out normal images plus synthetic
+    anomalies painted onto them (`trainer.data.anomalies`), and which was kept."""
+
+    reference: PositionReference | None        # fitted on every held-out normal map
+    normal_refs: list[PositionReference | None]  # per held-out image: the reference fitted without it
+    use: bool
+    raw: dict[str, float]
+    with_reference: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"used": self.use, "synthetic": {"raw": self.raw, "with_reference": self.with_reference}}
+
+
+def leave_one_out(maps: np.ndarray) -> list[PositionReference]:
+    """For each map, the reference fitted on all the others: its scores are those of an unseen image."""
+    return [fit_reference(np.delete(maps, i, axis=0)) for i in range(len(maps))]
+
+
+def reference_trial(runner: Runner, val: Inferred, sigma: float, mode: str, seed: int, class_index: int = 0,
+                    batch_size: int = 8, pixel_side: int = 128) -> ReferenceTrial:
+    """Fit the class's position reference on its held-out normal maps and decide whether to use it.
+
+    mode "auto" keeps it when the mean of image and pixel AUROC on synthetic
+    anomalies (one painted onto each held-out image) is higher with it than
+    without; "on" and "off" decide without trial (the figures are still
+    measured with "on"). Test labels are never looked at.
+    """
+    from shared.metrics import auroc, pixel_auroc
+    from trainer.data.anomalies import paint_anomaly
+
+    if mode not in REFERENCE_CHOICES:
+        raise ValueError(f"reference must be one of {REFERENCE_CHOICES}, got {mode!r}")
+    n = len(val.maps)
+    if mode == "off" or n < MIN_REFERENCE_IMAGES:
+        return ReferenceTrial(None, [None] * n, False, {}, {})
+    reference = fit_reference(val.maps)
+    loo = leave_one_out(val.maps)
+    assert val.frames is not None, "the trial paints onto the held-out frames: infer them with keep_frames"
+    rng = np.random.default_rng([seed, 7])
+    painted, masks = [], []
+    for i in range(n):
+        img, mask = paint_anomaly(val.frames[i], val.frames[(i + 1) % n], rng, val.places[i])
+        painted.append(img)
+        masks.append(mask)
+    syn = Inferred(run_batched(runner, np.stack(painted), batch_size, class_index), val.places, val.shapes)
+    labels = np.r_[np.zeros(n), np.ones(n)]
+    figures = {}
+    for name, normal_refs, ref in (("raw", [None] * n, None), ("with_reference", loo, reference)):
+        scores = np.r_[val.scores(sigma, runner.size, normal_refs), syn.scores(sigma, runner.size, [ref] * n)]
+        maps = syn.frame_maps(sigma, runner.size, ref, pixel_side)
+        grid_masks = [cv2.resize(unletterbox(m.astype(np.float32), p, runner.size, g.shape), (g.shape[1], g.shape[0]),
+                                 interpolation=cv2.INTER_NEAREST) > 0.5
+                      for m, p, g in zip(masks, val.places, maps, strict=True)]
+        figures[name] = {"image_auroc": float(auroc(scores, labels)),
+                         "pixel_auroc": float(pixel_auroc(maps, grid_masks))}
+    gain = (np.mean(list(figures["with_reference"].values())) - np.mean(list(figures["raw"].values())))
+    use = bool(mode == "on" or gain > 0)
+    return ReferenceTrial(reference, loo if use else [None] * n, use, figures["raw"], figures["with_reference"])
 
 
 def load_masks(samples: list, grids: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Ground-truth masks resized (nearest) to each map's grid; all-false for normal images."""
+    """Ground-truth masks resized (nearest) to each map's grid; all-false for normal images.
+
+    Anomalous images without a mask (image-level labels) get None: pixel metrics leave them out.
+    """
     out = []
     for s, (h, w) in zip(samples, grids, strict=True):
-        if s.label == 0 or not s.mask_path:
+        if s.label == 0:
             out.append(np.zeros((h, w), bool))
+        elif not s.mask_path:
+            out.append(None)
         else:
             m = read_mask(s.mask_path).astype(np.uint8)
             out.append(cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool))
     return out
 
 
+def model_classes(runner: Runner) -> list[str]:
+    """The classes a model was trained or fitted on, in its own order (a class-conditional graph's indices)."""
+    return list(runner.meta.get("config", {}).get("classes") or runner.meta.get("manifest", {}).get("classes") or [])
+
+
+def class_index_of(runner: Runner, cls: str, known: list[str]) -> int:
+    """Position of `cls` among the classes a class-conditional model was fitted on, `known` (0 otherwise)."""
+    if not runner.class_conditional:
+        return 0
+    if cls not in known:
+        raise ValueError(f"the model holds no memory bank for class {cls!r}; it knows {', '.join(known) or 'none'}")
+    return known.index(cls)
+
+
 def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | None = None,
              size: int | None = None, *, sigma: float = DEFAULT_SIGMA, val_fraction: float | None = None,
              seed: int | None = None, pixel_side: int = 256, batch_size: int = 8, latency_runs: int = 20,
-             threads: int = 2, details: bool = False, worst: int = 0,
-             reference_images: int = REFERENCE_IMAGES,
+             threads: int = 2, details: bool = False, worst: int = 0, reference: str = "auto",
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Metrics per class and mean, calibration per class, latency and size.
 
     model_or_onnx: an InferenceGraph or method model (give `size`), a checkpoint
     path (.pt), an ONNX file or a .kdpkg. The validation split (`val_fraction`,
-    `seed`) defaults to the checkpoint's, else 0.2 and 0. With `details`, each
-    class also carries its per-image scores, labels and paths. `reference_images`:
-    normal training images behind each class's position reference (0: none,
-    raw maps). With `worst`,
-    each class keeps its `worst` highest-scored normal and lowest-scored
-    anomalous test images with their maps and masks (numpy, for figures).
-    `progress` hears one line per class.
+    `seed`) defaults to the checkpoint's, else 0.2 and 0. `reference`: "auto"
+    puts each class's position reference on trial (`reference_trial`), "on" and
+    "off" decide for every class; each class reports the test metrics both
+    raw and with its reference. With `details`, each class also carries its
+    per-image scores, labels and paths. With `worst`, each class keeps its
+    `worst` highest-scored normal and lowest-scored anomalous test images with
+    their maps and masks (numpy, for figures). `progress` hears a line per class.
     """
     from shared.metrics import aupro, auroc, f1_max, pixel_auroc
     from trainer.data.mvtec import discover_classes, load_samples
@@ -218,33 +338,52 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
         sigma = float(manifest.get("sigma", sigma))
     val_fraction = val_fraction if val_fraction is not None else cfg.get("val_fraction", 0.2)
     seed = seed if seed is not None else cfg.get("seed", 0)
-    classes = list(classes or cfg.get("classes") or manifest.get("classes") or discover_classes(data_root))
+    classes = list(classes or model_classes(runner) or discover_classes(data_root))
+    known = model_classes(runner) or classes   # a bare module was fitted on the classes it is evaluated on
+    metric_fns = (auroc, pixel_auroc, aupro, f1_max)
 
     per_class: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
     for i, cls in enumerate(classes):
         if progress:
-            progress(f"class {cls} ({i + 1}/{len(classes)})")
+            eta = (time.monotonic() - t0) / i * (len(classes) - i) if i else None
+            progress(f"class {cls} ({i + 1}/{len(classes)})" + (f", about {eta:.0f} s left" if eta else ""))
+        k = class_index_of(runner, cls, known)
         test = load_samples(data_root, [cls], "test")
-        train, val = split_normal(data_root, [cls], val_fraction, seed)
-        ref = reference_for(runner, [s.path for s in train], reference_images, batch_size, threads)
-        val_scores, _ = score_images(runner, [s.path for s in val], sigma, batch_size, None, threads, ref)
-        cal = calibrate(val_scores, reference=ref)
-        scores, maps = score_images(runner, [s.path for s in test], sigma, batch_size, pixel_side, threads, ref)
+        _, val = split_normal(data_root, [cls], val_fraction, seed)
+        val_got = infer(runner, [s.path for s in val], batch_size, threads, k, keep_frames=True)
+        trial = reference_trial(runner, val_got, sigma, reference, seed, k, batch_size)
+        val_scores = val_got.scores(sigma, runner.size, trial.normal_refs)
+        cal = calibrate(val_scores, reference=trial.reference if trial.use else None)
+        test_got = infer(runner, [s.path for s in test], batch_size, threads, k)
         labels = np.array([int(s.label != 0) for s in test])
+        both = {}
+        for name, ref in (("raw", None), ("with_reference", trial.reference)):
+            if name == "with_reference" and ref is None:
+                continue
+            scores = test_got.scores(sigma, runner.size, [ref] * len(test))
+            maps = test_got.frame_maps(sigma, runner.size, ref, pixel_side)
+            both[name] = (scores, maps)
+        scores, maps = both["with_reference" if trial.use else "raw"]
         masks = load_masks(test, [m.shape for m in maps])
-        per_class[cls] = class_metrics(scores, labels, maps, masks, cal, auroc, pixel_auroc, aupro, f1_max)
-        per_class[cls]["defects"] = defect_aurocs(scores, labels, [s.defect for s in test], auroc)
-        per_class[cls]["n_val"] = len(val)
+        m = per_class[cls] = class_metrics(scores, labels, maps, masks, cal, *metric_fns)
+        m["defects"] = defect_aurocs(scores, labels, [s.defect for s in test], auroc)
+        m["n_val"] = len(val)
+        m["reference"] = trial.to_dict()
+        m["reference"]["test"] = {name: {key: v for key, v in class_metrics(sc, labels, mp, masks, cal,
+                                                                            *metric_fns).items()
+                                         if key in ("image_auroc", "pixel_auroc")}
+                                  for name, (sc, mp) in both.items()}
         if details:
-            per_class[cls]["scores"] = scores.tolist()
-            per_class[cls]["labels"] = labels.tolist()
-            per_class[cls]["val_scores"] = val_scores.tolist()
-            per_class[cls]["paths"] = [str(s.path) for s in test]
+            m["scores"] = scores.tolist()
+            m["labels"] = labels.tolist()
+            m["val_scores"] = val_scores.tolist()
+            m["paths"] = [str(s.path) for s in test]
         if worst and maps:
-            per_class[cls]["worst"] = worst_misses(test, scores, labels, maps, masks, worst)
+            m["worst"] = worst_misses(test, scores, labels, maps, masks, worst)
 
     keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr_at_threshold", "tpr_at_threshold")
-    mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in keys}
+    mean = {k: nanmean([m[k] for m in per_class.values()]) for k in keys}
     return {
         "classes": per_class,
         "mean": mean,
@@ -258,9 +397,18 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
     }
 
 
-def class_metrics(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray], masks: list[np.ndarray],
+def nanmean(values: list[float]) -> float:
+    """Mean of the finite values; NaN when there are none (a metric no class could measure)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def class_metrics(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray], masks: list[np.ndarray | None],
                   cal: ClassCalibration, auroc, pixel_auroc, aupro, f1_max) -> dict[str, Any]:
+    """Image metrics over every test image; pixel metrics over those with a mask (normal ones: all clear)."""
     both = 0 < labels.sum() < len(labels)
+    keep = [i for i, m in enumerate(masks) if m is not None]
+    maps, masks = [maps[i] for i in keep], [masks[i] for i in keep]
     has_defect_pixels = any(m.any() for m in masks) and not all(m.all() for m in masks)
     flagged = scores > cal.threshold
     return {
@@ -272,6 +420,7 @@ def class_metrics(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray]
         "tpr_at_threshold": float(flagged[labels == 1].mean()) if (labels == 1).any() else float("nan"),
         "n_test": len(labels),
         "n_anomalous": int(labels.sum()),
+        "n_pixel_labelled": int(sum(1 for i in keep if labels[i])),
         "calibration": cal.to_dict(),
     }
 

@@ -25,7 +25,8 @@ import torch
 from shared.imaging import encode_png
 from shared.package import GoldenImage, write_package
 from trainer.evaluate import DEFAULT_SIGMA, evaluate, onnx_runner, torch_runner
-from trainer.inference_graph import INPUT_NAME, MAP_STRIDE, OUTPUT_NAME, InferenceGraph
+from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, OUTPUT_NAME, InferenceGraph
+from trainer.models import get_method
 from trainer.models.backbone import input_normalization
 from trainer.train import Progress, TrainConfig, load_checkpoint, load_letterboxed, train
 
@@ -39,19 +40,24 @@ class ExportError(RuntimeError):
 def export_onnx(model: torch.nn.Module, size: int, path: str | Path, opset: int = OPSET) -> Path:
     """Write the inference graph of `model` (a method model or an InferenceGraph) to `path`.
 
-    Input `image` uint8 (N, size, size, 3), output `anomaly_map` float32 (N, 1, size/4, size/4).
+    Input `image` uint8 (N, size, size, 3) (and `class_index` int32 (N,) for a
+    class-conditional model), output `anomaly_map` float32 (N, 1, size/4, size/4).
     """
     import onnx
 
     graph = (model if isinstance(model, InferenceGraph) else InferenceGraph(model)).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, size, size, 3, dtype=torch.uint8)
+    example: tuple[torch.Tensor, ...] = (torch.zeros(1, size, size, 3, dtype=torch.uint8),)
+    names = [INPUT_NAME]
+    if graph.class_conditional:
+        example += (torch.zeros(1, dtype=torch.int32),)   # int32: TensorRT 8 has no int64 inputs
+        names.append(CLASS_INPUT_NAME)
     with torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter is deprecated but needs no extra packages; its output is plain ONNX
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+        torch.onnx.export(graph, example, str(path), input_names=names, output_names=[OUTPUT_NAME],
+                          dynamic_axes={**{n: {0: "N"} for n in names}, OUTPUT_NAME: {0: "N"}},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     proto = onnx.load(str(path))
     dims = proto.graph.output[0].type.tensor_type.shape.dim   # the exporter leaves H/4, W/4 symbolic
@@ -68,9 +74,11 @@ def check_onnx(path: str | Path, model: torch.nn.Module, size: int, atol: float 
     """Largest |ORT - torch| on random frames (batch != the export's); ExportError beyond `atol`
     relative to the map's range."""
     graph = model if isinstance(model, InferenceGraph) else InferenceGraph(model)
-    frames = np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    ort_map = onnx_runner(path)(frames)
-    ref = torch_runner(graph, size)(frames)
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    classes = np.arange(batch) % max(1, getattr(graph.model, "n_classes", 1))   # each frame its own bank
+    ort_map = onnx_runner(path)(frames, classes)
+    ref = torch_runner(graph, size)(frames, classes)
     if ort_map.shape != ref.shape or ort_map.dtype != np.float32:
         raise ExportError(f"ONNX output {ort_map.shape} {ort_map.dtype} != torch {ref.shape} float32")
     err = float(np.abs(ort_map - ref).max())
@@ -108,7 +116,7 @@ def golden_images(runner, data: str | Path, manifest: dict[str, Any], per_class:
     images, _ = load_letterboxed([s.path for s in picks], runner.size)
     out = []
     for s, img in zip(picks, images, strict=True):
-        amap = runner(img[None])[0, 0]
+        amap = runner(img[None], manifest["classes"].index(s.cls))[0, 0]
         name = f"{s.cls}-{s.defect}-{Path(s.path).stem}.png"
         out.append(GoldenImage(name, encode_png(img), s.cls, package_score(amap, manifest, s.cls)))
     return out
@@ -117,11 +125,12 @@ def golden_images(runner, data: str | Path, manifest: dict[str, Any], per_class:
 def export_package(checkpoint: str | Path, out: str | Path, data: str | Path | None = None, *,
                    version: str = "0.1.0", model_id: str | None = None, parent: str | None = None,
                    sigma: float = DEFAULT_SIGMA, golden_per_class: int = 2, key=None,
-                   latency_runs: int = 20) -> Path:
+                   latency_runs: int = 20, reference: str = "auto") -> Path:
     """Export a checkpoint to ONNX, check it, evaluate it through ONNX Runtime and write the package.
 
     data: the MVTec-layout set for calibration, metrics and golden images;
-    defaults to the one the checkpoint was trained on.
+    defaults to the one the checkpoint was trained on. reference: each class's
+    position reference, "auto" (on trial), "on" or "off" (`trainer.evaluate`).
     """
     cfg, model, ckpt = load_checkpoint(checkpoint)
     data = Path(data or cfg.data)
@@ -131,7 +140,7 @@ def export_package(checkpoint: str | Path, out: str | Path, data: str | Path | N
     check_onnx(onnx_path, model, cfg.size)
 
     result = evaluate(onnx_path, data, list(cfg.classes), cfg.size, sigma=sigma, val_fraction=cfg.val_fraction,
-                      seed=cfg.seed, latency_runs=latency_runs)
+                      seed=cfg.seed, latency_runs=latency_runs, reference=reference)
     manifest = build_manifest(cfg, result, sigma, version, model_id, parent, ckpt)
     golden = golden_images(onnx_runner(onnx_path), data, manifest, golden_per_class)
     path = write_package(out, manifest, onnx_path, golden, key=key)
@@ -145,7 +154,8 @@ def build_manifest(cfg: TrainConfig, result: dict[str, Any], sigma: float, versi
     keep = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr_at_threshold", "tpr_at_threshold")
     metrics = {
         "mean": {k: result["mean"][k] for k in keep},
-        "classes": {c: {k: m[k] for k in keep} for c, m in result["classes"].items()},
+        "classes": {c: {**{k: m[k] for k in keep}, "reference_used": m["reference"]["used"]}
+                    for c, m in result["classes"].items()},
         "latency_ms": result["latency_ms"], "size_mb": result["size_mb"], "runtime": result["runtime"],
         "epochs": ckpt["epoch"], "val_loss": ckpt["best_val"],
     }
@@ -162,6 +172,7 @@ def build_manifest(cfg: TrainConfig, result: dict[str, Any], sigma: float, versi
         "std": list(input_normalization(cfg.model.backbone)[1]),
         "precision": "fp32",
         "quantization": None,
+        "class_input": CLASS_INPUT_NAME if get_method(cfg.method).class_conditional else None,
         "calibration": result["calibration"],
         "metrics": metrics,
         "parent": parent,

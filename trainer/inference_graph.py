@@ -1,11 +1,13 @@
 """The deployable graph: letterboxed uint8 frames in, raw anomaly map at stride 4 out.
 
-Input `image` uint8 (N, S, S, 3) RGB; the ImageNet normalisation happens inside,
-with the statistics the model's backbone was pretrained with
+Input `image` uint8 (N, S, S, 3) RGB; the normalisation happens inside, with
+the statistics the model's backbone was pretrained with
 (`trainer.models.backbone.input_normalization`), so the agent feeds frames as
-they come from `shared.imaging.letterbox`. Output
-`anomaly_map` float32 (N, 1, S/4, S/4), unsmoothed and unthresholded: scoring
-(`shared.scoring`) stays outside, where a threshold can change without a new model.
+they come from `shared.imaging.letterbox`. A class-conditional model (one
+memory bank per class) takes a second input, `class_index` int32 (N,): each
+frame's position in the package's class list. Output `anomaly_map` float32
+(N, 1, S/4, S/4), unsmoothed and unthresholded: scoring (`shared.scoring`)
+stays outside, where a threshold can change without a new model.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 from trainer.models.backbone import input_normalization
 
 INPUT_NAME = "image"
+CLASS_INPUT_NAME = "class_index"
 OUTPUT_NAME = "anomaly_map"
 MAP_STRIDE = 4
 
@@ -42,14 +45,25 @@ def to_float_nchw(image: Tensor) -> Tensor:
     return image.permute(0, 3, 1, 2).to(torch.float32)
 
 
+def is_class_conditional(model: nn.Module) -> bool:
+    """True for a model that scores each frame against its own class (its graph takes `class_index`)."""
+    inner = model.model if isinstance(model, InferenceGraph) else model
+    return bool(getattr(inner, "class_conditional", False))
+
+
 class InferenceGraph(nn.Module):
-    """Wraps any registered method's model: forward(image uint8 NHWC) -> (N, 1, S/4, S/4)."""
+    """Wraps any registered method's model: forward(image uint8 NHWC[, class_index (N,)]) -> (N, 1, S/4, S/4)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.normalize = Normalize.for_model(model)
+        self.class_conditional = is_class_conditional(model)
 
-    def forward(self, image: Tensor) -> Tensor:
+    def forward(self, image: Tensor, class_index: Tensor | None = None) -> Tensor:
         x = self.normalize(to_float_nchw(image))   # (N, 3, S, S)
-        return self.model.anomaly_map(x)           # (N, 1, S/4, S/4)
+        if not self.class_conditional:
+            return self.model.anomaly_map(x)       # (N, 1, S/4, S/4)
+        if class_index is None:
+            raise ValueError("this model scores each frame against its class: give class_index (N,)")
+        return self.model.anomaly_map(x, class_index.reshape(-1).long())

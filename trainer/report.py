@@ -22,8 +22,8 @@ import numpy as np
 
 from shared.imaging import read_image
 
-METHOD_LABELS = {"stfpm": "STFPM", "rd": "RD", "us": "US", "knn": "kNN"}
-ORDER = ("stfpm", "rd", "us", "knn")          # trained methods first, the yardstick beside them
+METHOD_LABELS = {"stfpm": "STFPM", "rd": "RD", "us": "US", "patchcore": "PatchCore"}
+ORDER = ("stfpm", "rd", "us", "patchcore")    # trained methods first, the yardstick beside them
 MODES = ("one-class", "unified")
 METRICS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"))
 MEAN_ROW = "**mean**"
@@ -293,11 +293,12 @@ def report_markdown(results: dict[str, Any]) -> str:
     entries = results["entries"]
     figs = results["figures"]
     lines = [
-        "# Per-class comparison: unified vs one-class, beside the kNN yardstick", "",
+        "# Per-class comparison: unified vs one-class, beside the PatchCore yardstick", "",
         f"Data `{results['data']}`, test split; {results['created']}. Machine: {results['machine']}.", "",
         "## Accuracy", "",
         "Image AUROC, pixel AUROC and AUPRO (FPR limit 0.3) per class and their mean over classes. "
-        "kNN is the training-free yardstick on the same frozen teacher.", "",
+        "PatchCore is the memory-bank yardstick on the same frozen teacher (one bank per class, so its "
+        "unified and one-class rows are one model).", "",
         accuracy_table(entries), "",
         "Class means, and F1-max (the best F1 over thresholds chosen on the test labels, so not a "
         "deployable figure):", "",

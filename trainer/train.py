@@ -102,11 +102,15 @@ class Progress:
     val_loss: float | None   # set once the epoch's validation is done
     lr: float
     eta_s: float      # seconds left for the whole run
+    note: str = ""    # what a fitted method (no epochs) is doing
 
 
 def print_progress(p: Progress) -> None:
     """Progress line on stderr: rewritten in place on a terminal, one line per epoch otherwise."""
     eta = f"{int(p.eta_s // 60)}:{int(p.eta_s % 60):02d}"
+    if p.note:
+        print(f"fitting {p.note}, eta {eta}", file=sys.stderr, flush=True)
+        return
     line = (f"epoch {p.epoch}/{p.epochs} step {p.step}/{p.steps} loss {p.loss:.4f} "
             f"lr {p.lr:.3g} eta {eta}")
     if p.val_loss is not None:
@@ -199,10 +203,12 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 # -- checkpoints ---------------------------------------------------------------
 
 def save_checkpoint(path: Path, cfg: TrainConfig, model: torch.nn.Module, epoch: int, best_val: float,
-                    optimizer: torch.optim.Optimizer, history: list[dict[str, float]]) -> None:
+                    optimizer: torch.optim.Optimizer | None, history: list[dict[str, float]]) -> None:
+    """Write atomically; a fitted method (no optimizer) stores epoch 0 and no optimizer state."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
-                "best_val": best_val, "optimizer": optimizer.state_dict(), "history": history}, tmp)
+                "best_val": best_val, "optimizer": optimizer.state_dict() if optimizer else {},
+                "history": history}, tmp)
     tmp.replace(path)
 
 
@@ -241,6 +247,11 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_
     torch.manual_seed(cfg.seed)   # the student's initialisation
     model = build_model(cfg.model)
     normalize = Normalize.for_model(model)
+    if not method.trained:
+        t0 = time.monotonic()
+        fit_once(cfg, model, train_s, train_x, progress)
+        save_checkpoint(out / BEST, cfg, model, 0, math.nan, None, [{"fit_s": time.monotonic() - t0}])
+        return out / BEST
     params = model.trainable_parameters()
     optimizer = make_optimizer(cfg, params)
 
@@ -292,6 +303,33 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_
     if method.finalize is not None and (out / BEST).exists():   # e.g. US: the chosen model's score statistics
         finalize_best(out / BEST, model, method, normalize, train_x, bs)
     return out / BEST
+
+
+def fit_once(cfg: TrainConfig, model: torch.nn.Module, samples: list, images: np.ndarray,
+             progress: Callable[[Progress], None] | None = None) -> torch.nn.Module:
+    """Fit a method that has no loss and no epochs: one pass per class over its normal training images
+    (`samples` and their letterboxed `images`, uint8 NHWC). Returns the model, fitted, in eval mode."""
+    method = get_method(cfg.method)
+    normalize = Normalize.for_model(model)
+    bs = max(1, cfg.batch_size)
+    t0 = time.monotonic()
+    rows = {c: [i for i, s in enumerate(samples) if s.cls == c] for c in cfg.classes}
+    missing = [c for c, idx in rows.items() if not idx]
+    if missing:
+        raise ValueError(f"{cfg.data}: no normal training images left for {missing} after the validation split")
+
+    def batches(idx: list[int]) -> Callable[[], list[Tensor]]:
+        return lambda: [normalize(to_float_nchw(torch.from_numpy(images[idx[i:i + bs]])))
+                        for i in range(0, len(idx), bs)]
+
+    def note(done: int, total: int, msg: str) -> None:
+        if progress:
+            eta = (time.monotonic() - t0) / done * (total - done) if done else 0.0
+            progress(Progress(1, 1, done, total, math.nan, None, 0.0, eta, note=msg))
+
+    model.eval()
+    method.fit(model, {c: batches(idx) for c, idx in rows.items()}, seed=cfg.seed, progress=note)
+    return model
 
 
 @torch.no_grad()

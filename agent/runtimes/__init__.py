@@ -1,11 +1,15 @@
 """Inference runtimes: ONNX Runtime on a CPU, TensorRT on an NVIDIA GPU.
 
 A runtime takes a batch of letterboxed frames, uint8 (N, S, S, 3) RGB, and
-returns the raw anomaly maps, float32 (N, m, m).
+returns the raw anomaly maps, float32 (N, m, m). A package whose graph is
+class-conditional (a memory bank per class: the manifest names its
+`class_input`) also needs each frame's class, given as names and fed as
+int32 indices into the manifest's class list.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,7 +26,24 @@ class RuntimeUnavailable(RuntimeError):
 class Runtime(Protocol):
     name: str
 
-    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+    def infer(self, batch: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray: ...
+
+
+def class_indices(manifest: dict[str, Any], classes: Sequence[str] | None, n: int) -> np.ndarray | None:
+    """The class-index input for `n` frames of `classes` (one name per frame, or one for all), or None
+    for a graph that takes no class."""
+    if not manifest.get("class_input"):
+        return None
+    if not classes:
+        raise ValueError("this model scores each frame against its own class: pass the frames' classes")
+    names = list(classes) * n if len(classes) == 1 else list(classes)
+    if len(names) != n:
+        raise ValueError(f"{len(names)} class names for {n} frames")
+    known = manifest["classes"]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"class(es) {unknown} are not in this model ({', '.join(known)})")
+    return np.asarray([known.index(c) for c in names], np.int32)
 
 
 def tensorrt_available() -> bool:

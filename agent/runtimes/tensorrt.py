@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from agent.runtimes import RuntimeUnavailable
+from agent.runtimes import RuntimeUnavailable, class_indices
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class TensorRTRuntime:
         self.context_cuda.push()
         try:
             self.logger = trt.Logger(trt.Logger.WARNING)
+            self.manifest = manifest
+            self.class_input = manifest.get("class_input")   # a class-conditional graph's second input
             self.size = int(manifest["input_size"])
             self.max_batch = max_batch
             precision = manifest.get("precision", "fp32")
@@ -77,7 +80,8 @@ class TensorRTRuntime:
                 raise RuntimeUnavailable(f"TensorRT could not load engine {path}; delete it to rebuild")
             self.context = self.engine.create_execution_context()
             names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-            self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+            self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+                              and n != self.class_input)
             self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
             self.stream = cuda.Stream()
             self._allocate()
@@ -107,9 +111,13 @@ class TensorRTRuntime:
         if not strongly_typed and precision in ("int8", "mixed"):
             config.set_flag(trt.BuilderFlag.INT8)  # scales come from the graph's Q/DQ nodes
         profile = builder.create_optimization_profile()
-        name = network.get_input(0).name
         s = self.size
-        profile.set_shape(name, (1, s, s, 3), (1, s, s, 3), (self.max_batch, s, s, 3))
+        for i in range(network.num_inputs):
+            name = network.get_input(i).name
+            if name == self.class_input:
+                profile.set_shape(name, (1,), (1,), (self.max_batch,))
+            else:
+                profile.set_shape(name, (1, s, s, 3), (1, s, s, 3), (self.max_batch, s, s, 3))
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
@@ -128,17 +136,29 @@ class TensorRTRuntime:
         self.d_out = cuda.mem_alloc(self.h_out.nbytes)
         self.context.set_tensor_address(self.input, int(self.d_in))
         self.context.set_tensor_address(self.output, int(self.d_out))
+        if self.class_input:
+            self.context.set_input_shape(self.class_input, (self.max_batch,))
+            self.h_cls = cuda.pagelocked_empty((self.max_batch,), np.int32)
+            self.d_cls = cuda.mem_alloc(self.h_cls.nbytes)
+            self.context.set_tensor_address(self.class_input, int(self.d_cls))
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 -> (N, m, m) float32, N <= max_batch."""
+    def infer(self, batch: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
+        """(N, S, S, 3) uint8 [, the frames' class names] -> (N, m, m) float32."""
         n = batch.shape[0]
+        index = class_indices(self.manifest, classes, n)
         if n > self.max_batch:
-            return np.concatenate([self.infer(batch[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
+            names = None if index is None else [self.manifest["classes"][k] for k in index]
+            return np.concatenate([self.infer(batch[i:i + self.max_batch], names and names[i:i + self.max_batch])
+                                   for i in range(0, n, self.max_batch)])
         self.context_cuda.push()
         try:
             self.h_in[:n] = batch
             self.context.set_input_shape(self.input, (n, self.size, self.size, 3))
             self.cuda.memcpy_htod_async(self.d_in, self.h_in, self.stream)
+            if index is not None:
+                self.h_cls[:n] = index
+                self.context.set_input_shape(self.class_input, (n,))
+                self.cuda.memcpy_htod_async(self.d_cls, self.h_cls, self.stream)
             if not self.context.execute_async_v3(self.stream.handle):
                 raise RuntimeError("TensorRT execution failed")
             self.cuda.memcpy_dtoh_async(self.h_out, self.d_out, self.stream)

@@ -102,9 +102,9 @@ def test_live_source_drops_frames_at_capture_never_results(tmp_path, tiny_packag
     agent = Agent(cfg)
     slow = agent.runtime.infer
 
-    def slow_infer(batch):   # a runtime slower than the camera
+    def slow_infer(batch, classes=None):   # a runtime slower than the camera
         time.sleep(0.02)
-        return slow(batch)
+        return slow(batch, classes)
 
     agent.runtime.infer = slow_infer
     agent.run(until_drained=True)

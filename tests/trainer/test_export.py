@@ -13,9 +13,9 @@ import torch
 
 from shared.imaging import decode_image
 from shared.package import read_package
-from shared.scoring import ClassCalibration, package_score
+from shared.scoring import ClassCalibration, fit_reference, image_score, package_score
 from tests.trainer.tiny_data import make_tiny_set
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, leave_one_out
 from trainer.export import OPSET, check_onnx, export_onnx, export_package, quick_package
 from trainer.models import build_model, model_config
 from trainer.train import TrainConfig, load_checkpoint, train
@@ -25,7 +25,7 @@ torch.set_num_threads(1)   # one thread: robust when other processes share the c
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_set(tmp_path_factory.mktemp("tiny"), n_train=12, n_good=4, n_defect=2)
+    return make_tiny_set(tmp_path_factory.mktemp("tiny"), n_train=20, n_good=4, n_defect=2)   # 4 held out
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,33 @@ def test_onnx_and_torch_evaluate_alike(checkpoint: Path, tiny: Path, tmp_path: P
             assert a["calibration"][cls][k] == pytest.approx(b["calibration"][cls][k], rel=1e-4)
 
 
-def test_position_reference_is_per_class_and_optional(checkpoint: Path, tiny: Path) -> None:
-    with_ref = evaluate(checkpoint, tiny, latency_runs=1)
-    raw = evaluate(checkpoint, tiny, latency_runs=1, reference_images=0)
+def test_position_reference_is_per_class_and_on_trial(checkpoint: Path, tiny: Path) -> None:
+    on = evaluate(checkpoint, tiny, latency_runs=1, reference="on")
+    off = evaluate(checkpoint, tiny, latency_runs=1, reference="off")
+    auto = evaluate(checkpoint, tiny, latency_runs=1)
     for cls in ("disc", "stripes"):
-        assert "reference" in with_ref["calibration"][cls] and "reference" not in raw["calibration"][cls]
-    a, b = (ClassCalibration.from_dict(with_ref["calibration"][c]).reference for c in ("disc", "stripes"))
+        assert "reference" in on["calibration"][cls] and "reference" not in off["calibration"][cls]
+        trial = auto["classes"][cls]["reference"]
+        raw, ref = trial["synthetic"]["raw"], trial["synthetic"]["with_reference"]
+        assert set(raw) == set(ref) == {"image_auroc", "pixel_auroc"}
+        assert trial["used"] == (sum(ref.values()) > sum(raw.values()))   # kept only where it helps
+        assert ("reference" in auto["calibration"][cls]) == trial["used"]
+        assert set(trial["test"]) == {"raw", "with_reference"}            # both reported
+        assert trial["test"]["raw"]["image_auroc"] == pytest.approx(off["classes"][cls]["image_auroc"])
+    a, b = (ClassCalibration.from_dict(on["calibration"][c]).reference for c in ("disc", "stripes"))
     assert not np.allclose(a.mean, b.mean)   # each class has its own
+
+
+def test_held_out_images_are_scored_against_references_fitted_without_them() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.normal(1.0, 0.2, (12, 16, 16)).astype(np.float32)
+    maps[3, 4:8, 4:8] += 3.0                             # one held-out image with a bright patch
+    full, loo = fit_reference(maps), leave_one_out(maps)
+    assert len(loo) == len(maps)
+    np.testing.assert_allclose(loo[0].mean, fit_reference(maps[1:]).mean)
+    own = image_score(full.standardise(maps[3]), 1.0)
+    unseen = image_score(loo[3].standardise(maps[3]), 1.0)
+    assert unseen > own                                  # its own patch no longer inflates the spread it is judged by
 
 
 def test_package(checkpoint: Path, tiny: Path, tmp_path: Path) -> None:
@@ -99,7 +119,11 @@ def test_package(checkpoint: Path, tiny: Path, tmp_path: Path) -> None:
         assert frame.shape == (64, 64, 3)
         (amap,) = sess.run(None, {"image": frame[None]})
         assert package_score(amap[0, 0], m, g.cls) == pytest.approx(g.score, rel=1e-5)
-    ref = ClassCalibration.from_dict(m["calibration"]["disc"]).reference   # per class, in the manifest
+    for cls in m["classes"]:   # a class's reference travels in the manifest exactly where its trial kept it
+        ref = ClassCalibration.from_dict(m["calibration"][cls]).reference
+        assert (ref is not None) == m["metrics"]["classes"][cls]["reference_used"]
+    on = read_package(export_package(checkpoint, tmp_path / "on.kdpkg", reference="on", latency_runs=1))
+    ref = ClassCalibration.from_dict(on.manifest["calibration"]["disc"]).reference
     assert ref is not None and ref.mean.shape == (16, 16) and (ref.spread > 0).all()
 
 

@@ -64,10 +64,10 @@ def markdown_table(text: str, head: str) -> tuple[list[str], dict[str, list[str]
 def test_compare_writes_the_folder(report: Path) -> None:
     results = json.loads((report / "results.json").read_text())
     assert [(e["method"], e["mode"]) for e in results["entries"]] == [
-        ("stfpm", "one-class"), ("stfpm", "unified"), ("knn", "one-class"), ("knn", "unified")]
+        ("stfpm", "one-class"), ("stfpm", "unified"), ("patchcore", "one-class"), ("patchcore", "unified")]
     assert (report / "report.md").exists()
     expected = {"roc-disc.png", "roc-stripes.png", "hist-disc.png", "hist-stripes.png", "worst-stfpm-unified.png",
-                "worst-stfpm-one-class.png", "worst-knn-unified.png", "worst-knn-one-class.png"}
+                "worst-stfpm-one-class.png", "worst-patchcore-unified.png", "worst-patchcore-one-class.png"}
     assert set(results["figures"]) == expected
     unified = results["entries"][1]["result"]
     assert set(unified["classes"]) == {"disc", "stripes"} and unified["latency_ms"] > 0 and unified["size_mb"] > 0
@@ -80,7 +80,7 @@ def test_table_has_the_rows_columns_and_numbers_of_results_json(report: Path) ->
     head, rows = markdown_table((report / "report.md").read_text(), "| class |")
     assert head[1:] == results["columns"]
     assert len(head) == 1 + 4 * 3
-    assert "STFPM one-class: image AUROC" in head and "kNN unified: AUPRO" in head
+    assert "STFPM one-class: image AUROC" in head and "PatchCore unified: AUPRO" in head
     assert list(rows) == ["disc", "stripes", MEAN_ROW]
     checked = 0
     for e in results["entries"]:

@@ -1,9 +1,15 @@
-"""The method registry: name -> config class, model class and training loss.
+"""The method registry: name -> config class, model class and training loss (or fitting pass).
 
 Each method lives in its own package (`trainer.models.<name>`) exposing
 `METHOD`, a `Method`. A method's model takes a normalised (B, 3, H, W) batch;
 `forward` returns what its loss needs, `anomaly_map` the raw map
 (B, 1, H/4, W/4), and `trainable_parameters` what the optimizer may touch.
+
+A distillation method trains with its `loss`; a memory-bank method has no
+loss and no gradient steps, only a `fit` pass over each class's normal
+images. A model whose class attribute `class_conditional` is true takes each
+frame's class index as a second argument of `anomaly_map` (and its graph as
+a second input): it scores a frame against what it learned of that class only.
 """
 from __future__ import annotations
 
@@ -15,11 +21,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-METHOD_NAMES = ("stfpm", "rd", "us")
+METHOD_NAMES = ("stfpm", "rd", "us", "patchcore")
 
 
-class MethodNotAvailable(ValueError):
-    """A method that this build does not provide (yet)."""
+class UnknownMethod(ValueError):
+    """A method name that is not registered."""
 
 
 @dataclass(frozen=True)
@@ -27,39 +33,35 @@ class Method:
     name: str
     config: type                                   # a dataclass with a ClassVar `method`
     model: Callable[..., nn.Module]                # model(cfg, pretrained=True)
-    loss: Callable[..., Tensor]                    # loss(*model(x)) -> scalar
+    loss: Callable[..., Tensor] | None = None      # loss(*model(x)) -> scalar; None: nothing to train
     # optional passes over the normal training images (normalised batches, one pass, no_grad, eval mode):
     # `prepare` before the first epoch, `finalize` on the best model once training ends
     prepare: Callable[[nn.Module, Iterable[Tensor]], None] | None = None
     finalize: Callable[[nn.Module, Iterable[Tensor]], None] | None = None
+    # a method without a loss: fit(model, {class: () -> normalised batches}, seed, progress) instead of training
+    fit: Callable[..., None] | None = None
+
+    @property
+    def class_conditional(self) -> bool:
+        """True when the model scores each frame against its own class (its graph takes a class index)."""
+        return bool(getattr(self.model, "class_conditional", False))
+
+    @property
+    def trained(self) -> bool:
+        """True for methods trained by gradient steps, False for those fitted in one pass."""
+        return self.loss is not None
 
     def training_loss(self, model: nn.Module, x: Tensor) -> Tensor:
+        if self.loss is None:
+            raise TypeError(f"{self.name} is fitted, not trained: it has no training loss")
         return self.loss(*model(x))
 
 
 def get_method(name: str) -> Method:
-    """The registered method `name`; MethodNotAvailable for known names not built yet."""
+    """The registered method `name` (its package is imported on first use)."""
     if name not in METHOD_NAMES:
-        raise MethodNotAvailable(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}")
-    try:
-        module = importlib.import_module(f"trainer.models.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"trainer.models.{name}":
-            raise
-        raise MethodNotAvailable(f"method {name!r} is not available yet in this build; "
-                                 f"use --method stfpm") from None
-    return module.METHOD
-
-
-def available_methods() -> list[str]:
-    out = []
-    for name in METHOD_NAMES:
-        try:
-            get_method(name)
-            out.append(name)
-        except MethodNotAvailable:
-            pass
-    return out
+        raise UnknownMethod(f"unknown method {name!r}; choose one of {', '.join(METHOD_NAMES)}")
+    return importlib.import_module(f"trainer.models.{name}").METHOD
 
 
 def model_config(method: str, values: dict[str, Any] | None = None) -> Any:

@@ -127,6 +127,13 @@ def weight_source(model: onnx.ModelProto, node: onnx.NodeProto, prod: dict[str, 
     return None
 
 
+def class_input(model: onnx.ModelProto) -> str | None:
+    """The class-index input of a class-conditional graph (a bank per class), or None."""
+    from trainer.inference_graph import CLASS_INPUT_NAME
+
+    return CLASS_INPUT_NAME if any(i.name == CLASS_INPUT_NAME for i in model.graph.input) else None
+
+
 def partition(model: onnx.ModelProto) -> Partition:
     """Split the graph into input conversion, networks and map arithmetic (see the module docstring)."""
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]

@@ -135,7 +135,7 @@ def quantize_ptq(fp32: str | Path, out: str | Path, frames: np.ndarray, cfg: PTQ
         }
         with contextlib.redirect_stdout(io.StringIO()):   # the histogram calibrators print their progress
             quantize_static(
-                str(pre), str(out), FrameReader(frames, 1),
+                str(pre), str(out), FrameReader(frames, 1, class_input=G.class_input(model)),
                 quant_format=QuantFormat.QDQ,
                 per_channel=cfg.per_channel,
                 activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,

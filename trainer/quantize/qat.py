@@ -368,6 +368,9 @@ def fine_tune(checkpoint: str | Path, cfg: QATConfig = QATConfig(), progress: Ca
         torch.set_num_threads(cfg.threads)
     tcfg, model, _ = load_checkpoint(checkpoint)
     method = get_method(tcfg.method)
+    if not method.trained:
+        raise ValueError(f"QAT fine-tunes a trained network; {tcfg.method} is fitted, not trained, so it has "
+                         f"nothing to fine-tune: use PTQ (e.g. ptq:holdout-normal) for its INT8 variant")
     train_s, val_s = split_normal(tcfg.data, list(tcfg.classes), tcfg.val_fraction, tcfg.seed)
     train_x, _ = load_letterboxed([s.path for s in train_s], tcfg.size)
     val_x, _ = load_letterboxed([s.path for s in val_s], tcfg.size)

@@ -160,6 +160,7 @@ def time_all(fns: dict[str, Callable[[], Callable[[np.ndarray], Any]]], size: in
 def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Build, evaluate and time every recipe for one checkpoint; write the report files; return the report."""
     from trainer.inference_graph import InferenceGraph
+    from trainer.models import get_method
     from trainer.train import load_checkpoint
 
     say = progress or (lambda _msg: None)
@@ -181,6 +182,9 @@ def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = 
     recipes = list(cfg.recipes)
     if Recipe("fp32") not in recipes:
         recipes.insert(0, Recipe("fp32"))   # the reference every drop is measured against
+    if not get_method(tcfg.method).trained and any(r.kind == "qat" for r in recipes):
+        say(f"{tcfg.method}: no QAT (a fitted method has no training to repeat quantised); PTQ stands for it")
+        recipes = [r for r in recipes if r.kind != "qat"]
     cache: dict[str, Any] = {}
     variants: list[Variant] = []
     for r in recipes:

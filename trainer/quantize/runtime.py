@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.inference_graph import INPUT_NAME
+from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME
 
 DEFAULT_THREADS = 2   # the edge boxes this targets have 2-4 cores; the report's machine has 2
 
@@ -48,12 +48,16 @@ def make_session(model: str | Path | bytes, threads: int = DEFAULT_THREADS):
     return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def onnx_map_fn(model: str | Path | bytes, threads: int = DEFAULT_THREADS) -> Callable[[np.ndarray], np.ndarray]:
-    """A function uint8 frames (N, S, S, 3) -> maps (N, 1, S/4, S/4) through a tuned session."""
+def onnx_map_fn(model: str | Path | bytes, threads: int = DEFAULT_THREADS) -> Callable[..., np.ndarray]:
+    """A function uint8 frames (N, S, S, 3)[, class index] -> maps (N, 1, S/4, S/4) through a tuned session."""
     sess = make_session(model, threads)
+    conditional = CLASS_INPUT_NAME in {i.name for i in sess.get_inputs()}
 
-    def run(images: np.ndarray) -> np.ndarray:
-        return sess.run(None, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})[0]
+    def run(images: np.ndarray, class_index: int = 0) -> np.ndarray:
+        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)}
+        if conditional:
+            feed[CLASS_INPUT_NAME] = np.full(len(images), class_index, np.int32)
+        return sess.run(None, feed)[0]
 
     return run
 
@@ -117,7 +121,7 @@ def measure(run: Callable[[np.ndarray], Any], size: int, runs: int = 50, warmup:
     return Latency(p50, float(np.percentile(times, 95) * 1000), 1000.0 / p50, runs, watch.other_cores)
 
 
-def torch_map_fn(graph, threads: int = DEFAULT_THREADS) -> Callable[[np.ndarray], np.ndarray]:
+def torch_map_fn(graph, threads: int = DEFAULT_THREADS) -> Callable[..., np.ndarray]:
     """PyTorch eager FP32 inference of an InferenceGraph, the baseline every ratio refers to."""
     import torch
 
@@ -125,8 +129,11 @@ def torch_map_fn(graph, threads: int = DEFAULT_THREADS) -> Callable[[np.ndarray]
     graph = graph.eval()
 
     @torch.no_grad()
-    def run(images: np.ndarray) -> np.ndarray:
-        return graph(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+    def run(images: np.ndarray, class_index: int = 0) -> np.ndarray:
+        frames = torch.from_numpy(np.ascontiguousarray(images))
+        if graph.class_conditional:
+            return graph(frames, torch.full((len(images),), class_index, dtype=torch.int32)).numpy()
+        return graph(frames).numpy()
 
     return run
 
