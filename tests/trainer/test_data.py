@@ -1,5 +1,6 @@
 import itertools
 import random
+import shutil
 import socket
 from pathlib import Path
 
@@ -202,6 +203,32 @@ def test_defect_image_without_mask_names_the_expected_mask(tmp_path: Path):
     assert "ground_truth/dent/001_mask.png" in msg
     # a good test image needs no mask, and the train split never does
     assert len(load_samples(tmp_path, ["part"], "train")) == 2
+
+
+def test_a_defect_folder_without_a_mask_folder_is_labelled_per_image(tmp_path: Path):
+    make_class(tmp_path, defects={"dent": 2, "mixed": 3})
+    shutil.rmtree(tmp_path / "part/ground_truth/mixed")            # as plants often label: image-level only
+    test = load_samples(tmp_path, ["part"], "test", verify=True)
+    assert [(s.defect, s.label, s.mask_path is not None) for s in test] == (
+        [("good", 0, False)] + [("dent", 1, True)] * 2 + [("mixed", 1, False)] * 3)
+
+
+def test_image_level_defects_count_for_image_metrics_only() -> None:
+    from shared.metrics import auroc, pixel_auroc
+    from shared.scoring import calibrate
+    from trainer.evaluate import class_metrics
+
+    rng = np.random.default_rng(0)
+    maps = [rng.random((8, 8)) for _ in range(4)]
+    maps[1][2:4, 2:4] += 2.0                                          # the one masked defect, found
+    masks = [np.zeros((8, 8), bool), np.zeros((8, 8), bool), None, None]
+    masks[1][2:4, 2:4] = True
+    scores, labels = np.array([0.1, 0.9, 0.8, 0.2]), np.array([0, 1, 1, 1])
+    m = class_metrics(scores, labels, maps, masks, calibrate(np.array([0.1, 0.2, 0.3])), auroc, pixel_auroc,
+                      lambda *a, **k: 0.0, lambda s, y: (0.0, 0.0))
+    assert m["image_auroc"] == pytest.approx(auroc(scores, labels)) and m["n_anomalous"] == 3
+    assert m["n_pixel_labelled"] == 1
+    assert m["pixel_auroc"] == pytest.approx(pixel_auroc(maps[:2], masks[:2]))   # the two without masks left out
 
 
 def test_unreadable_images_are_all_listed(tmp_path: Path):

@@ -5,6 +5,10 @@
     ROOT/CLASS/test/DEFECT/*.png                    anomalous test images, one folder per defect type
     ROOT/CLASS/ground_truth/DEFECT/STEM_mask.png    their pixel masks (white = defect)
 
+A defect folder without a `ground_truth/DEFECT/` folder is labelled per image
+only (as plants often label): its images load without masks and count for
+the image metrics only. Where the mask folder exists, every image needs its mask.
+
 Images may be .png, .jpg, .jpeg, .bmp, .tif or .tiff in any letter case. A
 malformed folder raises `DatasetError` naming every offending path and what
 to do about it, before any training starts.
@@ -38,7 +42,8 @@ class Sample:
     """One image of the data set.
 
     label: 0 normal, 1 anomalous; defect: "good" or the defect folder's name;
-    mask_path: the ground-truth mask of an anomalous test image, else None.
+    mask_path: the ground-truth mask of an anomalous test image, else None (normal, or
+    labelled per image only).
     """
 
     path: Path
@@ -161,7 +166,8 @@ def _load_class(root: Path, cls: str, split: str, problems: list[str]) -> list[S
                 problems.append(f"{img}: {why}; replace or remove it")
                 continue
             mask = None
-            if label == 1 and split == "test":   # MVTec AD keeps masks for anomalous test images only
+            # MVTec AD keeps masks for anomalous test images only; no mask folder: labelled per image
+            if label == 1 and split == "test" and gt_dir.is_dir():
                 mask = _find_mask(gt_dir, img.stem)
                 if mask is None:
                     problems.append(f"{img}: defect image without a mask; expected "
