@@ -27,8 +27,8 @@ ITERATIONS = 1000
 SALT_BYTES = 12  # what mosquitto_passwd uses
 HEADER = "# Written by `kdfleet hub add-device` from the hub database; edits here are overwritten.\n"
 
-DEVICE_WRITES = (topics.STATUS, topics.RESULT, topics.METRICS, topics.MODEL_STATE)
-DEVICE_READS = (topics.MODEL_DESIRED,)
+DEVICE_WRITES = topics.UPSTREAM
+DEVICE_READS = topics.DOWNSTREAM
 
 
 def new_password() -> str:
@@ -72,13 +72,13 @@ def render_passwords(hub_user: str, hub_password: str, accounts: Sequence[MqttAc
 
 
 def render_acl(hub_user: str, accounts: Sequence[MqttAccount]) -> str:
-    """Mosquitto ACL: the hub reads everything kdfleet and writes desired models; each device
-    writes its own topics and reads its own desired model, nothing else."""
+    """Mosquitto ACL: the hub reads everything kdfleet and writes desired models and receipts;
+    each device writes its own topics and reads its own desired model and receipts, nothing else."""
     out = [
         HEADER,
         f"user {check_username(hub_user)}",
         f"topic read {topics.ROOT}/#",
-        f"topic write {topics.subscription(topics.MODEL_DESIRED)}",
+        *(f"topic write {topics.subscription(k)}" for k in topics.DOWNSTREAM),
         "",
     ]
     for a in accounts:
