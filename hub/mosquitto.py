@@ -89,6 +89,39 @@ def render_acl(hub_user: str, accounts: Sequence[MqttAccount]) -> str:
     return "\n".join(out)
 
 
+def render_bridge(
+    name: str,
+    address: str,
+    *,
+    site: str = "+",
+    username: str | None = None,
+    password: str | None = None,
+    cafile: str | None = None,
+) -> str:
+    """A Mosquitto bridge from a site's broker to a central one, where the hub ingests.
+
+    What devices send goes out, what the hub sends them (desired models, receipts) comes in,
+    all at QoS 1 with a persistent bridge session, so each broker keeps what the other has
+    not taken while the link is down. Receipts must come back through the bridge: without
+    them every result stays in its station's spool.
+    """
+    lines = [
+        f"connection {check_username(name)}",
+        f"address {address}",
+        "cleansession false",
+        "restart_timeout 1 30",
+    ]
+    if username:
+        lines += [f"remote_username {check_username(username)}", f"remote_clientid {username}"]
+        if password:
+            lines.append(f"remote_password {password}")
+    if cafile:
+        lines.append(f"bridge_cafile {cafile}")
+    lines += [f"topic {topics.subscription(k, site=site)} out 1" for k in topics.UPSTREAM]
+    lines += [f"topic {topics.subscription(k, site=site)} in 1" for k in topics.DOWNSTREAM]
+    return "\n".join(lines) + "\n"
+
+
 def write_atomically(path: str | Path, text: str, mode: int = 0o640, group: str = "") -> Path:
     """Replace `path` with `text` in one step (a reader sees the old file or the new one).
 

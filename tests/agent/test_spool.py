@@ -18,7 +18,7 @@ def test_order_confirm_and_reopen(tmp_path):
     assert seqs == sorted(seqs)
     assert [e.payload for e in s.pending(limit=100)] == [f"r{i}".encode() for i in range(10)]
     assert [e.rid for e in s.get([seqs[5], seqs[1]])] == [rids[1], rids[5]]
-    assert s.confirm(rids[:4] + [new_ulid()]) == 4     # an id it does not hold is no error
+    assert s.confirm([*rids[:4], new_ulid()]) == 4     # an id it does not hold is no error
     assert s.confirm(rids[:4]) == 0                    # a receipt that comes twice changes nothing
     assert s.depth() == 6 and s.get(seqs[:4]) == []
     s.close()
