@@ -1,12 +1,21 @@
-"""Mosquitto's password file and ACL for a provisioned fleet.
+"""Mosquitto's password files, ACL and listener settings for a provisioned fleet.
 
 The database is the source of truth (devices.mqtt_username and
 mqtt_password_hash); these files are rendered from it in full on every
 change, so they never drift. Passwords are hashed the way Mosquitto 2 reads
 them (``$7$``: PBKDF2-HMAC-SHA512, the format `mosquitto_passwd` writes); a
-device may publish only its own topics and read only its own model topic,
-the hub's account reads every kdfleet topic and publishes desired models.
-Mosquitto rereads both files on SIGHUP.
+device may publish only its own topics and read only its own model and
+receipt topics, the hub's account reads every kdfleet topic and publishes
+desired models and receipts. Mosquitto rereads the files on SIGHUP.
+
+Client ids are bound to accounts, so that no client can knock another off
+the broker or wipe its session by connecting under its id. Devices sign in
+on listeners with ``use_username_as_clientid true``: the broker replaces
+whatever id a device sends with its user name (``device@site``), which no
+other account has. The hub's processes, several under one account, each
+with its own id (and persistent session), sign in on a listener of their
+own whose password file holds the hub's account only; their ids may not
+contain '@', so none is ever a device's. `render_listener` writes both kinds.
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ import os
 import secrets
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from hub.services.devices import MqttAccount
 from shared import topics
@@ -65,9 +76,56 @@ def check_username(username: str) -> str:
     return username
 
 
-def render_passwords(hub_user: str, hub_password: str, accounts: Sequence[MqttAccount]) -> str:
-    lines = [f"{check_username(hub_user)}:{hash_password(hub_password)}"]
-    lines += [f"{check_username(a.username)}:{a.password_hash}" for a in accounts]
+def render_passwords(accounts: Sequence[MqttAccount]) -> str:
+    """The devices' password file (their listeners): no other account signs in there."""
+    return HEADER + "".join(f"{check_username(a.username)}:{a.password_hash}\n" for a in accounts)
+
+
+def render_hub_password(hub_user: str, hub_password: str) -> str:
+    """The hub listener's password file: the hub's account alone."""
+    if "@" in hub_user:
+        raise ValueError(f"the hub's MQTT user name {hub_user!r} must not contain '@' (devices' names do)")
+    return HEADER + f"{check_username(hub_user)}:{hash_password(hub_password)}\n"
+
+
+def check_client_id(client_id: str) -> str:
+    """The hub's client ids: never one a device's listener can give (those are ``device@site``)."""
+    if not client_id or "@" in client_id or len(client_id) > 64:
+        raise ValueError(f"MQTT client id {client_id!r}: use 1-64 characters without '@' (devices' ids have one)")
+    return client_id
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """A TLS listener's files, as the broker sees them."""
+
+    cafile: str
+    certfile: str
+    keyfile: str
+    require_certificate: bool = False  # clients must show a certificate the CA signed
+
+
+def render_listener(
+    port: int,
+    *,
+    role: Literal["devices", "hub"],
+    password_file: str | Path,
+    acl_file: str | Path,
+    host: str = "",
+    tls: TlsFiles | None = None,
+) -> str:
+    """One Mosquitto listener (with ``per_listener_settings true`` at the top of the file).
+
+    ``devices``: the client id is the user name. ``hub``: `password_file` must be the one
+    `render_hub_password` wrote, so that no device account signs in there.
+    """
+    lines = [f"listener {port}{f' {host}' if host else ''}"]
+    if tls is not None:
+        lines += [f"cafile {tls.cafile}", f"certfile {tls.certfile}", f"keyfile {tls.keyfile}",
+                  f"require_certificate {str(tls.require_certificate).lower()}"]
+    if role == "devices":
+        lines.append("use_username_as_clientid true")
+    lines += ["allow_anonymous false", f"password_file {password_file}", f"acl_file {acl_file}"]
     return "\n".join(lines) + "\n"
 
 
@@ -160,12 +218,14 @@ def _group_id(group: str) -> int | None:
 
 def write_files(
     password_file: str | Path,
+    hub_password_file: str | Path,
     acl_file: str | Path,
     hub_user: str,
     hub_password: str,
     accounts: Sequence[MqttAccount],
     group: str = "",
 ) -> None:
-    """Write the password file and the ACL for the hub's account and every device's."""
-    write_atomically(password_file, render_passwords(hub_user, hub_password, accounts), group=group)
+    """Write the devices' password file, the hub's, and the ACL for all of them."""
+    write_atomically(password_file, render_passwords(accounts), group=group)
+    write_atomically(hub_password_file, render_hub_password(hub_user, hub_password), group=group)
     write_atomically(acl_file, render_acl(hub_user, accounts), group=group)
