@@ -80,6 +80,18 @@ def tls_context(broker: BrokerConfig) -> ssl.SSLContext:
     return context
 
 
+def speaks_plain_mqtt(host: str, port: int, timeout: float = TLS_PROBE_S) -> bool:
+    """True when host:port answers a plain MQTT 3.1.1 CONNECT with a CONNACK (whatever its verdict)."""
+    client_id = b"kdfleet-probe"
+    body = b"\x00\x04MQTT\x04\x02\x00\x05" + len(client_id).to_bytes(2, "big") + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(bytes([0x10, len(body)]) + body)
+            return s.recv(1)[:1] == b"\x20"
+    except OSError:
+        return False
+
+
 def speaks_tls(host: str, port: int, timeout: float = TLS_PROBE_S) -> bool:
     """True when a TLS handshake (certificate unchecked) succeeds at host:port."""
     context = ssl.create_default_context()
@@ -266,9 +278,15 @@ class MqttLink:
             self._give_up(f"broker {self.broker.url}: its TLS certificate is not trusted "
                           f"({exc.verify_message}); ca_file ({self.broker.ca_file or 'the system store'}) "
                           "must hold the CA that signed it, for the host name in the URL")
-        elif isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLZeroReturnError):
+        elif isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLZeroReturnError, ssl.SSLEOFError)):
             self._give_up(f"broker {self.broker.url}: no TLS at port {self.broker.port} ({exc.reason or exc}); "
                           "is it a plain MQTT listener? Then use mqtt://, or the broker's TLS port")
+        elif isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)) and not self._probed_tls:
+            # a plain listener drops a TLS handshake; so does a broker going down: ask it plainly
+            self._probed_tls = True
+            if speaks_plain_mqtt(self.broker.host, self.broker.port):
+                self._give_up(f"broker {self.broker.url}: no TLS at port {self.broker.port}, it speaks plain "
+                              "MQTT: use mqtt://, or the broker's TLS port")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()

@@ -78,8 +78,8 @@ class Mosquitto:
 
 def provisioned_listeners(auth: Path, hub_port: int, tls: object | None = None) -> Callable[[int], str]:
     """The listeners the hub's provisioning is made for (hub/mosquitto.py): devices on the broker's
-    port, their client id bound to their user name (and TLS when `tls`, a hub.mosquitto.TlsFiles,
-    is given); the hub's account alone on `hub_port`. `auth` holds passwd, hub.passwd and acl."""
+    port, their client id bound to their user name; the hub's account alone on `hub_port`; both
+    with TLS when `tls` (a hub.mosquitto.TlsFiles) is given. `auth` holds passwd, hub.passwd and acl."""
     from hub.mosquitto import render_listener
 
     def listeners(port: int) -> str:
@@ -87,7 +87,7 @@ def provisioned_listeners(auth: Path, hub_port: int, tls: object | None = None) 
         # `user root`: a broker started as root would drop to the mosquitto user, who may not read tmp_path
         return ("per_listener_settings true\n" + ("user root\n" if os.geteuid() == 0 else "")
                 + render_listener(port, role="devices", password_file=auth / "passwd", tls=tls, **files)
-                + render_listener(hub_port, role="hub", password_file=auth / "hub.passwd", **files))
+                + render_listener(hub_port, role="hub", password_file=auth / "hub.passwd", tls=tls, **files))
 
     return listeners
 
