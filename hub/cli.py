@@ -298,6 +298,7 @@ def settings(args: argparse.Namespace) -> HubConfig:
         ),
     )
     cfg.validate()
+    cfg.broker_config()  # the URL and [broker_tls] together
     return cfg
 
 

@@ -183,13 +183,15 @@ class HubConfig:
     mqtt_auth: MqttAuthConfig = field(default_factory=MqttAuthConfig)
 
     def validate(self) -> None:
-        self.broker_config()
+        # the URL alone: a file's [broker_tls] may wait for the --broker the command line gives
+        BrokerConfig.from_url(self.broker)
         self.ingest.validate()
         self.web.validate()
         self.retention.validate()
         self.mqtt_auth.validate()
 
     def broker_config(self) -> BrokerConfig:
+        """The broker URL with [broker_tls]; ConfigError when they contradict each other."""
         t = self.broker_tls
         return dataclasses.replace(
             BrokerConfig.from_url(self.broker), ca_file=t.ca_file, cert_file=t.cert_file, key_file=t.key_file
