@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--username", help="the bridge's account on the central broker")
     p.add_argument("--password-stdin", action="store_true", help="read its password from standard input")
     p.add_argument("--cafile", help="the CA of the central broker's TLS certificate (a TLS port)")
+    p.add_argument("--acl", action="store_true",
+                   help="print instead the central broker's ACL lines for the bridge's account (--username)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_log_arguments(p)
 
@@ -654,6 +656,11 @@ def cmd_make_certs(folder: str, hosts: list[str], group: str) -> int:
 def cmd_bridge_config(args: argparse.Namespace) -> int:
     password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
     try:
+        if args.acl:
+            if not args.username:
+                raise CliError("--acl needs --username: the bridge's account on the central broker")
+            print(mosquitto.render_bridge_acl(args.username, args.site), end="")
+            return 0
         print(mosquitto.render_bridge(args.name, args.address, site=args.site, username=args.username,
                                       password=password, cafile=args.cafile), end="")
     except (ValueError, topics.TopicError) as exc:

@@ -180,6 +180,18 @@ def render_bridge(
     return "\n".join(lines) + "\n"
 
 
+def render_bridge_acl(username: str, site: str) -> str:
+    """The central broker's ACL for a site's bridge: the site's device topics in, the hub's out.
+
+    For a listener of its own on the central broker (with its own password file), beside the
+    listeners whose files the hub writes."""
+    check_username(username)
+    lines = [f"user {username}"]
+    lines += [f"topic write {topics.subscription(k, site=site)}" for k in DEVICE_WRITES]
+    lines += [f"topic read {topics.subscription(k, site=site)}" for k in DEVICE_READS]
+    return "\n".join(lines) + "\n"
+
+
 def write_atomically(path: str | Path, text: str, mode: int = 0o640, group: str = "") -> Path:
     """Replace `path` with `text` in one step (a reader sees the old file or the new one).
 

@@ -196,3 +196,51 @@ def test_the_dashboard_serves_https_with_secure_cookies(pki, tmp_path: Path, mig
         proc.terminate()
         proc.wait(20)
         proc.stdout.close()
+
+
+def test_a_site_bridge_over_tls_with_its_own_account(pki, hub_db: Database, store: ImageStore, tmp_path: Path,
+                                                     private_broker, unique: str, tiny_package: Path,
+                                                     plate_folder: Path):
+    """The recipe of docs/operations.md: the central broker has the hub's listener and one for
+    bridges (TLS, their own accounts and ACL); the site's broker bridges to it with `bridge-config`."""
+    from hub import mosquitto
+
+    site, bridge_user, bridge_password = f"bridged-{unique}", f"bridge-{unique}", "bridge-secret-0123"
+    auth = tmp_path / "central"
+    mosquitto.write_files(auth / "passwd", auth / "hub.passwd", auth / "acl", HUB_USER, HUB_PASSWORD, [])
+    mosquitto.write_atomically(auth / "bridges.passwd", f"{bridge_user}:{mosquitto.hash_password(bridge_password)}\n")
+    mosquitto.write_atomically(auth / "bridges.acl", mosquitto.render_bridge_acl(bridge_user, site))
+    hub_port = free_port()
+    files = TlsFiles(str(pki["ca"]), str(pki["broker_crt"]), str(pki["broker_key"]))
+
+    def central_listeners(port: int) -> str:
+        return ("per_listener_settings true\n" + ("user root\n" if os.geteuid() == 0 else "")
+                + render_listener(port, role="devices", host="127.0.0.1", password_file=auth / "bridges.passwd",
+                                  acl_file=auth / "bridges.acl", tls=files)
+                + render_listener(hub_port, role="hub", host="127.0.0.1", password_file=auth / "hub.passwd",
+                                  acl_file=auth / "acl"))
+
+    central = private_broker(listeners=central_listeners)
+    bridge = subprocess.run(
+        [sys.executable, "-m", "hub", "bridge-config", f"central-{unique}", f"127.0.0.1:{central.port}",
+         "--site", site, "--username", bridge_user, "--password-stdin", "--cafile", str(pki["ca"])],
+        input=bridge_password + "\n", capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    local = private_broker(extra_conf=bridge + ("user root\n" if os.geteuid() == 0 else ""))   # reads the CA
+    hub = Ingest(hub_db, store, BrokerConfig(host="127.0.0.1", port=hub_port, username=HUB_USER,
+                                             password=HUB_PASSWORD),
+                 client_id=f"hub-{unique}", site=site, flush_ms=20, persistent=True).start()
+    cfg = load(None, {"device": "cam-1", "site": site, "package": str(tiny_package), "runtime": "onnxruntime",
+                      "threads": 1, "broker": local.url, "sources": [{"uri": str(plate_folder), "cls": "plate"}],
+                      "spool": {"path": str(tmp_path / "spool.db")}})
+    agent = Agent(cfg)
+    try:
+        assert hub.wait_ready(10)
+        runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
+        runner.start()
+        runner.join(60)
+        assert not runner.is_alive(), "the receipts did not come back over the bridge"
+    finally:
+        agent.stop.set()
+        hub.stop()
+    with hub_db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Result)) >= agent.counters.spooled > 0
