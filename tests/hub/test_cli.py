@@ -128,3 +128,21 @@ def test_make_certs_writes_a_ca_and_the_broker_s_certificate_once(
     before = (out / "ca.key").read_bytes()
     assert main(["make-certs", str(out), "--host", "mosquitto"]) == 0
     assert "nothing changed" in capsys.readouterr().out and (out / "ca.key").read_bytes() == before
+
+
+def test_bridge_config_is_what_the_operations_guide_shows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+    import re
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    shown = re.search(r"```\n(connection central\n.*?)```", guide, re.S).group(1)
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
+    assert main(["bridge-config", "central", "central.example:8885", "--site", "plant1",
+                 "--username", "bridge-plant1", "--password-stdin",
+                 "--cafile", "/etc/mosquitto/tls/central-ca.crt"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.replace("remote_password s3cret", "remote_password ...") == shown
+    assert main(["bridge-config", "central", "x:1", "--site", "plant1", "--acl"]) == 1
+    assert "--acl needs --username" in capsys.readouterr().err
