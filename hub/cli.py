@@ -64,6 +64,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="database URL: sqlite:///path/hub.db (default "
         "sqlite:///var/hub/hub.db) or postgresql+psycopg://user@host/dbname",
     )
+    _log_flags(p)
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_log_arguments(p)
 
@@ -226,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", required=True, metavar="NAME",
                    help="a host name or IP address of the broker (repeat for each)")
     p.add_argument("--group", default="", help="group of broker.key (mode 0640), e.g. mosquitto")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    add_log_arguments(p)
+    _log_flags(p)
 
     p = sub.add_parser(
         "bridge-config",
@@ -243,8 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cafile", help="the CA of the central broker's TLS certificate (a TLS port)")
     p.add_argument("--acl", action="store_true",
                    help="print instead the central broker's ACL lines for the bridge's account (--username)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    add_log_arguments(p)
+    _log_flags(p)
 
     p = sub.add_parser(
         "prune",

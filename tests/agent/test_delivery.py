@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from agent.pipeline import Agent
 from agent.spool import Spool
@@ -30,6 +32,20 @@ class Silent:
         receipt = messages.Receipt(device="cam-1", ts=time.time(), ids=tuple(ids), refused=tuple(refused),
                                    reason=reason)
         self.link.publish(topics.topic(self.site, "cam-1", topics.RECEIPT), messages.encode(receipt))
+
+
+@contextmanager
+def running(agent: Agent, *others: MqttLink) -> Iterator[threading.Thread]:
+    """The agent running until drained in a thread; stopped afterwards, with `others`."""
+    runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
+    runner.start()
+    try:
+        yield runner
+    finally:
+        agent.stop.set()
+        runner.join(20)
+        for link in others:
+            link.stop()
 
 
 def counting_publishes(agent: Agent) -> Counter:
@@ -74,9 +90,7 @@ def test_a_puback_alone_keeps_the_result_until_its_receipt(tmp_path, tiny_packag
     hub = Silent(broker, site, f"silent-{unique}")
     agent = Agent(agent_config(tmp_path, tiny_package, broker, site, folder))
     agent.publisher.receipt_timeout_s = agent.publisher.receipt_timeout_max_s = 60.0
-    runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
-    runner.start()
-    try:
+    with running(agent, hub.link) as runner:
         wait_for(lambda: agent.publisher.acked == len(truth), 20, "every PUBACK")
         assert agent.spool.depth() == len(truth), "a PUBACK must not remove a result from the spool"
         assert agent.metrics().pending_receipts == len(truth) == agent.metrics().spool_depth
@@ -91,10 +105,6 @@ def test_a_puback_alone_keeps_the_result_until_its_receipt(tmp_path, tiny_packag
         hub.confirm(ids[3:])
         runner.join(20)
         assert not runner.is_alive() and agent.publisher.resent == 0
-    finally:
-        agent.stop.set()
-        runner.join(20)
-        hub.link.stop()
 
 
 def test_an_unconfirmed_result_is_sent_again(tmp_path, tiny_package, plates, broker, unique):
@@ -105,19 +115,13 @@ def test_an_unconfirmed_result_is_sent_again(tmp_path, tiny_package, plates, bro
     agent = Agent(cfg)
     agent.publisher.receipt_timeout_s, agent.publisher.receipt_timeout_max_s = 0.5, 1.0
     sent = counting_publishes(agent)
-    runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
-    runner.start()
-    try:
+    with running(agent, hub.link) as runner:
         # nothing confirmed: each result goes out again, its wait doubling (0.5 s, then 1 s at most)
         wait_for(lambda: len(sent) == len(truth) and min(sent.values()) >= 3, 20, "three sends of each")
         assert agent.spool.depth() == len(truth)
         hub.confirm(sorted({r.id for r in hub.got}))
         runner.join(20)
         assert not runner.is_alive() and agent.spool.depth() == 0
-    finally:
-        agent.stop.set()
-        runner.join(20)
-        hub.link.stop()
 
 
 def test_at_most_receipt_window_results_await_their_receipt(tmp_path, tiny_package, plates, broker, unique):
@@ -127,9 +131,7 @@ def test_at_most_receipt_window_results_await_their_receipt(tmp_path, tiny_packa
     cfg = agent_config(tmp_path, tiny_package, broker, site, folder)
     agent = Agent(cfg)
     agent.publisher.receipt_window = 5
-    runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
-    runner.start()
-    try:
+    with running(agent, hub.link) as runner:
         wait_for(lambda: agent.counters.spooled == len(truth) and len(hub.got) == 5, 20, "the first five")
         time.sleep(0.5)
         assert len(hub.got) == 5 and agent.publisher.unconfirmed() == 5, "the rest waits in the spool"
@@ -140,7 +142,3 @@ def test_at_most_receipt_window_results_await_their_receipt(tmp_path, tiny_packa
         runner.join(20)
         assert not runner.is_alive() and agent.spool.depth() == 0
         assert sorted(r.source for r in hub.got) == sorted(truth)   # in order, once each
-    finally:
-        agent.stop.set()
-        runner.join(20)
-        hub.link.stop()

@@ -8,7 +8,6 @@ import os
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +25,7 @@ from hub.store import ImageStore
 from hub.tls import Pem, issue, make_ca
 from shared.config import BrokerConfig, ConfigError
 from shared.mqtt import MqttLink
+from tests.agent.test_delivery import running
 from tests.conftest import Mosquitto, free_port, port_open, provisioned_listeners
 from tests.hub.test_provisioning import HUB_PASSWORD, HUB_USER, _add_device
 from tests.waiting import wait_for
@@ -155,13 +155,11 @@ def test_agent_and_hub_over_tls_with_provisioned_accounts(pki, hub_db: Database,
     agent = Agent(cfg)
     try:
         assert hub.wait_ready(10)
-        runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
-        runner.start()
-        runner.join(60)
-        assert not runner.is_alive() and agent.link.fatal is None
-        assert agent.spool.depth() == 0, "every result confirmed by the hub's receipt, over TLS"
+        with running(agent) as runner:
+            runner.join(60)
+            assert not runner.is_alive() and agent.link.fatal is None
+            assert agent.spool.depth() == 0, "every result confirmed by the hub's receipt, over TLS"
     finally:
-        agent.stop.set()
         hub.stop()
     with hub_db.session() as session:
         assert session.scalar(select(func.count()).select_from(Result)) >= agent.counters.spooled > 0
@@ -235,12 +233,10 @@ def test_a_site_bridge_over_tls_with_its_own_account(pki, hub_db: Database, stor
     agent = Agent(cfg)
     try:
         assert hub.wait_ready(10)
-        runner = threading.Thread(target=agent.run, kwargs={"until_drained": True})
-        runner.start()
-        runner.join(60)
-        assert not runner.is_alive(), "the receipts did not come back over the bridge"
+        with running(agent) as runner:
+            runner.join(60)
+            assert not runner.is_alive(), "the receipts did not come back over the bridge"
     finally:
-        agent.stop.set()
         hub.stop()
     with hub_db.session() as session:
         assert session.scalar(select(func.count()).select_from(Result)) >= agent.counters.spooled > 0

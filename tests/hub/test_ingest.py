@@ -388,13 +388,10 @@ def test_a_database_outage_is_waited_out(
     assert [row.id for row in results_of(hub_db, site)] == [r.id]
 
 
-def test_a_message_the_database_refuses_does_not_sink_its_batch(
-    ingest: Ingest, hub_db: Database, site: str, make_result, wait_for, monkeypatch, caplog
-) -> None:
+def refuse_in_writes(ingest: Ingest, poison: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database refuses every batch that holds result `poison` (a value too long, say)."""
     from sqlalchemy.exc import IntegrityError
 
-    sent = [make_result(site, "cam-7", seed=i) for i in range(4)]
-    poison = sent[2].id
     real_write = ingest.writer.write
 
     def picky(batch):
@@ -403,6 +400,14 @@ def test_a_message_the_database_refuses_does_not_sink_its_batch(
         return real_write(batch)
 
     monkeypatch.setattr(ingest.writer, "write", picky)
+
+
+def test_a_message_the_database_refuses_does_not_sink_its_batch(
+    ingest: Ingest, hub_db: Database, site: str, make_result, wait_for, monkeypatch, caplog
+) -> None:
+    sent = [make_result(site, "cam-7", seed=i) for i in range(4)]
+    poison = sent[2].id
+    refuse_in_writes(ingest, poison, monkeypatch)
     for r in sent:
         ingest.handle(topics.topic(site, "cam-7", topics.RESULT), messages.encode(r))
     wait_for(lambda: ingest.stats().stored + ingest.stats().failed == 4, what="4 results handled")
@@ -540,18 +545,9 @@ def test_a_result_that_can_never_be_stored_is_refused_in_its_receipt(
 def test_a_result_the_database_refuses_is_refused_in_its_receipt(
     ingest: Ingest, site: str, make_result, receipts: Receipts, wait_for, monkeypatch
 ) -> None:
-    from sqlalchemy.exc import IntegrityError
-
     sent = [make_result(site, "cam-1", seed=i, crops=0) for i in range(3)]
     poison = sent[1].id
-    real_write = ingest.writer.write
-
-    def picky(batch):
-        if any(getattr(e.message, "id", None) == poison for e in batch):
-            raise IntegrityError("INSERT", {}, Exception("value too long"))
-        return real_write(batch)
-
-    monkeypatch.setattr(ingest.writer, "write", picky)
+    refuse_in_writes(ingest, poison, monkeypatch)
     for r in sent:
         ingest.handle(topics.topic(site, "cam-1", topics.RESULT), messages.encode(r))
     wait_for(lambda: len(receipts.ids()) + len(receipts.refused()) == 3, what="3 results confirmed or refused")
