@@ -88,13 +88,6 @@ def render_hub_password(hub_user: str, hub_password: str) -> str:
     return HEADER + f"{check_username(hub_user)}:{hash_password(hub_password)}\n"
 
 
-def check_client_id(client_id: str) -> str:
-    """The hub's client ids: never one a device's listener can give (those are ``device@site``)."""
-    if not client_id or "@" in client_id or len(client_id) > 64:
-        raise ValueError(f"MQTT client id {client_id!r}: use 1-64 characters without '@' (devices' ids have one)")
-    return client_id
-
-
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
     """A TLS listener's files, as the broker sees them."""

@@ -48,6 +48,13 @@ def running(agent: Agent, *others: MqttLink) -> Iterator[threading.Thread]:
             link.stop()
 
 
+def unconfirmed_site(tmp_path, package, plates, broker, site: str, n: int) -> tuple[Agent, Silent, dict]:
+    """An agent on `n` plates and a subscriber that confirms only when told."""
+    folder, truth = plates(n)
+    hub = Silent(broker, site, f"silent-{site}")
+    return Agent(agent_config(tmp_path, package, broker, site, folder)), hub, truth
+
+
 def counting_publishes(agent: Agent) -> Counter:
     """How often each result payload is handed to the broker."""
     sent: Counter = Counter()
@@ -85,10 +92,7 @@ def test_no_result_is_published_twice_without_a_fault(tmp_path, tiny_package, pl
 
 
 def test_a_puback_alone_keeps_the_result_until_its_receipt(tmp_path, tiny_package, plates, broker, unique):
-    folder, truth = plates(6)
-    site = f"receipt-{unique}"
-    hub = Silent(broker, site, f"silent-{unique}")
-    agent = Agent(agent_config(tmp_path, tiny_package, broker, site, folder))
+    agent, hub, truth = unconfirmed_site(tmp_path, tiny_package, plates, broker, f"receipt-{unique}", 6)
     agent.publisher.receipt_timeout_s = agent.publisher.receipt_timeout_max_s = 60.0
     with running(agent, hub.link) as runner:
         wait_for(lambda: agent.publisher.acked == len(truth), 20, "every PUBACK")
@@ -108,11 +112,7 @@ def test_a_puback_alone_keeps_the_result_until_its_receipt(tmp_path, tiny_packag
 
 
 def test_an_unconfirmed_result_is_sent_again(tmp_path, tiny_package, plates, broker, unique):
-    folder, truth = plates(4)
-    site = f"resend-{unique}"
-    hub = Silent(broker, site, f"silent-{unique}")
-    cfg = agent_config(tmp_path, tiny_package, broker, site, folder)
-    agent = Agent(cfg)
+    agent, hub, truth = unconfirmed_site(tmp_path, tiny_package, plates, broker, f"resend-{unique}", 4)
     agent.publisher.receipt_timeout_s, agent.publisher.receipt_timeout_max_s = 0.5, 1.0
     sent = counting_publishes(agent)
     with running(agent, hub.link) as runner:
@@ -125,11 +125,7 @@ def test_an_unconfirmed_result_is_sent_again(tmp_path, tiny_package, plates, bro
 
 
 def test_at_most_receipt_window_results_await_their_receipt(tmp_path, tiny_package, plates, broker, unique):
-    folder, truth = plates(12)
-    site = f"window-{unique}"
-    hub = Silent(broker, site, f"silent-{unique}")
-    cfg = agent_config(tmp_path, tiny_package, broker, site, folder)
-    agent = Agent(cfg)
+    agent, hub, truth = unconfirmed_site(tmp_path, tiny_package, plates, broker, f"window-{unique}", 12)
     agent.publisher.receipt_window = 5
     with running(agent, hub.link) as runner:
         wait_for(lambda: agent.counters.spooled == len(truth) and len(hub.got) == 5, 20, "the first five")

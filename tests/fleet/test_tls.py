@@ -83,6 +83,18 @@ def exchange_over(broker: Mosquitto, unique: str, **tls: object) -> None:
         pub.stop()
 
 
+def drained(agent: Agent, hub: Ingest) -> Agent:
+    """Run `agent` on its folder until the hub has confirmed every result; then stop the hub."""
+    try:
+        assert hub.wait_ready(10)
+        with running(agent) as runner:
+            runner.join(60)
+            assert not runner.is_alive(), "the hub's receipts did not empty the spool"
+    finally:
+        hub.stop()
+    return agent
+
+
 def test_the_link_verifies_the_broker_against_the_ca(pki, private_broker, unique):
     exchange_over(tls_broker(private_broker, pki), unique, ca_file=str(pki["ca"]))
 
@@ -152,15 +164,8 @@ def test_agent_and_hub_over_tls_with_provisioned_accounts(pki, hub_db: Database,
                       "username": f"cam-1@{site}", "password": password,
                       "sources": [{"uri": str(plate_folder), "cls": "plate"}],
                       "spool": {"path": str(tmp_path / "spool.db")}})
-    agent = Agent(cfg)
-    try:
-        assert hub.wait_ready(10)
-        with running(agent) as runner:
-            runner.join(60)
-            assert not runner.is_alive() and agent.link.fatal is None
-            assert agent.spool.depth() == 0, "every result confirmed by the hub's receipt, over TLS"
-    finally:
-        hub.stop()
+    agent = drained(Agent(cfg), hub)
+    assert agent.link.fatal is None
     with hub_db.session() as session:
         assert session.scalar(select(func.count()).select_from(Result)) >= agent.counters.spooled > 0
 
@@ -230,13 +235,6 @@ def test_a_site_bridge_over_tls_with_its_own_account(pki, hub_db: Database, stor
     cfg = load(None, {"device": "cam-1", "site": site, "package": str(tiny_package), "runtime": "onnxruntime",
                       "threads": 1, "broker": local.url, "sources": [{"uri": str(plate_folder), "cls": "plate"}],
                       "spool": {"path": str(tmp_path / "spool.db")}})
-    agent = Agent(cfg)
-    try:
-        assert hub.wait_ready(10)
-        with running(agent) as runner:
-            runner.join(60)
-            assert not runner.is_alive(), "the receipts did not come back over the bridge"
-    finally:
-        hub.stop()
+    agent = drained(Agent(cfg), hub)
     with hub_db.session() as session:
         assert session.scalar(select(func.count()).select_from(Result)) >= agent.counters.spooled > 0
