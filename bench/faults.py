@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--fps", type=float, default=4.0, help="frames per second per agent (default 4)")
     ap.add_argument("--calm", type=float, default=0.1, help="fault-free first part, the baseline (default 0.1)")
-    ap.add_argument("--faults-per-minute", type=float, default=2.0, help="on average, after the calm part")
+    ap.add_argument("--faults-per-minute", type=float, default=2.0,
+                    help="after the calm part, the wait from one fault's end to the next is random with a "
+                    "mean of 60 / this many seconds (default 2)")
     ap.add_argument("--receipt-timeout", type=float, default=30.0,
                     help="the agents' delivery.receipt_timeout_s (default 30, the agent's own default)")
     ap.add_argument("--drain-timeout", type=float, default=900.0, help="seconds allowed for the final drain")
