@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from shared import topics
 from shared.config import BrokerConfig, ConfigError, build, load_toml
+from shared.imaging import DEFAULT_LIMITS, ImageLimits
 
 ENV_PREFIX = "KDFLEET_AGENT_"
 
@@ -31,10 +32,27 @@ class SourceConfig:
     fps: float = 0.0           # pace for folders and files; 0: as fast as the pipeline runs
     loop: bool = False         # replay a folder or file forever (simulated stations)
     watch: bool = False        # keep watching a folder for new files
+    rejected: str = ""         # a folder's images that cannot be used go here; "": <folder>/rejected
 
     def validate(self) -> None:
         if self.fps < 0:
             raise ConfigError(f"source {self.uri}: fps = {self.fps}: must be >= 0 (0: as fast as possible)")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """What a frame file may be before it is decoded (shared/imaging.py reads its header first)."""
+
+    max_pixels: int = DEFAULT_LIMITS.max_pixels   # 50 MP: 150 MB decoded, safe on a 4 GB Jetson
+    max_bytes: int = DEFAULT_LIMITS.max_bytes     # 50 MiB: the file is read whole before decoding
+
+    def validate(self) -> None:
+        for key in ("max_pixels", "max_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"image.{key} = {getattr(self, key)}: must be >= 1")
+
+    def limits(self) -> ImageLimits:
+        return ImageLimits(self.max_pixels, self.max_bytes)
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,7 @@ class AgentConfig:
     thresholds: dict[str, float] = field(default_factory=dict)   # per-class raw threshold overrides
     trusted_keys: list[str] = field(default_factory=list)        # public keys; empty: unsigned allowed
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
@@ -236,7 +255,7 @@ def _from_env(var: str, value: str, hint: Any) -> Any:
     return value
 
 
-TABLE_KEYS = ("sources", "spool", "publish", "delivery", "update", "thresholds", "trusted_keys")
+TABLE_KEYS = ("sources", "spool", "image", "publish", "delivery", "update", "thresholds", "trusted_keys")
 _KEY = re.compile(r"^(?:missing required key |)([A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*)(?::| =|$)")
 
 

@@ -6,6 +6,12 @@ queues are bounded: when inference cannot keep up, capture drops frames (and
 counts them); a result, once inferred, is never dropped. One stop event
 serves every thread; `run` starts them in order and stops them in reverse.
 
+A frame a source cannot use is counted (`frames_rejected` in the metrics) and
+never stops the source. A source that stops with an error is opened again
+with backoff for as long as the agent runs; while a source is failing, the
+metrics message carries its error (`source_error`), which the hub shows as
+the device's state. The message is sent at once when a source fails or recovers.
+
 The model in use is one `ActiveModel` (package, runtime, scorer) read once
 per batch: an over-the-air update (agent/updates.py) builds and self-tests
 the new one aside and swaps the reference, so inference never waits on it
@@ -16,6 +22,7 @@ from __future__ import annotations
 import logging
 import platform
 import queue
+import random
 import threading
 import time
 from collections import deque
@@ -31,7 +38,7 @@ from agent.runtimes import Runtime, open_runtime
 from agent.scoring import Scorer
 from agent.updater import Updater, UpdateError
 from agent.updates import UpdateWorker
-from agent.sources import SourceError, open_source, redact
+from agent.sources import Frame, FolderSource, SourceError, SourceEvents, open_source, redact
 from agent.spool import Spool, SpoolFull
 from shared import messages, topics
 from shared.ids import new_ulid
@@ -43,6 +50,9 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 LATENCY_WINDOW = 512
+RESTART_FIRST_S = 1.0   # first wait before a source that stopped with an error is opened again
+RESTART_MAX_S = 60.0    # longest wait between two attempts
+STOP_PIPELINE_S = 10.0  # longest a stop waits for queued frames to be scored (a stream read times out in 5 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +87,7 @@ class Counters:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.captured = self.dropped = self.inferred = self.spooled = self.skipped = self.anomalies = 0
+        self.rejected = 0   # frames or files a source could not use (never captured)
         self.latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.infer_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.infer_at: deque[float] = deque(maxlen=LATENCY_WINDOW)   # monotonic end of each batch
@@ -88,6 +99,23 @@ class Counters:
         with self.lock:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
+
+
+class _SourceMonitor(SourceEvents):
+    """One source's events: its rejected frames counted, its error kept for the metrics message."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.error = ""
+
+    def rejected(self, name: str, reason: str) -> None:
+        self.agent.counters.add(rejected=1)
+
+    def state(self, error: str) -> None:
+        error = error[:messages.MAX_TEXT]
+        if error != self.error:
+            self.error = error
+            self.agent.source_changed()
 
 
 class Agent:
@@ -127,6 +155,7 @@ class Agent:
         self._normal_seen = 0
         self._threads: list[threading.Thread] = []
         self._sources_left = len(cfg.sources)
+        self._monitors = [_SourceMonitor(self) for _ in cfg.sources]
 
     # -- the model --------------------------------------------------------------
 
@@ -210,31 +239,64 @@ class Agent:
 
     # -- threads ----------------------------------------------------------------
 
-    def _capture(self, src_cfg: SourceConfig) -> None:
+    def _capture(self, index: int) -> None:
+        """Run source `index` until its input ends or the agent stops, opening it again after an error."""
+        src_cfg, monitor = self.cfg.sources[index], self._monitors[index]
+        backoff = RESTART_FIRST_S
         try:
-            source = open_source(src_cfg.uri, src_cfg.fps, self.stop, loop=src_cfg.loop, watch=src_cfg.watch)
-            for frame in source.frames():
-                boxed, placement = letterbox(frame.image, self.size)
-                item = Captured(frame.image, boxed, placement, frame.ts, time.monotonic(), frame.name, src_cfg)
-                self.counters.add(captured=1)
-                if not source.live:
-                    self._put_waiting(item)
-                    continue
+            while not self.stop.is_set():
                 try:
-                    self.frames.put_nowait(item)
-                except queue.Full:
-                    self.counters.add(dropped=1)  # overload: drop at capture, never later
-            self.counters.add(skipped=source.errors)
-        except SourceError as exc:
-            log.error("source %s stopped: %s", redact(src_cfg.uri), exc)
-        except Exception:
-            log.exception("source %s failed", src_cfg.uri)
+                    source = open_source(src_cfg.uri, src_cfg.fps, self.stop, loop=src_cfg.loop,
+                                         watch=src_cfg.watch, limits=self.cfg.image.limits(),
+                                         rejected=src_cfg.rejected, events=monitor)
+                    if isinstance(source, FolderSource) and source.watch:
+                        monitor.state("")   # open, it works: new files may be a while coming
+                    for frame in source.frames():
+                        if monitor.error:
+                            monitor.state("")
+                            backoff = RESTART_FIRST_S
+                        self._take(frame, src_cfg, source.live, monitor)
+                    return   # its input has ended
+                except Exception as exc:   # the source stops, never the station: reported, then opened again
+                    bug = not isinstance(exc, SourceError)
+                    why = f"source {redact(src_cfg.uri)}: {type(exc).__name__}: {exc}" if bug else str(exc)
+                    log.error("%s; opening it again in %.1f s", why, backoff, exc_info=bug)
+                    monitor.state(why)
+                self.stop.wait(backoff * random.uniform(0.8, 1.2))   # jitter: sources failing together spread out
+                backoff = min(backoff * 2, RESTART_MAX_S)
         finally:
             with self.counters.lock:
                 self._sources_left -= 1
                 last = self._sources_left == 0
             if last:
                 self.frames.put(_DONE)
+
+    def _take(self, frame: Frame, src_cfg: SourceConfig, live: bool, monitor: _SourceMonitor) -> None:
+        """Letterbox a captured frame and queue it for inference (a live source's is dropped when full)."""
+        try:
+            boxed, placement = letterbox(frame.image, self.size)
+        except Exception as exc:   # one frame OpenCV cannot resize: counted, the source goes on
+            log.error("%s: frame cannot be letterboxed (%s); skipped", frame.name, exc)
+            monitor.rejected(frame.name, str(exc))
+            return
+        item = Captured(frame.image, boxed, placement, frame.ts, time.monotonic(), frame.name, src_cfg)
+        self.counters.add(captured=1)
+        if not live:
+            self._put_waiting(item)
+            return
+        try:
+            self.frames.put_nowait(item)
+        except queue.Full:
+            self.counters.add(dropped=1)  # overload: drop at capture, never later
+
+    def source_error(self) -> str:
+        """What the failing sources say, "" while every source works."""
+        return "; ".join(m.error for m in self._monitors if m.error)[:messages.MAX_TEXT]
+
+    def source_changed(self) -> None:
+        """A source failed or recovered: tell the hub now rather than at the next metrics interval."""
+        if not self.stop.is_set():   # stopping: the spool may be closing, and the last will says it all
+            self._send_metrics()
 
     def _put_waiting(self, item: Captured) -> None:
         while not self.stop.is_set():
@@ -338,12 +400,15 @@ class Agent:
         return messages.encode(result), scored.anomalous, result.id
 
     def _metrics(self) -> None:
-        topic = topics.topic(self.cfg.site, self.cfg.device, topics.METRICS)
         while not self.stop.wait(self.cfg.metrics_interval_s):
-            try:
-                self.link.publish(topic, messages.encode(self.metrics()), qos=0)
-            except NotConnected:
-                pass
+            self._send_metrics()
+
+    def _send_metrics(self) -> None:
+        topic = topics.topic(self.cfg.site, self.cfg.device, topics.METRICS)
+        try:
+            self.link.publish(topic, messages.encode(self.metrics()), qos=0)
+        except NotConnected:
+            pass   # the next interval's message carries the news
 
     def metrics(self) -> messages.Metrics:
         c = self.counters
@@ -354,14 +419,15 @@ class Agent:
             lat = np.array(c.latency_ms) if c.latency_ms else np.zeros(1)
             infer = latency_percentiles(c.infer_ms)
             score = latency_percentiles(c.score_ms)
-            dropped = c.dropped
+            dropped, rejected = c.dropped, c.rejected
         return messages.Metrics(
             device=self.cfg.device, ts=time.time(), fps=fps,
             latency_p50_ms=float(np.percentile(lat, 50)), latency_p95_ms=float(np.percentile(lat, 95)),
             frames_dropped=dropped, spool_depth=self.spool.depth(), pending_receipts=self.publisher.unconfirmed(),
             results_dropped=sum(self.spool.dropped().values()), cpu_percent=_cpu_percent(),
             temperature_c=_temperature(), infer_p50_ms=infer[0], infer_p95_ms=infer[1],
-            score_p50_ms=score[0], score_p95_ms=score[1], gpu_percent=_gpu_percent())
+            score_p50_ms=score[0], score_p95_ms=score[1], gpu_percent=_gpu_percent(),
+            frames_rejected=rejected, source_error=self.source_error())
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -370,7 +436,7 @@ class Agent:
         self.publisher.start()
         self.updates.start()
         workers = [("score", self._score), ("infer", self._infer), ("metrics", self._metrics)]
-        workers += [(f"capture-{i}", lambda s=s: self._capture(s)) for i, s in enumerate(self.cfg.sources)]
+        workers += [(f"capture-{i}", lambda i=i: self._capture(i)) for i in range(len(self.cfg.sources))]
         for name, target in workers:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -390,6 +456,10 @@ class Agent:
         What the hub has not confirmed by then stays in the spool for the next start.
         """
         self.stop.set()
+        finishing = time.monotonic() + STOP_PIPELINE_S
+        for t in self._threads:   # the frames queued when the stop came are scored and spooled first
+            if t.name != "metrics":
+                t.join(max(0.0, finishing - time.monotonic()))
         deadline = time.monotonic() + drain_s
         while time.monotonic() < deadline and not self.drained() and self.link.connected.is_set():
             time.sleep(0.05)

@@ -1,18 +1,25 @@
 """Frame sources: a folder (replayed, looped or watched), a video file, a camera, a stream URL.
 
-Each source yields `Frame`s and never raises for one bad frame: a corrupt or
-truncated image is logged and counted. A camera or stream that cannot be
-opened, or drops, is reopened with exponential backoff (with jitter, capped)
-for as long as the agent runs: the first failure of an outage is logged as an
-error saying what to check, the return as a warning with the outage's length.
-A source ends only when its input really has (a finished folder or file
-without `loop`/`watch`) or the stop event is set; it raises `SourceError`
-only for what retrying cannot fix (a missing folder, an unreadable video file).
+Each source yields `Frame`s and never raises for one bad frame: an image that
+is corrupt, truncated, not an image, or over the size limits (checked from
+its header before decoding, see shared/imaging.py) is logged, counted and
+reported to `SourceEvents.rejected`; a folder's bad file is moved aside (to
+`<folder>/rejected/`, or the folder configured), so a restart does not meet
+it again. A camera or stream that cannot be opened, or drops, is reopened with
+exponential backoff (with jitter, capped) for as long as the agent runs: the
+first failure of an outage is logged as an error saying what to check and
+reported to `SourceEvents.state`, the return as a warning with the outage's
+length. A source ends only when its input really has (a finished folder or
+file without `loop`/`watch`) or the stop event is set; it raises
+`SourceError` for what it cannot go on with (a missing folder, an unreadable
+video file, a looped folder with no usable image), which the pipeline
+reports and retries with backoff.
 """
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -24,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 import cv2
 import numpy as np
 
-from shared.imaging import ImageError, read_image
+from shared.imaging import DEFAULT_LIMITS, ImageError, ImageLimits, read_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +56,33 @@ class SourceError(RuntimeError):
     """A source that cannot work at all; the message says what to fix."""
 
 
+class SourceEvents:
+    """What a source tells whoever runs it, from the source's thread; these defaults ignore it."""
+
+    def rejected(self, name: str, reason: str) -> None:
+        """One frame or file could not be used (`reason` says why); the source goes on."""
+
+    def state(self, error: str) -> None:
+        """The source cannot deliver frames now (`error` says why and what to check), or "" once it can again."""
+
+
 class Source(ABC):
     """Common pacing and counters."""
 
-    def __init__(self, uri: str, fps: float, stop: threading.Event) -> None:
+    def __init__(self, uri: str, fps: float, stop: threading.Event, events: SourceEvents | None = None) -> None:
         self.uri = uri
         self.period = 1.0 / fps if fps > 0 else 0.0
         # a live source cannot wait: under overload its frames are dropped; a folder or file
         # read as fast as possible waits for the pipeline instead, so no file goes unread
         self.live = fps > 0
         self.stop = stop
-        self.errors = 0
+        self.events = events or SourceEvents()
+        self.errors = 0   # frames or files rejected
         self._next = time.monotonic()
+
+    def reject(self, name: str, reason: str) -> None:
+        self.errors += 1
+        self.events.rejected(name, reason)
 
     def pace(self) -> None:
         if self.period:
@@ -81,22 +103,41 @@ class Source(ABC):
 
 
 class FolderSource(Source):
-    """Images in a folder in name order; `loop` replays them, `watch` waits for new files."""
+    """Images in a folder in name order; `loop` replays them, `watch` waits for new files.
 
-    def __init__(self, uri: str, fps: float, stop: threading.Event, loop: bool = False,
-                 watch: bool = False) -> None:
-        super().__init__(uri, fps, stop)
+    A file that cannot be used is moved to `rejected` (default `<folder>/rejected`, which is not
+    read), keeping its place under the folder; one that cannot be moved is skipped until the
+    agent restarts.
+    """
+
+    def __init__(self, uri: str, fps: float, stop: threading.Event, loop: bool = False, watch: bool = False,
+                 limits: ImageLimits = DEFAULT_LIMITS, rejected: str = "",
+                 events: SourceEvents | None = None) -> None:
+        super().__init__(uri, fps, stop, events)
         self.root = Path(uri)
         if not self.root.is_dir():
             raise SourceError(f"{uri}: not a folder")
-        self.loop, self.watch = loop, watch
+        self.loop, self.watch, self.limits = loop, watch, limits
+        self.rejected_dir = Path(rejected) if rejected else self.root / "rejected"
+        try:
+            inside = self.rejected_dir.resolve().relative_to(self.root.resolve()).parts
+        except ValueError:
+            inside = None   # elsewhere: nothing under the folder to leave out
+        if inside == ():
+            raise SourceError(f"{uri}: its rejected folder is the folder itself; set sources.rejected "
+                              "to a sub-folder or another folder")
+        self._aside = inside
+        self._stuck: set[Path] = set()   # rejected files that could not be moved
 
     def _files(self) -> list[Path]:
-        return sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        n = len(self._aside or ())
+        return sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                      and not (n and p.relative_to(self.root).parts[:n] == self._aside) and p not in self._stuck)
 
     def probe(self) -> None:
         if not self.watch and not self._files():
-            raise SourceError(f"{self.uri}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+            stuck = f", but {len(self._stuck)} rejected that could not be moved aside" if self._stuck else ""
+            raise SourceError(f"{self.uri}: no usable images ({', '.join(sorted(IMAGE_SUFFIXES))}){stuck}; "
                               "add some, or set watch = true to wait for them")
 
     def frames(self) -> Iterator[Frame]:
@@ -108,29 +149,44 @@ class FolderSource(Source):
             else:
                 self.probe()
                 files = self._files()
-            good = 0
             for path in files:
                 if self.stop.is_set():
                     return
                 try:
-                    image = read_image(path)
-                except (ImageError, OSError) as exc:
-                    if self.watch and _age(path) < WRITE_GRACE_S:
+                    image = read_image(path, self.limits)
+                except FileNotFoundError:
+                    continue   # taken away since it was listed
+                except Exception as exc:   # one file, whatever its fault, never ends the source
+                    if self.watch and isinstance(exc, ImageError) and _age(path) < WRITE_GRACE_S:
                         continue   # its writer may only have paused: read it again on the next poll
                     seen.add(path)
-                    self.errors += 1
-                    log.error("%s: skipped (%s)", path, exc)
+                    self._reject_file(path, exc)
                     continue
                 seen.add(path)
-                good += 1
                 self.pace()
                 yield Frame(image, time.time(), str(path.relative_to(self.root)))
             if self.watch:   # a file still being written is looked at again soon
                 self.stop.wait(SETTLE_S if len(pending) > len(files) else WATCH_POLL_S)
             elif not self.loop:
                 return
-            elif not good:
-                raise SourceError(f"{self.uri}: none of its {len(files)} images can be read; replace them")
+            # looped: the next pass's probe stops a folder left with no usable image
+
+    def _reject_file(self, path: Path, exc: Exception) -> None:
+        reason = str(exc) if isinstance(exc, ImageError) else f"{path}: {type(exc).__name__}: {exc}"
+        target = self.rejected_dir / path.relative_to(self.root)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            n = 0
+            while target.exists():   # an earlier file of that name was rejected too: keep both
+                n += 1
+                target = target.with_name(f"{path.stem}.{n}{path.suffix}")
+            shutil.move(path, target)
+            log.error("%s; moved to %s", reason, target)
+        except OSError as move_error:
+            self._stuck.add(path)
+            log.error("%s; it could not be moved to %s (%s), so it stays and is skipped until the agent "
+                      "restarts", reason, self.rejected_dir, move_error.strerror or move_error)
+        self.reject(str(path.relative_to(self.root)), reason)
 
 
 def _age(path: Path) -> float:
@@ -150,8 +206,9 @@ class CaptureSource(Source):
     """OpenCV capture: video file, camera index or stream URL; reopens a camera or stream with backoff."""
 
     def __init__(self, uri: str, fps: float, stop: threading.Event, loop: bool = False,
-                 reopen_first_s: float = REOPEN_FIRST_S, reopen_max_s: float = REOPEN_MAX_S) -> None:
-        super().__init__(uri, fps, stop)
+                 reopen_first_s: float = REOPEN_FIRST_S, reopen_max_s: float = REOPEN_MAX_S,
+                 events: SourceEvents | None = None) -> None:
+        super().__init__(uri, fps, stop, events)
         self.loop = loop
         self.reopen_first_s, self.reopen_max_s = reopen_first_s, reopen_max_s
         self.reconnects = 0       # outages of a camera or stream that ended with frames again
@@ -219,12 +276,20 @@ class CaptureSource(Source):
                         if down_since is not None:
                             self.reconnects += 1
                             log.warning("%s: back after %.1f s", self.label, time.monotonic() - down_since)
+                            self.events.state("")
                             down_since = None
                         got += 1
                         index += 1
                         backoff = self.reopen_first_s
+                        name = f"{self.label}#{index}"
+                        try:
+                            rgb = to_rgb(bgr, bgr=True)
+                        except (cv2.error, ValueError) as exc:   # a frame of a shape or depth OpenCV cannot convert
+                            self.reject(name, f"{name}: cannot convert a {bgr.dtype} frame of shape {bgr.shape}: {exc}")
+                            log.error("%s: frame %d of shape %s skipped (%s)", self.label, index, bgr.shape, exc)
+                            continue
                         self.pace()
-                        yield Frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.time(), f"{self.label}#{index}")
+                        yield Frame(rgb, time.time(), name)
                 finally:
                     cap.release()
             if self.kind == "video":
@@ -242,6 +307,7 @@ class CaptureSource(Source):
                 why = self._why() if cap is None else f"dropped after frame {index}"
                 log.error("%s: %s; retrying with backoff up to %.0f s while the other sources run",
                           self.label, why, self.reopen_max_s)
+                self.events.state(f"{self.label}: {why}")
             else:
                 log.warning("%s: still unavailable after %.0f s; next attempt in %.1f s",
                             self.label, time.monotonic() - down_since, backoff)
@@ -259,8 +325,10 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_source(uri: str, fps: float, stop: threading.Event, loop: bool = False, watch: bool = False) -> Source:
+def open_source(uri: str, fps: float, stop: threading.Event, loop: bool = False, watch: bool = False, *,
+                limits: ImageLimits = DEFAULT_LIMITS, rejected: str = "", events: SourceEvents | None = None
+                ) -> Source:
     """The source kind `uri` names: folder, video file, camera index or URL."""
     if Path(uri).is_dir():
-        return FolderSource(uri, fps, stop, loop=loop, watch=watch)
-    return CaptureSource(uri, fps, stop, loop=loop)
+        return FolderSource(uri, fps, stop, loop=loop, watch=watch, limits=limits, rejected=rejected, events=events)
+    return CaptureSource(uri, fps, stop, loop=loop, events=events)

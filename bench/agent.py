@@ -121,7 +121,7 @@ def ensure_int8(fp32_package: Path, checkpoint: Path, data: Path, folder: Path, 
     tcfg, _, _ = load_checkpoint(checkpoint)
     fp32 = folder / "fp32.onnx"
     fp32.write_bytes(read_package(fp32_package).model)
-    spec = DataSpec(str(data), tuple(tcfg.classes), tcfg.size, tcfg.val_fraction, tcfg.seed)
+    spec = DataSpec.of(tcfg, data)
     log("INT8: calibrating on 32 training frames and quantising")
     res = quantize_ptq(fp32, folder / "ptq_train.onnx", calibration_images("train", spec, 32))
     variant = Variant(Recipe("ptq", "train"), res.path, {**res.recipe(), "calibration": "train"})

@@ -102,7 +102,8 @@ class WebConfig:
     silent_after_s: int = 120  # an online device unheard this long shows as silent
     refresh_s: int = 10  # the fleet page reloads itself this often; 0: never
     session_hours: int = 12  # a login lasts this long
-    secure_cookies: bool = False  # true when the dashboard is served over HTTPS
+    secure_cookies: bool = False  # always mark the session cookie Secure (it is, anyway, on HTTPS requests)
+    proxy_hops: int = 0  # reverse proxies in front of the hub whose X-Forwarded-For/-Proto it trusts
     live_poll_ms: int = 1000  # how often the live feed looks for new results
     cert_file: str | None = None  # serve HTTPS with this certificate (PEM), or leave TLS to a reverse proxy
     key_file: str | None = None  # ... and its private key
@@ -119,6 +120,8 @@ class WebConfig:
                 "web.secret_key: use at least 32 random characters, or leave it out "
                 "to have one generated"
             )
+        if not 0 <= self.proxy_hops <= 5:
+            raise ConfigError(f"web.proxy_hops: {self.proxy_hops} is not within 0..5")
         if self.silent_after_s < 1 or self.refresh_s < 0:
             raise ConfigError("web.silent_after_s must be positive and web.refresh_s not negative")
         if (self.cert_file is None) != (self.key_file is None):
@@ -206,7 +209,8 @@ class HubConfig:
             "HUB_REFRESH_S": self.web.refresh_s,
             "HUB_LIVE_POLL_S": self.web.live_poll_ms / 1000,
             "PERMANENT_SESSION_LIFETIME": self.web.session_hours * 3600,
-            "SESSION_COOKIE_SECURE": self.web.secure_cookies or self.web.cert_file is not None,
+            "SESSION_COOKIE_SECURE": self.web.secure_cookies,
+            "HUB_PROXY_HOPS": self.web.proxy_hops,
         }
         if self.web.secret_key:
             settings["SECRET_KEY"] = self.web.secret_key

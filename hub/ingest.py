@@ -353,6 +353,8 @@ class BatchWriter:
                     infer_p95_ms=msg.infer_p95_ms if msg.infer_p95_ms >= 0 else None,
                     score_p95_ms=msg.score_p95_ms if msg.score_p95_ms >= 0 else None,
                     gpu_percent=msg.gpu_percent if msg.gpu_percent >= 0 else None,
+                    frames_rejected=msg.frames_rejected,
+                    source_error=msg.source_error,
                     last_seen=env.received_at,
                 )
             else:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# 26 upper-case Crockford digits; the first at most 7, since a ULID is 128 bits and 26 digits hold 130
+_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 _lock = threading.Lock()
 _last = (0, 0)
 
@@ -44,3 +47,8 @@ def ulid_time_ms(ulid: str) -> int:
     for ch in ulid[:10].upper():
         value = value * 32 + _ALPHABET.index(ch)
     return value
+
+
+def is_ulid(value: object) -> bool:
+    """True for a ULID as `new_ulid` writes it: 26 upper-case Crockford base32 digits, at most 128 bits."""
+    return isinstance(value, str) and _ULID.fullmatch(value) is not None

@@ -1,5 +1,10 @@
 """Image I/O and the one pre-processing step that training and the agent share.
 
+Every image is checked before it is decoded: its file size, and the size its
+header claims (`shared.image_header`), against `ImageLimits`, so one file
+cannot make a decoder allocate gigabytes. Whatever goes wrong while reading
+or decoding is an `ImageError` naming the file and the reason.
+
 Frames are resized to the model's square input keeping their aspect ratio
 (letterbox with reflected borders), so images of any size or shape reach the
 network undistorted. `Placement` remembers where the frame landed, so a map can
@@ -13,9 +18,29 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from shared.image_header import FORMATS, Header, HeaderError, read_header
+
 
 class ImageError(ValueError):
-    """An image that cannot be read or decoded."""
+    """An image that cannot be read or decoded, or that is over the limits; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """What an image may be before it is decoded; bounds the memory one file can take."""
+
+    # 50 MP: above the largest area-scan cameras (45-48 MP). Decoded as 8-bit RGB that is 150 MB,
+    # 400 MB at worst (16-bit RGBA PNG): room to spare on a 4 GB Jetson beside the model
+    max_pixels: int = 50_000_000
+    # the file is read whole before decoding; a 50 MP JPEG is ~15 MB, a 20 MP PNG ~40 MB
+    max_bytes: int = 50 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.max_bytes < 1:
+            raise ValueError(f"image limits must be positive, not {self.max_pixels} pixels, {self.max_bytes} bytes")
+
+
+DEFAULT_LIMITS = ImageLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,34 +53,94 @@ class Placement:
     w: int
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Read an image file as RGB uint8 (H, W, 3); grey images are expanded to 3 channels."""
-    data = np.fromfile(str(path), dtype=np.uint8)
-    if data.size == 0:
+    return decode_image(_read(path, limits), name=str(path), limits=limits)
+
+
+def _read(path: str | Path, limits: ImageLimits) -> bytes:
+    """The file's bytes, never more than the limit: one byte past it is enough to refuse it."""
+    with open(path, "rb") as f:
+        data = f.read(limits.max_bytes + 1)
+    if not data:
         raise ImageError(f"{path}: empty file")
-    return decode_image(data.tobytes(), name=str(path))
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{path}: over the {_mib(limits.max_bytes)} file size limit; refused unread. "
+                         "Send smaller files, or raise max_bytes ([image] in the agent config)")
+    return data
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, ...) to RGB uint8 (H, W, 3)."""
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ImageError(f"{name}: not a decodable image (corrupt or truncated?)")
-    if img.dtype != np.uint8:  # 16-bit PNGs and the like
-        img = cv2.convertScaleAbs(img, alpha=255.0 / max(1, int(img.max())))
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+def check_image(data: bytes, name: str = "image", limits: ImageLimits = DEFAULT_LIMITS) -> Header:
+    """The format and size `data` claims, if within `limits`; ImageError otherwise. Decodes nothing."""
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{name}: {len(data)} bytes, over the {_mib(limits.max_bytes)} limit (max_bytes)")
+    try:
+        header = read_header(data)
+    except HeaderError as exc:
+        raise ImageError(f"{name}: {exc}; the file is corrupt or truncated") from None
+    if header is None:
+        raise ImageError(f"{name}: not a recognised image ({FORMATS}): it starts {bytes(data[:8])!r}, "
+                         "so it is corrupt or of another format")
+    w, h = header.width, header.height
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: {header.kind} header gives {w} x {h} pixels; the file is corrupt")
+    if w * h > limits.max_pixels:
+        raise ImageError(f"{name}: {header.kind} of {w} x {h} pixels ({w * h / 1e6:.1f} MP) is over the "
+                         f"{limits.max_pixels / 1e6:g} MP limit; refused before decoding. Downscale it, or "
+                         "raise max_pixels ([image] in the agent config) if frames this large are real")
+    return header
+
+
+def decode_image(data: bytes, name: str = "image", limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, ...) to RGB uint8 (H, W, 3), once `check_image` passes."""
+    header = check_image(data, name, limits)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ImageError(f"{name}: not a decodable {header.kind} image (corrupt or truncated?)")
+        return to_rgb(img, bgr=True)
+    except (cv2.error, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"{name}: the {header.kind} decoder failed ({_reason(exc)}); "
+                         "the file is corrupt or truncated") from None
+
+
+def to_rgb(img: np.ndarray, bgr: bool) -> np.ndarray:
+    """Any decoded image or video frame as RGB uint8 (H, W, 3): deeper pixels scaled, grey expanded,
+    alpha dropped; `bgr` says the colour channels are in OpenCV's order."""
+    if img.dtype != np.uint8:  # 16-bit PNGs, float TIFFs and the like
+        if img.dtype.kind == "f":
+            img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
+        img = cv2.convertScaleAbs(img, alpha=255.0 / max(1.0, float(img.max()) if img.size else 0.0))
+    if img.ndim == 2 or img.shape[2] in (1, 2):   # grey, or grey with alpha
+        return cv2.cvtColor(img if img.ndim == 2 else img[:, :, 0], cv2.COLOR_GRAY2RGB)
     if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else img
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Read a ground-truth mask as bool (H, W)."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    data = _read(path, limits)
+    check_image(data, str(path), limits)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as exc:
+        raise ImageError(f"{path}: not a readable mask image ({_reason(exc)})") from None
     if img is None:
         raise ImageError(f"{path}: not a readable mask image")
     return img > 127
+
+
+def _reason(exc: Exception) -> str:
+    """The gist of an OpenCV error, without its source file and line."""
+    text = getattr(exc, "err", None) or str(exc)
+    return " ".join(str(text).split())[:200]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB"
 
 
 def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:

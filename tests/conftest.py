@@ -93,6 +93,14 @@ def provisioned_listeners(auth: Path, hub_port: int, tls: object | None = None) 
 
 
 @pytest.fixture(scope="session")
+def huge_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete 20000 x 20000 RGB PNG: 1.2 GB of pixels once decoded, 5 MB of file (tests/hostile_images.py)."""
+    from tests.hostile_images import write_blank_png
+
+    return write_blank_png(tmp_path_factory.mktemp("huge") / "huge.png", 20000, 20000)
+
+
+@pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     """(host, port) of a running MQTT broker: the local one if up, else a private Mosquitto."""
     if port_open("127.0.0.1", 1883):

@@ -1,10 +1,13 @@
-"""One image's whole journey: a trained package, an agent on a folder, real Mosquitto, the hub, SQLite."""
+"""One image's whole journey: a trained package, an agent on a folder, real Mosquitto, the hub, SQLite;
+and a station whose source fails and whose folder holds hostile files, as the dashboard shows it."""
 from __future__ import annotations
 
 import http.cookiejar
+import os
 import re
 import socket
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 import sys
@@ -142,3 +145,58 @@ def test_results_travel_from_model_to_database(trained, hub, broker, unique, tmp
     for sha in list(shown)[:5]:
         body = web.open(f"{base}/images/{sha}").read()
         assert cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def test_a_failing_source_and_hostile_files_reach_the_dashboard_and_the_station_goes_on(hub, broker, unique,
+                                                                                         tmp_path, huge_png):
+    from tests.hostile_images import add_hostile_files
+    from tests.package_factory import build_package, plate
+
+    db, port, hub_log = hub
+    site, device = f"e2e-{unique}", "cam-9"
+    folder = tmp_path / "frames"   # not there when the agent starts
+    package = build_package(tmp_path / "darkness.kdpkg", metrics={})
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--package", str(package), "--broker", f"mqtt://{broker[0]}:{broker[1]}",
+         "--site", site, "--device", device, "--station", "line-b", "--source", str(folder), "--cls", "plate",
+         "--loop", "--fps", "5", "--spool", str(tmp_path / "spool.db")],
+        env={**os.environ, "KDFLEET_AGENT_METRICS_INTERVAL_S": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        jar = http.cookiejar.CookieJar()
+        web = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        base = f"http://127.0.0.1:{port}"
+        token = re.search(r'name="csrf_token" value="([^"]+)"', web.open(f"{base}/login").read().decode()).group(1)
+        web.open(f"{base}/login", data=urllib.parse.urlencode(
+            {"csrf_token": token, "username": "inspector", "password": "line-a-secret"}).encode()).read()
+
+        def device_page() -> str:
+            try:
+                return web.open(f"{base}/devices/{site}/{device}").read().decode()
+            except urllib.error.HTTPError:
+                return ""   # 404 until the device's first message is stored
+
+        wait_for(lambda: '<span class="state error">error</span>' in device_page(), 30,
+                 f"the device page in state error ({hub_log.read_text()[-500:]})")
+        page = device_page()
+        assert f"<samp>{folder}: no such file or folder" in page
+        assert "A source of this device is failing" in page
+
+        folder.mkdir()
+        rng = np.random.default_rng(1)
+        for i in range(4):
+            cv2.imwrite(str(folder / f"{i:04d}.png"), plate(rng, i == 0))
+        bad = add_hostile_files(folder, huge_png)
+        wait_for(lambda: '<span class="state online">online</span>' in device_page(), 30, "the device online again")
+        wait_for(lambda: re.search(rf"<dt>Frames rejected</dt><dd>{len(bad)} ", device_page()), 30,
+                 "the rejected files counted on the device page")
+        assert sorted(p.name for p in (folder / "rejected").iterdir()) == sorted(bad)
+        engine = create_engine(db)
+        with engine.connect() as c:
+            sources = set(c.execute(text("SELECT source FROM results")).scalars())
+        assert sources == {f"{i:04d}.png" for i in range(4)}   # the good frames, looped, and only they
+        assert agent.poll() is None, "the agent must keep running"
+    finally:
+        agent.terminate()
+        _, err = agent.communicate(timeout=30)
+    assert "opening it again" in err

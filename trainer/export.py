@@ -25,8 +25,8 @@ import torch
 from shared.imaging import encode_png
 from shared.package import GoldenImage, write_package
 from trainer.evaluate import DEFAULT_SIGMA, evaluate, onnx_runner, torch_runner
-from trainer.inference_graph import (IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, MAP_STRIDE, OUTPUT_NAME,
-                                     InferenceGraph)
+from trainer.inference_graph import INPUT_NAME, MAP_STRIDE, OUTPUT_NAME, InferenceGraph
+from trainer.models.backbone import input_normalization
 from trainer.train import Progress, TrainConfig, load_checkpoint, load_letterboxed, train
 
 OPSET = 17
@@ -158,8 +158,8 @@ def build_manifest(cfg: TrainConfig, result: dict[str, Any], sigma: float, versi
         "input_size": cfg.size,
         "map_size": cfg.size // MAP_STRIDE,
         "sigma": sigma,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "mean": list(input_normalization(cfg.model.backbone)[0]),
+        "std": list(input_normalization(cfg.model.backbone)[1]),
         "precision": "fp32",
         "quantization": None,
         "calibration": result["calibration"],

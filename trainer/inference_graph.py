@@ -1,7 +1,9 @@
 """The deployable graph: letterboxed uint8 frames in, raw anomaly map at stride 4 out.
 
 Input `image` uint8 (N, S, S, 3) RGB; the ImageNet normalisation happens inside,
-so the agent feeds frames as they come from `shared.imaging.letterbox`. Output
+with the statistics the model's backbone was pretrained with
+(`trainer.models.backbone.input_normalization`), so the agent feeds frames as
+they come from `shared.imaging.letterbox`. Output
 `anomaly_map` float32 (N, 1, S/4, S/4), unsmoothed and unthresholded: scoring
 (`shared.scoring`) stays outside, where a threshold can change without a new model.
 """
@@ -10,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from trainer.models.backbone import input_normalization
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "anomaly_map"
 MAP_STRIDE = 4
@@ -20,7 +22,7 @@ MAP_STRIDE = 4
 class Normalize(nn.Module):
     """(N, 3, H, W) float in [0, 255] -> (x / 255 - mean) / std, as one multiply-add."""
 
-    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
         m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         self.register_buffer("scale", 1.0 / (255.0 * s), persistent=False)
@@ -28,6 +30,11 @@ class Normalize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale + self.shift
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> Normalize:
+        """The normalisation a method model's backbone expects (every method config names its backbone)."""
+        return cls(*input_normalization(model.cfg.backbone))
 
 
 def to_float_nchw(image: Tensor) -> Tensor:
@@ -38,11 +45,10 @@ def to_float_nchw(image: Tensor) -> Tensor:
 class InferenceGraph(nn.Module):
     """Wraps any registered method's model: forward(image uint8 NHWC) -> (N, 1, S/4, S/4)."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize.for_model(model)
 
     def forward(self, image: Tensor) -> Tensor:
         x = self.normalize(to_float_nchw(image))   # (N, 3, S, S)

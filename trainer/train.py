@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from shared.imaging import Placement, letterbox, read_image
-from trainer.inference_graph import IMAGENET_MEAN, IMAGENET_STD, Normalize, to_float_nchw
+from trainer.inference_graph import Normalize, to_float_nchw
 from trainer.models import build_model, get_method, model_config
 
 BEST, LAST = "best.pt", "last.pt"
@@ -240,7 +240,7 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_
 
     torch.manual_seed(cfg.seed)   # the student's initialisation
     model = build_model(cfg.model)
-    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    normalize = Normalize.for_model(model)
     params = model.trainable_parameters()
     optimizer = make_optimizer(cfg, params)
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.inference_graph import IMAGENET_MEAN, IMAGENET_STD, Normalize, to_float_nchw
+from trainer.inference_graph import Normalize, to_float_nchw
 from trainer.models.backbone import build_backbone
 
 EMBED_STRIDE = 8
@@ -86,7 +86,7 @@ class KNNYardstick(nn.Module):
     @torch.no_grad()
     def fit(self, images: np.ndarray, seed: int = 0, batch_size: int = 16) -> KNNYardstick:
         """Build the bank from normal frames, uint8 (N, S, S, 3)."""
-        norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        norm = Normalize.for_model(self)
         gen = torch.Generator().manual_seed(seed)
         per_image = (self.cfg.bank_size if self.cfg.coreset == "random" else 4 * self.cfg.bank_size)
         per_image = max(1, math.ceil(per_image / len(images)))

@@ -36,6 +36,7 @@ TEXT_LEN = 256  # free text from the wire (shared.messages.MAX_TEXT)
 ULID_LEN = 26
 SHA_LEN = 64
 URL_LEN = 2048
+ADDRESS_LEN = 64  # an IPv6 address with its zone
 
 ROLES = ("viewer", "operator", "admin")  # each role may do what the ones before it may
 VERDICTS = ("ok", "anomaly")
@@ -177,6 +178,8 @@ class Device(Base):
     infer_p95_ms: Mapped[float | None] = mapped_column(Double)  # per stage: inference, per frame
     score_p95_ms: Mapped[float | None] = mapped_column(Double)  # per stage: scoring, crops, heat map
     gpu_percent: Mapped[float | None] = mapped_column(Double)
+    frames_rejected: Mapped[int | None] = mapped_column(Integer)  # frames its sources could not use
+    source_error: Mapped[str | None] = mapped_column(String(TEXT_LEN))  # a failing source's error; "": none
     # MQTT credentials (`kdfleet hub add-device`); the hash is in Mosquitto's own format
     mqtt_username: Mapped[str | None] = mapped_column(String(TEXT_LEN), unique=True)
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(TEXT_LEN))
@@ -262,6 +265,22 @@ class User(Base):
     session_epoch: Mapped[int] = mapped_column(Integer, default=0)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LoginFailure(Base):
+    """A failed sign-in, kept while the sign-in throttle counts it (hub/services/users.py).
+
+    In the database rather than in one process, so the throttle holds whichever
+    of the hub's web processes a browser reaches.
+    """
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index(None, "username", "at"), Index(None, "address", "at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(NAME_LEN))  # as typed (cut), whether such a user exists or not
+    address: Mapped[str] = mapped_column(String(ADDRESS_LEN))  # the client's IP address
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class ApiToken(Base):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import ColumnElement, Insert, cast, func
 from sqlalchemy import Integer as SqlInteger
 from sqlalchemy.orm import Session
 
-ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+from shared.ids import is_ulid
+
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 
@@ -42,8 +42,9 @@ def parse_limit(value: str | None, default: int = DEFAULT_PAGE, maximum: int = M
 
 
 def check_ulid(value: str, name: str) -> str:
-    if not ULID.match(value):
-        raise QueryError(f"{name} must be a result id (26-character ULID), not {value!r}")
+    """`value` if it is a ULID, the only kind of id results have; raises QueryError."""
+    if not is_ulid(value):
+        raise QueryError(f"{name} must be a result id (26-character ULID), not {value[:64]!r}")
     return value
 
 

@@ -13,6 +13,7 @@ from hub.services.common import NotFound, QueryError, insert_ignoring_duplicates
 from shared import topics
 
 SILENT_AFTER = timedelta(seconds=120)  # online but unheard for this long: shown as "silent"
+STATES = ("online", "error", "silent", "offline")  # "error": online, heard, and a source failing
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +21,7 @@ class DeviceView:
     site: str
     name: str
     station: str
-    state: str  # "online" | "silent" | "offline"
+    state: str  # STATES
     last_seen: datetime | None
     model_id: str
     model_version: str
@@ -39,6 +40,8 @@ class DeviceView:
     infer_p95_ms: float | None
     score_p95_ms: float | None
     gpu_percent: float | None
+    frames_rejected: int | None
+    source_error: str  # why a source is failing, as the device last reported; "" when none is
     metrics_at: datetime | None
     status_at: datetime | None
     provisioned: bool  # has MQTT credentials from `kdfleet hub add-device`
@@ -52,6 +55,7 @@ class DeviceView:
 class FleetSummary:
     devices: int
     online: int
+    error: int
     silent: int
     offline: int
     results_last_hour: int
@@ -88,7 +92,7 @@ def _state(device: Device, now: datetime, silent_after: timedelta) -> str:
         return "offline"
     if device.last_seen is None or now - device.last_seen > silent_after:
         return "silent"
-    return "online"
+    return "error" if device.source_error else "online"
 
 
 def _view(site: str, station: str | None, d: Device, now: datetime, silent: timedelta) -> DeviceView:
@@ -115,6 +119,8 @@ def _view(site: str, station: str | None, d: Device, now: datetime, silent: time
         infer_p95_ms=d.infer_p95_ms,
         score_p95_ms=d.score_p95_ms,
         gpu_percent=d.gpu_percent,
+        frames_rejected=d.frames_rejected,
+        source_error=d.source_error or "",
         metrics_at=d.metrics_at,
         status_at=d.status_at,
         provisioned=d.mqtt_password_hash is not None,
@@ -218,6 +224,7 @@ def fleet_summary(
     return FleetSummary(
         devices=len(states),
         online=states.count("online"),
+        error=states.count("error"),
         silent=states.count("silent"),
         offline=states.count("offline"),
         results_last_hour=total,

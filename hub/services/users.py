@@ -5,6 +5,14 @@ as the sha256 of the token, which is random enough that a fast hash is the
 right one: a token is looked up by its hash and never stored in clear.
 Roles are ordered: an operator may do what a viewer may, an admin what an
 operator may (`allows`).
+
+Signing in is throttled (`sign_in`): after ACCOUNT_FAILURES wrong passwords
+for one user name within THROTTLE_WINDOW, or ADDRESS_FAILURES from one
+address, further attempts are refused unchecked until the oldest of those
+failures is THROTTLE_WINDOW old. Failures are rows in the database, so the
+count holds across every web process serving it; two attempts racing may
+each get through the check, which costs the guesser one try, no more.
+A success clears the user name's failures, as does a new password.
 """
 
 from __future__ import annotations
@@ -15,12 +23,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from hub.db.models import NAME_LEN, ROLES, ApiToken, User
+from hub.db.models import ADDRESS_LEN, NAME_LEN, ROLES, ApiToken, LoginFailure, User
 from hub.services.common import NotFound, now_utc
 
 _USERNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -30,10 +38,27 @@ TOUCH_EVERY = timedelta(minutes=1)  # how often a token's last use is written ba
 MIN_PASSWORD = 8
 # checked when the user name is unknown, so a wrong name takes as long as a wrong password
 _DUMMY_HASH = generate_password_hash("kdfleet: no such user")
+THROTTLE_WINDOW = timedelta(minutes=15)  # how long a failed sign-in counts
+ACCOUNT_FAILURES = 5  # wrong passwords for one user name within the window that pause its sign-in
+ADDRESS_FAILURES = 20  # from one address: more, since a plant's terminals often share one (NAT, proxy)
 
 
 class UserError(ValueError):
     """A user or token that cannot be created or changed as asked."""
+
+
+class Throttled(Exception):
+    """Sign-in is paused for a user name or an address; the message says for how long and why."""
+
+    def __init__(self, what: str, retry_after: timedelta) -> None:
+        self.retry_after_s = max(1, int(retry_after.total_seconds() + 0.999))
+        minutes = -(-self.retry_after_s // 60)
+        whom = "for this account" if what == "account" else "from this address"
+        help_ = "ask an admin to set a new password, or wait" if what == "account" else "wait"
+        super().__init__(
+            f"Too many wrong passwords {whom}: signing in is paused for {minutes} more minute"
+            f"{'s' if minutes != 1 else ''}. If the password is lost, {help_}."
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +155,44 @@ def authenticate(session: Session, username: str, password: str) -> Principal | 
     return Principal(user.id, user.username, user.role, "user", user.session_epoch)
 
 
+def sign_in(
+    session: Session, username: str, password: str, address: str, *, now: datetime | None = None
+) -> Principal | None:
+    """`authenticate`, throttled per user name and per address (see the module docstring).
+
+    Raises Throttled, checking no password, while either has too many recent failures;
+    records a failure, or clears the user name's on success. The caller commits.
+    """
+    now = now or now_utc()
+    name, address = username[:NAME_LEN], (address or "unknown")[:ADDRESS_LEN]
+    since = now - THROTTLE_WINDOW
+    for what, column, value, limit in (
+        ("account", LoginFailure.username, name, ACCOUNT_FAILURES),
+        ("address", LoginFailure.address, address, ADDRESS_FAILURES),
+    ):
+        # the limit-th newest failure within the window: it ends the pause when it grows old
+        oldest = session.scalar(
+            select(LoginFailure.at)
+            .where(column == value, LoginFailure.at > since)
+            .order_by(LoginFailure.at.desc())
+            .offset(limit - 1)
+            .limit(1)
+        )
+        if oldest is not None:
+            raise Throttled(what, oldest + THROTTLE_WINDOW - now)
+    principal = authenticate(session, username, password)
+    if principal is None:
+        session.execute(delete(LoginFailure).where(LoginFailure.at <= since))  # what no pause counts any more
+        session.add(LoginFailure(username=name, address=address, at=now))
+    else:
+        _clear_failures(session, name)
+    return principal
+
+
+def _clear_failures(session: Session, username: str) -> None:
+    session.execute(delete(LoginFailure).where(LoginFailure.username == username[:NAME_LEN]))
+
+
 def session_user(session: Session, user_id: int, epoch: int) -> Principal | None:
     """The user a session cookie names, unless deactivated or changed since the login."""
     user = session.get(User, user_id)
@@ -186,6 +249,7 @@ def set_password(
         raise UserError("the current password is not right; nothing was changed")
     user.password_hash = generate_password_hash(_check_password(new_password), method=PASSWORD_METHOD)
     user.session_epoch += 1
+    _clear_failures(session, user.username)  # a new password ends a pause on wrong ones
 
 
 # -- API tokens ------------------------------------------------------------------------

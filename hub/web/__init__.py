@@ -7,7 +7,11 @@ key live; ``SECRET_KEY`` (else read from, or created in,
 after which an online device shows as silent; ``HUB_REFRESH_S`` how often the
 fleet page reloads itself (0: never); ``HUB_LIVE_POLL_S`` how often the live
 feed looks for new results; ``HUB_LIVE_MAX_S`` how long one live stream lasts
-before the browser reconnects; plus Flask's own session settings.
+before the browser reconnects; ``HUB_PROXY_HOPS`` how many reverse proxies in
+front of the hub to trust for the client's address and scheme
+(``X-Forwarded-For``, ``X-Forwarded-Proto``; 0: none, the headers are
+ignored); plus Flask's own session settings (the session cookie is ``Secure``
+over HTTPS whatever ``SESSION_COOKIE_SECURE`` says).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from hub.db.session import Database, check_schema
 from hub.store import ImageStore
@@ -36,6 +41,7 @@ from hub.web import (
     images,
     live,
     metrics,
+    params,
     registry,
     results,
     review,
@@ -49,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "HUB_REFRESH_S": 10,
     "HUB_LIVE_POLL_S": 1.0,
     "HUB_LIVE_MAX_S": 300,
+    "HUB_PROXY_HOPS": 0,
     "PERMANENT_SESSION_LIFETIME": 12 * 3600,
     "SESSION_COOKIE_HTTPONLY": True,
     "SESSION_COOKIE_SAMESITE": "Lax",
@@ -95,11 +102,18 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = load_or_create_secret(data_dir / "secret_key")
 
+    app.session_interface = auth.SessionInterface()
+    hops = int(app.config["HUB_PROXY_HOPS"])
+    if hops:  # the proxy's view of the client: the address the sign-in throttle counts, http or https
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+
     database = Database(app.config["HUB_DB_URL"])
     check_schema(database)
     db.init_app(app, database, ImageStore(data_dir / "images"))
     register_filters(app)
     app.jinja_env.globals.update(csrf_token=auth.csrf_token, principal=auth.current)
+    # first of all hooks, /metrics's and sign-in's included: a user name with NUL would reach the database
+    app.before_request(params.refuse_nul)
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
 

@@ -18,13 +18,14 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from hub.services import devices, registry, results, retraining, reviews, rollouts
-from hub.services.common import NotFound, QueryError, check_ulid, parse_limit, parse_time
+from hub.services.common import NotFound, QueryError, parse_limit, parse_time
 from hub.services.packages import PackageStore, StoredPackage, UploadError
 from hub.services.results import ResultFilter
 from hub.web import openapi
 from hub.web.auth import current, requires
 from hub.web.db import get_session
 from hub.web.fleet import silent_after
+from hub.web.params import result_id as checked_result_id
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -123,7 +124,7 @@ def result_list() -> ResponseReturnValue:
 
 @bp.get("/results/<result_id>")
 def result(result_id: str) -> ResponseReturnValue:
-    found = results.result_detail(get_session(), result_id)
+    found = results.result_detail(get_session(), checked_result_id(result_id))
     if found is None:
         abort(404, f"no result with id {result_id!r}")
     return jsonify(_result(found))
@@ -132,7 +133,7 @@ def result(result_id: str) -> ResponseReturnValue:
 @bp.get("/results/<result_id>/reviews")
 def result_reviews(result_id: str) -> ResponseReturnValue:
     session = get_session()
-    if results.result_detail(session, result_id) is None:
+    if results.result_detail(session, checked_result_id(result_id)) is None:
         abort(404, f"no result with id {result_id!r}")
     return jsonify(reviews=[_review(v) for v in reviews.reviews_of(session, result_id)])
 
@@ -140,12 +141,12 @@ def result_reviews(result_id: str) -> ResponseReturnValue:
 @bp.post("/results/<result_id>/reviews")
 @requires("operator")
 def review_create(result_id: str) -> ResponseReturnValue:
+    checked_result_id(result_id)
     body = _json_body()
     principal = current()
     assert principal is not None
     session = get_session()
     try:
-        check_ulid(result_id, "result id")
         note = body.get("note", "")
         if not isinstance(note, str):
             raise QueryError("note must be a string")

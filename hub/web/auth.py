@@ -6,6 +6,10 @@ signed-in user (session cookie) or a service (``Authorization: Bearer
 the API answers 401. Every state-changing request from a browser carries the
 session's CSRF token, as the form field ``csrf_token`` or the header
 ``X-CSRF-Token``; token-authenticated API calls carry no cookies and need none.
+Sign-in is throttled per account and per address (hub/services/users.py).
+The session cookie is marked ``Secure`` whenever the request came over HTTPS
+(directly, or through a trusted reverse proxy's ``X-Forwarded-Proto``), and
+always with ``SESSION_COOKIE_SECURE``.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
+    Flask,
     abort,
     current_app,
     flash,
     g,
+    has_request_context,
     jsonify,
     redirect,
     render_template,
@@ -30,6 +36,7 @@ from flask import (
     session,
     url_for,
 )
+from flask.sessions import SecureCookieSessionInterface
 from flask.typing import ResponseReturnValue
 
 from hub.services import users
@@ -44,6 +51,13 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SessionInterface(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions, the cookie `Secure` whenever this request came over HTTPS."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(app.config["SESSION_COOKIE_SECURE"]) or (has_request_context() and request.is_secure)
 
 
 def current() -> Principal | None:
@@ -134,21 +148,38 @@ def _safe_next(target: str | None) -> str:
     return url_for("fleet.index")
 
 
+def _login_page(**context: Any) -> str:
+    return render_template(
+        "auth/login.html",
+        account_failures=users.ACCOUNT_FAILURES,
+        address_failures=users.ADDRESS_FAILURES,
+        window_minutes=int(users.THROTTLE_WINDOW.total_seconds() // 60),
+        **context,
+    )
+
+
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> ResponseReturnValue:
     if request.method == "GET":
         if current() is not None:
             return redirect(_safe_next(request.args.get("next")))
-        return render_template("auth/login.html", next=request.args.get("next", ""))
+        return _login_page(next=request.args.get("next", ""))
     username = request.form.get("username", "").strip()
     password = request.form.get("password", "")
     db_session = get_session()
-    principal = users.authenticate(db_session, username, password)
+    try:
+        principal = users.sign_in(db_session, username, password, request.remote_addr or "")
+    except users.Throttled as exc:
+        db_session.rollback()
+        current_app.logger.warning(
+            "sign-in for %r from %s refused unchecked: %s", username[:64], request.remote_addr, exc
+        )
+        body = _login_page(next=request.form.get("next", ""), username=username, error=str(exc))
+        return body, 429, {"Retry-After": str(exc.retry_after_s)}
     db_session.commit()
     if principal is None:
         current_app.logger.warning("failed sign-in for %r from %s", username[:64], request.remote_addr)
-        body = render_template(
-            "auth/login.html",
+        body = _login_page(
             next=request.form.get("next", ""),
             username=username,
             error="Wrong user name or password, or the account is deactivated.",

@@ -3,8 +3,8 @@
 Every figure comes from the database, so it is right whichever process scrapes it (the web
 process and the ingest workers may be separate processes, several of them): results stored
 in the last minute (the ingest rate), capture-to-store lag, the newest result's age and lag
-per device, devices online / silent / offline, and the health each device reports in its
-metrics (fps, latency, spool depth, drops, CPU, temperature). When the app runs in the same
+per device, devices online / error / silent / offline, and the health each device reports in
+its metrics (fps, latency, spool depth, drops, rejected frames, CPU, temperature). When the app runs in the same
 process as an ingest worker (``app.extensions["hub.ingest"]``), that worker's counters and
 queue depth are added.
 
@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from hub.db.models import Device, Result, Site
 from hub.services import devices, users
+from hub.services.devices import STATES
 from hub.services.common import now_utc
 from hub.web.db import get_session
 
@@ -38,7 +39,6 @@ bp = Blueprint("metrics", __name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 WINDOW_S = 60  # "last minute" figures: results received since now - WINDOW_S
-STATES = ("online", "silent", "offline")
 
 
 @dataclass
@@ -112,8 +112,9 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
     }
 
     f = {
-        "devices": Family("kdfleet_devices", "gauge", "Devices by state: online, silent (online but unheard "
-                          "for web.silent_after_s) or offline (last will or offline status)."),
+        "devices": Family("kdfleet_devices", "gauge", "Devices by state: online, error (online, with a source "
+                          "failing), silent (online but unheard for web.silent_after_s) or offline (last will "
+                          "or offline status)."),
         "results": Family("kdfleet_results_last_minute", "gauge", "Results stored in the last 60 s."),
         "rate": Family("kdfleet_ingest_rate", "gauge", "Results stored per second, averaged over the last 60 s."),
         "lag": Family("kdfleet_ingest_lag_seconds", "gauge", "Capture (device clock) to storage (hub clock) "
@@ -121,7 +122,8 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
         "spool": Family("kdfleet_spool_depth_total", "gauge", "Results waiting in the spools of the devices "
                         "not offline, as they last reported: the queue in front of the hub."),
         "state": Family("kdfleet_device_state", "gauge", "1 for the device's current state, 0 for the others."),
-        "online": Family("kdfleet_device_online", "gauge", "1 when the device is online and heard recently."),
+        "online": Family("kdfleet_device_online", "gauge", "1 when the device is online and heard recently "
+                         "(its state online or error)."),
         "seen": Family("kdfleet_device_last_seen_age_seconds", "gauge", "Seconds since the hub last heard the device."),
         "dev_results": Family("kdfleet_device_results_last_minute", "gauge", "Results of the device stored in "
                               "the last 60 s."),
@@ -140,6 +142,10 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
                                  "capture, as last reported."),
         "results_dropped": Family("kdfleet_device_results_dropped", "gauge", "Results the device's full spool "
                                   "dropped, as last reported."),
+        "frames_rejected": Family("kdfleet_device_frames_rejected", "gauge", "Frames or files the device's "
+                                  "sources could not use (corrupt, over the size limits), as last reported."),
+        "source_failing": Family("kdfleet_device_source_failing", "gauge", "1 while the device reports a "
+                                 "failing source (its error is on the device page), as last reported."),
         "cpu": Family("kdfleet_device_cpu_percent", "gauge", "CPU use the device reported, percent."),
         "temp": Family("kdfleet_device_temperature_celsius", "gauge", "Temperature the device reported."),
         "gpu": Family("kdfleet_device_gpu_percent", "gauge", "GPU use the device reported, percent."),
@@ -155,7 +161,7 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
         labels = {"site": v.site, "device": v.name, "station": v.station}
         for state in STATES:
             f["state"].add(1 if v.state == state else 0, **labels, state=state)
-        f["online"].add(1 if v.state == "online" else 0, **labels)
+        f["online"].add(1 if v.state in ("online", "error") else 0, **labels)
         if v.last_seen is not None:
             f["seen"].add(max(0.0, (now - v.last_seen).total_seconds()), **labels)
         device_id = ids.get((v.site, v.name))
@@ -172,6 +178,9 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
         f["dev_pending"].add(v.pending_receipts, **labels)
         f["frames_dropped"].add(v.frames_dropped, **labels)
         f["results_dropped"].add(v.results_dropped, **labels)
+        f["frames_rejected"].add(v.frames_rejected, **labels)
+        if v.metrics_at is not None:
+            f["source_failing"].add(1 if v.source_error else 0, **labels)
         f["cpu"].add(v.cpu_percent, **labels)
         f["temp"].add(v.temperature_c, **labels)
         f["gpu"].add(v.gpu_percent, **labels)

@@ -11,6 +11,7 @@ from hub.services import devices, results, reviews
 from hub.services.common import QueryError
 from hub.services.results import REVIEW_STATES, ResultFilter
 from hub.web.db import get_session
+from hub.web.params import result_id as checked_result_id
 
 bp = Blueprint("results", __name__, url_prefix="/results")
 
@@ -41,7 +42,7 @@ def index() -> ResponseReturnValue:
 @bp.get("/<result_id>")
 def detail(result_id: str) -> ResponseReturnValue:
     session = get_session()
-    result = results.result_detail(session, result_id)
+    result = results.result_detail(session, checked_result_id(result_id))
     if result is None:
         abort(404, f"no result with id {result_id!r}; it may not have reached the hub yet")
     return render_template(

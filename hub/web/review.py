@@ -12,11 +12,12 @@ from flask.typing import ResponseReturnValue
 
 from hub.db.models import REVIEW_LABELS
 from hub.services import results, reviews
-from hub.services.common import NotFound, QueryError, check_ulid
+from hub.services.common import NotFound, QueryError
 from hub.services.results import ResultFilter
 from hub.web.auth import current, requires
 from hub.web.db import get_session
 from hub.web.format import label
+from hub.web.params import result_id as checked_result_id
 from hub.web.results import filter_choices
 
 bp = Blueprint("review", __name__, url_prefix="/review")
@@ -74,9 +75,9 @@ def _back(result_id: str) -> str:
 def submit(result_id: str) -> ResponseReturnValue:
     principal = current()
     assert principal is not None
+    checked_result_id(result_id)
     session = get_session()
     try:
-        check_ulid(result_id, "result id")
         reviews.add_review(
             session,
             result_id,

@@ -62,7 +62,7 @@ def test_a_typo_names_file_line_key_and_the_key_meant(tmp_path, good, typo, expe
 
 def test_an_unknown_key_with_no_near_match_lists_the_allowed_ones(tmp_path):
     msg = error(write(tmp_path, GOOD.replace('cls = "screw"', 'cls = "screw"\ncolour = "red"')))
-    assert "sources[0].colour: unknown key; allowed here: cls, fps, loop, station, uri, watch" in msg
+    assert "sources[0].colour: unknown key; allowed here: cls, fps, loop, rejected, station, uri, watch" in msg
 
 
 @pytest.mark.parametrize("good, bad, expected", [
@@ -80,6 +80,17 @@ def test_an_unknown_key_with_no_near_match_lists_the_allowed_ones(tmp_path):
 ])
 def test_a_wrong_type_or_range_names_the_key_and_what_is_allowed(tmp_path, good, bad, expected):
     assert expected in error(write(tmp_path, GOOD.replace(good, bad)))
+
+
+def test_image_limits_default_to_a_jetson_s_budget_and_are_checked(tmp_path):
+    cfg = load(write(tmp_path, GOOD), environ={})
+    assert (cfg.image.max_pixels, cfg.image.max_bytes) == (50_000_000, 50 * 1024 * 1024)
+    cfg = load(write(tmp_path, GOOD + "\n[image]\nmax_pixels = 20_000_000\nmax_bytes = 10_000_000\n"), environ={})
+    assert (cfg.image.limits().max_pixels, cfg.image.limits().max_bytes) == (20_000_000, 10_000_000)
+    assert "agent.toml:19: image.max_pixels = 0: must be >= 1" in error(
+        write(tmp_path, GOOD + "\n[image]\nmax_pixels = 0\n"))
+    assert "image.max_pixel: unknown key; did you mean image.max_pixels?" in error(
+        write(tmp_path, GOOD + "\n[image]\nmax_pixel = 10\n"))
 
 
 def test_a_missing_required_key_is_named(tmp_path):

@@ -90,7 +90,7 @@ def test_one_result_per_image_with_the_runtime_s_scores(tmp_path, tiny_package, 
             crop = cv2.imdecode(np.frombuffer(c.jpeg, np.uint8), cv2.IMREAD_COLOR)
             assert crop is not None and c.x + c.w <= 64 and c.y + c.h <= 48
         assert cv2.imdecode(np.frombuffer(r.heatmap, np.uint8), cv2.IMREAD_COLOR) is not None
-    assert agent.counters.skipped == 1
+    assert agent.counters.rejected == 1 and agent.counters.skipped == 0
     c = agent.counters   # per stage: what the metrics message reports as p50 / p95
     assert len(c.score_ms) == len(truth) and len(c.infer_ms) == len(truth)
     infer, score = latency_percentiles(c.infer_ms), latency_percentiles(c.score_ms)

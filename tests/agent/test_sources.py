@@ -14,8 +14,9 @@ import pytest
 
 from agent.config import load
 from agent.pipeline import Agent
-from agent.sources import WRITE_GRACE_S, CaptureSource, Frame, SourceError, open_source, redact
+from agent.sources import WRITE_GRACE_S, CaptureSource, Frame, SourceError, SourceEvents, open_source, redact
 from tests.agent.test_pipeline import Collector
+from tests.hostile_images import add_hostile_files
 
 MISSING_CAMERA = "57"   # no /dev/video57 on any machine these tests run on
 
@@ -96,7 +97,21 @@ def test_unknown_path_names_what_a_source_can_be(tmp_path):
 # -- folders ---------------------------------------------------------------------------
 
 
-def test_corrupt_and_truncated_jpegs_are_skipped_and_counted(tmp_path, caplog):
+class Recorder(SourceEvents):
+    """What a source reported: its rejected files and its state changes."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[str, str]] = []
+        self.states: list[str] = []
+
+    def rejected(self, name: str, reason: str) -> None:
+        self.files.append((name, reason))
+
+    def state(self, error: str) -> None:
+        self.states.append(error)
+
+
+def test_corrupt_and_truncated_jpegs_are_moved_aside_and_counted(tmp_path, caplog):
     for i in range(4):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(50 * i))
     whole = jpeg(200)
@@ -108,13 +123,75 @@ def test_corrupt_and_truncated_jpegs_are_skipped_and_counted(tmp_path, caplog):
         names = [f.name for f in source.frames()]
     assert names == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
     assert source.errors == 3
-    assert "1a-truncated.jpg: skipped" in caplog.text and "corrupt or truncated" in caplog.text
+    assert f"1a-truncated.jpg: not a decodable JPEG image (corrupt or truncated?); moved to {tmp_path}/rejected/" \
+        in caplog.text
+    assert sorted(p.name for p in (tmp_path / "rejected").iterdir()) == ["1a-truncated.jpg", "2a-garbage.jpg",
+                                                                        "3a-empty.jpg"]
+    again = open_source(str(tmp_path), 0, threading.Event())   # a restart does not meet them again
+    assert [f.name for f in again.frames()] == names and again.errors == 0
 
 
-def test_looping_a_folder_of_unreadable_images_stops_with_an_error(tmp_path):
+def test_hostile_images_never_stop_a_folder_and_are_moved_aside(tmp_path, huge_png, caplog):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i:04d}.jpg").write_bytes(jpeg(60 * i))
+    bad = add_hostile_files(folder, huge_png)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "0000a-bomb.png").write_bytes((folder / "0000a-bomb.png").read_bytes())
+    events = Recorder()
+    source = open_source(str(folder), 0, threading.Event(), events=events)
+    with caplog.at_level(logging.ERROR, logger="agent.sources"):
+        names = [f.name for f in source.frames()]
+    assert names == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert source.errors == 5 and [n for n, _ in events.files] == [*bad, "sub/0000a-bomb.png"]
+    reasons = dict(events.files)
+    assert "100000 x 100000 pixels (10000.0 MP) is over the 50 MP limit" in reasons["0000a-bomb.png"]
+    assert "20000 x 20000 pixels (400.0 MP) is over the 50 MP limit" in reasons["0000b-huge.png"]
+    assert "corrupt or truncated" in reasons["0000c-truncated.jpg"]
+    assert "not a recognised image" in reasons["0000d-random.png"]
+    rejected = folder / "rejected"
+    assert sorted(str(p.relative_to(rejected)) for p in rejected.rglob("*.*")) == sorted(
+        [*bad, "sub/0000a-bomb.png"])   # aside, keeping their place under the folder
+    assert caplog.text.count("moved to") == 5
+    # the same name rejected again later keeps both files
+    (folder / "0000a-bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert [f.name for f in open_source(str(folder), 0, threading.Event()).frames()] == names
+    assert (rejected / "0000a-bomb.1.png").read_bytes().endswith(b"broken")
+
+
+def test_a_configured_rejected_folder_and_one_that_cannot_be_made(tmp_path, caplog):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(jpeg(30))
+    (folder / "bad.jpg").write_bytes(b"garbage")
+    elsewhere = tmp_path / "quarantine"
+    source = open_source(str(folder), 0, threading.Event(), rejected=str(elsewhere))
+    assert [f.name for f in source.frames()] == ["good.jpg"]
+    assert (elsewhere / "bad.jpg").read_bytes() == b"garbage" and not (folder / "rejected").exists()
+
+    (folder / "bad.jpg").write_bytes(b"garbage")
+    (tmp_path / "a-file").write_text("not a folder")
+    stop = threading.Event()
+    looped = open_source(str(folder), 0, stop, loop=True, rejected=str(tmp_path / "a-file" / "rejected"))
+    frames = []
+    with caplog.at_level(logging.ERROR, logger="agent.sources"):
+        for frame in looped.frames():
+            frames.append(frame.name)
+            if len(frames) == 3:
+                stop.set()
+    assert frames == ["good.jpg"] * 3   # the bad file stays, is counted once and skipped from then on
+    assert looped.errors == 1 and "bad.jpg: not a recognised image" in caplog.text
+    assert "could not be moved to" in caplog.text and "skipped until the agent restarts" in caplog.text
+    with pytest.raises(SourceError, match="its rejected folder is the folder itself"):
+        open_source(str(folder), 0, threading.Event(), rejected=str(folder))
+
+
+def test_looping_a_folder_of_unreadable_images_moves_them_then_stops_with_an_error(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"garbage")
-    with pytest.raises(SourceError, match="none of its 1 images can be read"):
+    with pytest.raises(SourceError, match="no usable images"):
         list(open_source(str(tmp_path), 0, threading.Event(), loop=True).frames())
+    assert (tmp_path / "rejected" / "a.jpg").exists()
 
 
 def test_watched_folder_reads_each_new_file_once_and_only_when_written(tmp_path):
@@ -205,7 +282,8 @@ def mjpeg() -> Iterator[MjpegServer]:
 
 def test_dropped_stream_is_reopened_with_backoff_and_resumes(mjpeg, caplog):
     stop = threading.Event()
-    source = CaptureSource(mjpeg.url, 0, stop, reopen_first_s=0.1, reopen_max_s=0.4)
+    events = Recorder()
+    source = CaptureSource(mjpeg.url, 0, stop, reopen_first_s=0.1, reopen_max_s=0.4, events=events)
     assert source.live   # a stream cannot wait for the pipeline
     with caplog.at_level(logging.WARNING, logger="agent.sources"):
         consumer = Consumer(source.frames())
@@ -226,6 +304,8 @@ def test_dropped_stream_is_reopened_with_backoff_and_resumes(mjpeg, caplog):
     assert any("back after" in r.getMessage() for r in caplog.records)
     waits = [r.getMessage() for r in caplog.records if "still unavailable" in r.getMessage()]
     assert waits and "next attempt in 0.4 s" in waits[-1]   # doubled up to the cap
+    assert len(events.states) == 2 and events.states[1] == ""   # the outage, reported once, then its end
+    assert events.states[0].startswith(f"stream {mjpeg.url}: dropped after frame")
 
 
 def test_stream_that_never_answers_retries_until_stopped(caplog):
@@ -273,6 +353,9 @@ def test_missing_camera_is_a_clear_error_and_the_other_sources_keep_running(tmp_
             assert until(lambda: agent.spool.depth() == 0, 20)   # delivered too
             assert hub.wait(len(truth), 10)
             assert not agent.sources_done()   # the camera keeps being retried
+            assert agent.source_error().startswith(f"camera {MISSING_CAMERA} (/dev/video{MISSING_CAMERA} on Linux): "
+                                                   "cannot open")   # and the hub is told why
+            assert agent.metrics().source_error == agent.source_error()
         finally:
             agent.shutdown(drain_s=0)
             hub.link.stop()

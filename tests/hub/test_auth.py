@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 
 import pytest
-from tests.hub.conftest import csrf_of, login
+from tests.hub.conftest import PASSWORD, csrf_of, login
 from flask import Flask
 from sqlalchemy import select
 
@@ -261,3 +261,212 @@ def test_changing_your_password_ends_your_other_sessions(sign_in, app: Flask, ac
     assert first.get("/").status_code == 200  # this session stays
     assert second.get("/").status_code == 302  # the other one ends
     login(app.test_client(), accounts("viewer"), "a new long password")
+
+
+# -- sign-in throttle -------------------------------------------------------------------
+
+
+def _attempt(client, username: str, password: str, address: str):
+    token = csrf_of(client.get("/login", environ_base={"REMOTE_ADDR": address}).get_data(as_text=True))
+    return client.post("/login", data={"username": username, "password": password, "csrf_token": token},
+                       environ_base={"REMOTE_ADDR": address})
+
+
+def test_wrong_passwords_pause_an_account_s_sign_in_and_the_page_says_so(
+    app: Flask, accounts: Callable[[str], str], unique: str, hub_db: Database
+) -> None:
+    victim, other = accounts("viewer"), accounts("operator")
+    client = app.test_client()
+    page = " ".join(client.get("/login").get_data(as_text=True).split())
+    assert (f"After {users.ACCOUNT_FAILURES} wrong passwords for one account within 15 minutes, or "
+            f"{users.ADDRESS_FAILURES} from one address, signing in there pauses for up to 15 minutes") in page
+    guesser = f"10.1.{int(unique[:2], 16)}.{int(unique[2:4], 16)}"
+    for i in range(users.ACCOUNT_FAILURES):
+        assert _attempt(client, victim, f"guess {i}", guesser).status_code == 401
+    # the right password no longer helps, from that address or any other: it is not even checked
+    for address in (guesser, "10.2.0.1"):
+        paused = _attempt(client, victim, PASSWORD, address)
+        assert paused.status_code == 429, address
+        assert "Too many wrong passwords for this account: signing in is paused for 15 more minutes" in \
+            paused.get_data(as_text=True)
+        assert 890 <= int(paused.headers["Retry-After"]) <= 900
+    assert _attempt(client, other, PASSWORD, guesser).status_code == 302   # another account is not paused
+    with hub_db.transaction() as session:   # an admin sets a new password: the pause ends
+        user_id = next(u.id for u in users.list_users(session) if u.username == victim)
+        users.set_password(session, user_id, "a brand new password")
+    assert _attempt(app.test_client(), victim, "a brand new password", guesser).status_code == 302
+
+
+def test_wrong_passwords_from_one_address_pause_every_sign_in_from_it(
+    app: Flask, accounts: Callable[[str], str], unique: str
+) -> None:
+    client = app.test_client()
+    address = f"10.3.{int(unique[:2], 16)}.{int(unique[2:4], 16)}"
+    for i in range(users.ADDRESS_FAILURES):   # a spray: one guess per name, no account reaches its own limit
+        assert _attempt(client, f"spray-{unique}-{i}", "password1", address).status_code == 401
+    paused = _attempt(client, accounts("viewer"), PASSWORD, address)
+    assert paused.status_code == 429
+    assert "Too many wrong passwords from this address" in paused.get_data(as_text=True)
+    assert _attempt(app.test_client(), accounts("viewer"), PASSWORD, "10.4.0.1").status_code == 302
+
+
+WORKER = """
+import sys
+from flask import Flask
+from hub.services import users
+from hub.web import create_app
+users.PASSWORD_METHOD = "pbkdf2:sha256:1000"
+db_url, data_dir, username, address, n = sys.argv[1:6]
+app = create_app({"TESTING": True, "HUB_DB_URL": db_url, "HUB_DATA_DIR": data_dir})
+client = app.test_client()
+codes = []
+for i in range(int(n)):
+    page = client.get("/login").get_data(as_text=True)
+    token = page.split('name="csrf_token" value="')[1].split('"')[0]
+    codes.append(client.post("/login", data={"username": username, "password": f"worker {i}", "csrf_token": token},
+                             environ_base={"REMOTE_ADDR": address}).status_code)
+print(" ".join(map(str, codes)))
+"""
+
+
+def test_the_throttle_holds_across_the_hub_s_processes(
+    app: Flask, accounts: Callable[[str], str], db_url: str, data_dir, unique: str
+) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    victim = accounts("admin")
+    address = f"10.5.{int(unique[:2], 16)}.{int(unique[2:4], 16)}"
+    here = app.test_client()
+    for i in range(users.ACCOUNT_FAILURES - 2):
+        assert _attempt(here, victim, f"here {i}", address).status_code == 401
+    # another web process on the same database (as `kdfleet hub serve` workers would be) sees them
+    run = subprocess.run([sys.executable, "-c", WORKER, db_url, str(data_dir), victim, address, "3"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["401", "401", "429"]
+    assert _attempt(here, victim, PASSWORD, address).status_code == 429
+
+
+def test_failures_age_out_of_the_throttle(hub_db: Database, accounts: Callable[[str], str], unique: str) -> None:
+    from datetime import timedelta
+
+    from hub.db.models import LoginFailure
+    from hub.services.common import now_utc
+
+    victim = accounts("viewer")
+    start = now_utc()
+    with hub_db.transaction() as session:
+        for i in range(users.ACCOUNT_FAILURES):
+            assert users.sign_in(session, victim, "nope", "10.6.0.1", now=start + timedelta(seconds=i)) is None
+    with hub_db.transaction() as session, pytest.raises(users.Throttled) as paused:
+        users.sign_in(session, victim, PASSWORD, "10.6.0.1", now=start + timedelta(minutes=14, seconds=50))
+    assert paused.value.retry_after_s == 10   # until the oldest of the five is 15 minutes old
+    later = start + users.THROTTLE_WINDOW + timedelta(seconds=1)
+    with hub_db.transaction() as session:
+        assert users.sign_in(session, victim, PASSWORD, "10.6.0.1", now=later) is not None
+        left = session.scalars(select(LoginFailure.username).where(LoginFailure.username == victim)).all()
+    assert left == []   # a success clears the account's failures
+
+
+# -- session cookies over HTTPS ---------------------------------------------------------------
+
+
+def _session_cookie(response) -> str:
+    found = [h for h in response.headers.getlist("Set-Cookie") if h.startswith("kdfleet_session=")]
+    assert found, "no session cookie set"
+    return found[-1]
+
+
+def test_the_session_cookie_is_secure_over_https_only(app: Flask, accounts: Callable[[str], str]) -> None:
+    plain = app.test_client()
+    assert "Secure" not in _session_cookie(plain.get("/login"))
+    https = app.test_client()
+    page = https.get("/login", base_url="https://hub.example")
+    assert "; Secure" in _session_cookie(page) and "HttpOnly" in _session_cookie(page)
+    signed_in = https.post("/login", base_url="https://hub.example", data={
+        "username": accounts("viewer"), "password": PASSWORD, "csrf_token": csrf_of(page.get_data(as_text=True))})
+    assert signed_in.status_code == 302 and "; Secure" in _session_cookie(signed_in)
+
+
+def test_behind_a_trusted_proxy_its_scheme_and_client_address_count(
+    make_app: Callable[..., Flask], accounts: Callable[[str], str], unique: str
+) -> None:
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": f"10.7.{int(unique[:2], 16)}.1"}
+    untrusted = make_app().test_client()   # by default the headers are anyone's to forge: ignored
+    assert "Secure" not in _session_cookie(untrusted.get("/login", headers=forwarded))
+    proxied = make_app(HUB_PROXY_HOPS=1).test_client()
+    page = proxied.get("/login", headers=forwarded)
+    assert "; Secure" in _session_cookie(page)
+    token = csrf_of(page.get_data(as_text=True))
+    for i in range(users.ADDRESS_FAILURES):
+        proxied.post("/login", headers=forwarded,
+                     data={"username": f"spray-{unique}-{i}", "password": "password1", "csrf_token": token})
+    paused = proxied.post("/login", headers=forwarded,
+                          data={"username": accounts("viewer"), "password": PASSWORD, "csrf_token": token})
+    assert paused.status_code == 429   # that client is paused ...
+    elsewhere = {**forwarded, "X-Forwarded-For": "10.8.0.1"}   # ... not everyone behind the same proxy
+    other = make_app(HUB_PROXY_HOPS=1).test_client()
+    token = csrf_of(other.get("/login", headers=elsewhere).get_data(as_text=True))
+    assert other.post("/login", headers=elsewhere, data={
+        "username": accounts("viewer"), "password": PASSWORD, "csrf_token": token}).status_code == 302
+
+
+def _self_signed(folder) -> tuple[str, str]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "hub.crt", folder / "hub.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_a_hub_served_over_tls_sets_a_secure_session_cookie(app: Flask, tmp_path) -> None:
+    import ssl
+    import threading
+    import urllib.request
+
+    from werkzeug.serving import make_server
+
+    cert, key = _self_signed(tmp_path)
+    server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=(cert, key))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        context = ssl.create_default_context(cafile=cert)
+        with urllib.request.urlopen(f"https://127.0.0.1:{server.server_port}/login", context=context) as response:
+            cookie = [h for h in response.headers.get_all("Set-Cookie") if h.startswith("kdfleet_session=")][-1]
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def test_proxy_hops_is_a_checked_hub_setting(tmp_path) -> None:
+    from hub.config import load as load_hub_config
+    from shared.config import ConfigError
+
+    good = tmp_path / "hub.toml"
+    good.write_text("[web]\nproxy_hops = 1\nsecure_cookies = true\n")
+    settings = load_hub_config(good).web_settings()
+    assert (settings["HUB_PROXY_HOPS"], settings["SESSION_COOKIE_SECURE"]) == (1, True)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[web]\nproxy_hops = 9\n")
+    with pytest.raises(ConfigError, match=r"web\.proxy_hops: 9 is not within 0\.\.5"):
+        load_hub_config(bad)

@@ -170,6 +170,9 @@ def test_malformed_payloads_are_counted_not_stored_and_ingest_goes_on(
             make_result(site, "cam-1", heatmap=b"<script>alert(1)</script>")
         ),  # not an image
         messages.encode(make_result(site, "cam-1", verdict="ok"))[:-7],  # truncated
+        # an id PostgreSQL would cut to its 26-character column, where it could collide
+        messages.encode(make_result(site, "cam-1", id=good.id + "X" * 174)),
+        messages.encode(make_result(site, "cam-1", station="line\x00a")),  # text PostgreSQL refuses
     ]
     for payload in bad:
         publisher.publish(result_topic, payload)
@@ -217,6 +220,8 @@ def test_status_and_metrics_keep_the_device_row_current(
             infer_p95_ms=3.1,
             score_p95_ms=0.9,
             gpu_percent=41.0,
+            frames_rejected=5,
+            source_error="/data/cam-2: not a folder",
         ),
     )
     wait_for(
@@ -231,6 +236,7 @@ def test_status_and_metrics_keep_the_device_row_current(
     assert (d.model_id, d.model_version, d.agent_version) == ("bottle-stfpm", "1.4.0", "0.9.1")
     assert (d.fps, d.latency_p95_ms, d.spool_depth, d.frames_dropped) == (14.5, 48.2, 7, 3)
     assert (d.infer_p95_ms, d.score_p95_ms, d.gpu_percent) == (3.1, 0.9, 41.0)
+    assert (d.frames_rejected, d.source_error) == (5, "/data/cam-2: not a folder")
     assert d.cpu_percent is None and d.temperature_c is None  # not reported
     assert d.last_seen is not None and abs(time.time() - d.last_seen.timestamp()) < 30
 

@@ -38,6 +38,41 @@ def test_device_page_shows_state_activity_and_latest_results(client: FlaskClient
     assert client.get(f"/devices/{site}/nope").status_code == 404
 
 
+def test_a_device_with_a_failing_source_is_shown_in_error_until_it_recovers(
+    client: FlaskClient, seeded, site: str, hub_db: Database, store: ImageStore
+) -> None:
+    from shared import messages
+
+    def report(error: str) -> None:
+        metrics = messages.Metrics(device="cam-a", ts=time.time(), fps=0.0, latency_p50_ms=-1.0, latency_p95_ms=-1.0,
+                                   frames_dropped=0, spool_depth=0, frames_rejected=3, source_error=error)
+        BatchWriter(hub_db, store).write([Envelope(site, "cam-a", metrics, datetime.now(UTC))])
+
+    failing = "/data/line-1: no such file or folder; a source is a folder, a video file, a camera index (0)"
+    report(failing)
+    fleet = client.get(f"/?site={site}").get_data(as_text=True)
+    row = re.search(r'<tr class="device error">(.*?)</tr>', fleet, re.DOTALL)
+    assert row and "cam-a" in row.group(1) and f'title="{failing}"' in row.group(1)
+    assert re.search(r'<span class="figure">1</span><span class="label">source failing</span>', fleet)
+    page = client.get(f"/devices/{site}/cam-a").get_data(as_text=True)
+    assert '<span class="state error">error</span>' in page
+    assert re.search(r'class="notice error source-error" role="alert">A source of this device is failing.*'
+                     rf"<samp>{re.escape(failing)}</samp>", page, re.DOTALL)
+    assert re.search(r"<dt>Frames rejected</dt><dd>3 ", page)
+    api = client.get(f"/api/devices/{site}/cam-a").get_json()
+    assert (api["state"], api["online"], api["source_error"], api["frames_rejected"]) == ("error", True, failing, 3)
+    scraped = client.get("/metrics").get_data(as_text=True)
+    labels = f'site="{site}",device="cam-a",station="st-1"'
+    assert f"kdfleet_device_source_failing{{{labels}}} 1" in scraped
+    assert f'kdfleet_device_state{{{labels},state="error"}} 1' in scraped
+    assert f"kdfleet_device_online{{{labels}}} 1" in scraped
+
+    report("")   # the source works again
+    page = client.get(f"/devices/{site}/cam-a").get_data(as_text=True)
+    assert '<span class="state online">online</span>' in page and "source-error" not in page
+    assert client.get(f"/api/devices/{site}/cam-a").get_json()["state"] == "online"
+
+
 def test_results_filter_by_station_class_and_time(client: FlaskClient, seeded, site: str) -> None:
     by = lambda q: set(rows(client.get(f"/results/?site={site}&{q}").get_data(as_text=True)))  # noqa: E731
     assert by("station=st-2") == {rid for rid, r in seeded.items() if r.station == "st-2"}

@@ -110,7 +110,7 @@ def test_api_lists_devices_and_results_as_json(client: FlaskClient, seeded, site
 
     error = client.get("/api/results?limit=0")
     assert error.status_code == 400 and "limit" in error.get_json()["detail"]
-    assert client.get("/api/results/nope").status_code == 404
+    assert client.get("/api/results/nope").status_code == 400   # not a ULID, so no result id
     assert client.get("/api/health").get_json() == {"status": "ok"}
 
 

@@ -58,6 +58,13 @@ def body(**over):
     (body(extra=1), "unknown field"),
     (body(station="s" * 1000), "characters"),
     (body(latency_ms=-5.0), "outside"),
+    # an id the hub would cut to its 26-character column (and so could collide) or could not sort
+    (body(id="0" * 26 + "X" * 174), "result.id: .* is not a ULID"),
+    (body(id="01jabcdef0123456789abcdefg"), "result.id: .* is not a ULID"),
+    (body(id="81JABCDEF0123456789ABCDEFG"), "result.id: .* is not a ULID"),   # 130 bits
+    (body(id="01JABCDEF0123456789ABCDEF\n"), "result.id: .* is not a ULID"),
+    (body(id=""), "result.id: .* is not a ULID"),
+    (body(station="line\x00a"), "result.station: contains a NUL character"),
 ])
 def test_malformed_payloads_are_refused_with_a_reason(payload, reason):
     with pytest.raises(m.MessageError, match=reason):

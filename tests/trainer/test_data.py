@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.imaging import read_image, read_mask, write_image
+from shared.imaging import ImageError, read_image, read_mask, write_image
 from trainer.data import synth
 from trainer.data.mvtec import DatasetError, Sample, discover_classes, load_samples, split_train_val
 
@@ -211,6 +211,22 @@ def test_unreadable_images_are_all_listed(tmp_path: Path):
     msg = error_of(tmp_path, None, "train")
     assert "2 problem(s)" in msg
     assert "001.png: empty file" in msg and "002.png: not a recognised image" in msg
+
+
+def test_hostile_images_are_named_by_the_dataset_check_and_by_training_s_loader(tmp_path: Path):
+    from tests.hostile_images import png_claiming, truncated_jpeg
+    from trainer.train import load_frames
+
+    make_class(tmp_path, train=3)
+    bomb = tmp_path / "part/train/good/001.png"
+    bomb.write_bytes(png_claiming(100_000, 100_000))
+    (tmp_path / "part/train/good/002.png").write_bytes(truncated_jpeg())
+    msg = error_of(tmp_path, None, "train", verify=True)
+    assert f"{bomb}: PNG of 100000 x 100000 pixels (10000.0 MP) is over the 50 MP limit" in msg
+    assert "002.png: not a decodable JPEG image (corrupt or truncated?): replace or remove the file" in msg
+    paths = [tmp_path / "part/train/good/000.png", bomb]
+    with pytest.raises(ImageError, match=rf"^{bomb}: PNG of 100000 x 100000 pixels"):
+        load_frames(paths, 32)
 
 
 def test_verify_checks_mask_size_and_content(tmp_path: Path):

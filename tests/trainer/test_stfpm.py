@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.trainer.tiny_data import make_tiny_set
+from trainer.inference_graph import InferenceGraph, Normalize
 from trainer.models import MethodNotAvailable, build_model, get_method, model_config
 from trainer.models.backbone import BackboneError, build_backbone, lite_key, resnet_key
 from trainer.models.stfpm import STFPM, STFPMConfig, combine_maps, feature_distance, level_maps, stfpm_loss
@@ -77,6 +78,18 @@ def test_resnet_loads_a_torchvision_format_file(tmp_path: Path) -> None:
     with torch.no_grad():
         for a, b in zip(net(x), src.eval()(x)[:3], strict=True):   # the first three of four levels
             torch.testing.assert_close(a, b)
+
+
+def test_each_backbone_gets_the_input_statistics_it_was_trained_with() -> None:
+    """EfficientNet-Lite was trained on (x - 127) / 128, the ResNets on ImageNet's per-channel statistics."""
+    pixels = torch.tensor([0.0, 127.0, 255.0]).view(1, 1, 3, 1).expand(1, 3, 3, 1)   # (N, 3, H, W), 0..255
+    lite = Normalize.for_model(build_model(model_config("stfpm"), pretrained=False))
+    torch.testing.assert_close(lite(pixels)[0, 0, :, 0], torch.tensor([-127 / 128, 0.0, 1.0]))
+    resnet = Normalize.for_model(build_model(model_config("stfpm", {"backbone": "resnet18"}), pretrained=False))
+    torch.testing.assert_close(resnet(pixels)[0, :, 1, 0],
+                               (127 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    graph = InferenceGraph(build_model(model_config("rd"), pretrained=False))
+    torch.testing.assert_close(graph.normalize.shift, lite.shift)
 
 
 # -- model, loss, map ----------------------------------------------------------

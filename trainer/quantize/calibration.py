@@ -10,8 +10,9 @@ PTQ has; these are the ones the report compares:
 - `random-normal`: no data at all. Each pixel is drawn from N(0, 1) in the
   network's normalised space and mapped back through the inverse of the
   graph's normalisation: pixel = clip(round(255 * (mean_c + std_c * z)), 0, 255),
-  i.e. i.i.d. noise with the ImageNet mean and standard deviation per channel
-  (about 1-2 % of the draws clip at 0 or 255).
+  i.e. i.i.d. noise with the mean and standard deviation per channel that
+  the backbone expects (for ImageNet's statistics about 1-2 % of the draws
+  clip at 0 or 255; for EfficientNet-Lite's (x - 127) / 128 about a third do).
 - `mixed`: half good training images lightly augmented (flips, gain, sensor
   noise), half the same with a synthetic anomaly painted in (a patch cut from
   another image and pasted elsewhere, a scratch, or a blotch of foreign
@@ -28,7 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.inference_graph import IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME
+from trainer.inference_graph import INPUT_NAME
+from trainer.models.backbone import input_normalization
 
 STRATEGIES = ("train", "random-normal", "holdout-normal", "mixed")
 
@@ -40,8 +42,15 @@ class DataSpec:
     data: str
     classes: tuple[str, ...]
     size: int
+    backbone: str                 # its input normalisation shapes the random-normal frames
     val_fraction: float = 0.2
     split_seed: int = 0
+
+    @classmethod
+    def of(cls, tcfg, data: str | None = None) -> DataSpec:
+        """The spec of a training config (`trainer.train.TrainConfig`), optionally on other data."""
+        return cls(str(data or tcfg.data), tuple(tcfg.classes), tcfg.size, tcfg.model.backbone,
+                   tcfg.val_fraction, tcfg.seed)
 
 
 def calibration_images(strategy: str, spec: DataSpec, n: int = 32, seed: int = 0) -> np.ndarray:
@@ -52,7 +61,7 @@ def calibration_images(strategy: str, spec: DataSpec, n: int = 32, seed: int = 0
         raise ValueError("calibration needs at least one image")
     rng = np.random.default_rng([seed, STRATEGIES.index(strategy)])
     if strategy == "random-normal":
-        return random_normal_images(n, spec.size, rng)
+        return random_normal_images(n, spec.size, spec.backbone, rng)
     train, val = normal_paths(spec)
     if strategy == "holdout-normal":
         return load_frames(spread(val, n, rng), spec.size)
@@ -87,11 +96,10 @@ def load_frames(paths: list[Path], size: int) -> np.ndarray:
     return frames
 
 
-def random_normal_images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """N(0, 1) in normalised space, mapped back to uint8 pixels through the inverse normalisation."""
+def random_normal_images(n: int, size: int, backbone: str, rng: np.random.Generator) -> np.ndarray:
+    """N(0, 1) in the backbone's normalised space, mapped back to uint8 pixels through the inverse normalisation."""
     z = rng.standard_normal((n, size, size, 3), dtype=np.float32)
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
+    mean, std = (np.asarray(v, np.float32) for v in input_normalization(backbone))
     return np.clip(np.rint(255.0 * (mean + std * z)), 0, 255).astype(np.uint8)
 
 

@@ -322,7 +322,7 @@ def calibrate(model: nn.Module, images: np.ndarray, batch_size: int) -> None:
     """Run `images` (uint8 NHWC) through the prepared model with observers on, then freeze the ranges."""
     from trainer.inference_graph import Normalize, to_float_nchw
 
-    normalize = Normalize()
+    normalize = Normalize.for_model(model)
     model.eval()
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
@@ -379,7 +379,7 @@ def fine_tune(checkpoint: str | Path, cfg: QATConfig = QATConfig(), progress: Ca
     calib = train_x[rng.permutation(len(train_x))[:cfg.calib_images]]
     calibrate(qmodel, calib, bs)
 
-    normalize = Normalize()
+    normalize = Normalize.for_model(qmodel)
     params = [p for p in qmodel.trainable_parameters() if p.requires_grad]
     lr = tcfg.lr * (tcfg.lr_min_ratio if cfg.lr_ratio is None else cfg.lr_ratio)
     optimizer = make_optimizer(dataclasses.replace(tcfg, lr=lr), params)   # the checkpoint's optimizer kind

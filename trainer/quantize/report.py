@@ -169,7 +169,7 @@ def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = 
     if cfg.method and cfg.method != tcfg.method:
         raise ValueError(f"--method {cfg.method} but {cfg.checkpoint} holds a {tcfg.method} model")
     data = cfg.data or tcfg.data
-    spec = DataSpec(data, tuple(tcfg.classes), tcfg.size, tcfg.val_fraction, tcfg.seed)
+    spec = DataSpec.of(tcfg, data)
     load_before = machine_load()
 
     from trainer.export import check_onnx, export_onnx
