@@ -137,10 +137,11 @@ def acked_after(station: Station, n: int, timeout: float = 30.0) -> None:
     wait_for(lambda: station.agent.publisher.acked >= target, timeout, f"{n} more PUBACKs")
 
 
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistence", "no-persistence"])
 def test_broker_restarts_with_a_second_live_subscriber(tmp_path, tiny_package, frames, db, store, private_broker,
-                                                       unique):
+                                                       unique, persistence):
     site = f"second-{unique}"
-    broker = private_broker(extra_conf=persistent(tmp_path / "broker"))
+    broker = private_broker(extra_conf=persistent(tmp_path / "broker") if persistence else "")
     hub_id = f"hub-{unique}"
     hub = start_hub(db, store, broker, site, hub_id)
     # a monitoring client, say, on the same results: it makes the broker acknowledge them

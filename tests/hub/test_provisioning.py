@@ -17,7 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from hub.cli import main
-from hub.db.models import Device
+from hub.db.models import Device, Site
 from hub.db.session import Database
 from hub.ingest import Ingest
 from hub.mosquitto import check_password, hash_password
@@ -135,7 +135,7 @@ def test_a_device_may_write_only_its_own_topics(
     # the devices' listeners know no hub account; the hub's knows nothing else
     assert HUB_USER not in passwd.read_text() and f"cam-1@{site}" not in (auth / "hub.passwd").read_text()
     with hub_db.session() as session:
-        row = session.scalar(select(Device).where(Device.name == "cam-1", Device.mqtt_username.is_not(None)))
+        row = session.scalar(select(Device).join(Device.site).where(Device.name == "cam-1", Site.name == site))
         assert row.mqtt_username == f"cam-1@{site}" and check_password(pw1, row.mqtt_password_hash)
 
     hub_port = free_port()
