@@ -61,6 +61,9 @@ def run_main(argv: list[str]) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
     agent.run(until_drained=args.until_drained)
+    if agent.link.fatal:
+        print(f"kdfleet agent: {agent.link.fatal}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -88,6 +88,28 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """How results travel to the hub: each stays in the spool until the hub's receipt names it."""
+
+    window: int = 64                       # results awaiting the broker's PUBACK at once
+    receipt_window: int = 500              # results awaiting the hub's receipt at once; the rest wait in the spool
+    resend_after_s: float = 30.0           # no PUBACK by then: sent again
+    receipt_timeout_s: float = 30.0        # PUBACK but no receipt by then: sent again, the wait doubling each time
+    receipt_timeout_max_s: float = 600.0   # ... up to this
+
+    def validate(self) -> None:
+        for key, ok, need in (("window", 1 <= self.window <= 1000, "1 to 1000"),
+                              ("receipt_window", self.window <= self.receipt_window <= 100_000,
+                               f"window ({self.window}) to 100000"),
+                              ("resend_after_s", self.resend_after_s > 0, "> 0"),
+                              ("receipt_timeout_s", self.receipt_timeout_s > 0, "> 0"),
+                              ("receipt_timeout_max_s", self.receipt_timeout_max_s >= self.receipt_timeout_s,
+                               f">= receipt_timeout_s ({self.receipt_timeout_s})")):
+            if not ok:
+                raise ConfigError(f"delivery.{key} = {getattr(self, key)}: must be {need}")
+
+
+@dataclass(frozen=True)
 class UpdateConfig:
     """Over-the-air model updates from the hub (agent/updater.py)."""
 
@@ -115,7 +137,9 @@ class AgentConfig:
     broker: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: str | None = None
-    ca_file: str | None = None
+    ca_file: str | None = None          # CA bundle that signed the broker's certificate (mqtts://); None: system store
+    cert_file: str | None = None        # client certificate (PEM), for a broker that asks for one
+    key_file: str | None = None         # its private key (PEM)
     keepalive_s: int = 30               # the broker declares the agent offline after 1.5x this without a word
     runtime: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     threads: int = 0                    # inference threads; 0: one per core
@@ -126,6 +150,7 @@ class AgentConfig:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     metrics_interval_s: float = 10.0
     heatmap_size: int = 128             # side of the heat-map thumbnail
@@ -159,7 +184,8 @@ class AgentConfig:
         b = BrokerConfig.from_url(self.broker)
         return dataclasses.replace(
             b, username=self.username or b.username, password=self.password or b.password,
-            ca_file=self.ca_file, tls=b.tls or self.ca_file is not None, keepalive=self.keepalive_s)
+            ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file,
+            keepalive=self.keepalive_s).checked()
 
 
 def load(path: str | Path | None, overrides: dict[str, Any] | None = None,
@@ -229,7 +255,7 @@ def _from_env(var: str, value: str, hint: Any) -> Any:
     return value
 
 
-TABLE_KEYS = ("sources", "spool", "image", "publish", "update", "thresholds", "trusted_keys")
+TABLE_KEYS = ("sources", "spool", "image", "publish", "delivery", "update", "thresholds", "trusted_keys")
 _KEY = re.compile(r"^(?:missing required key |)([A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*)(?::| =|$)")
 
 

@@ -142,12 +142,16 @@ class Agent:
         self.link = MqttLink(cfg.broker_config(), f"kdfleet-agent-{cfg.site}-{cfg.device}",
                              will=(self.status_topic, messages.encode(self._status(False))),
                              on_connect=self._birth, on_published=self._on_published,
-                             subscriptions=[(topics.topic(cfg.site, cfg.device, topics.MODEL_DESIRED), 1)],
-                             on_message=self._on_desired)
+                             subscriptions=[(topics.topic(cfg.site, cfg.device, kind), 1)
+                                            for kind in topics.DOWNSTREAM],
+                             on_message=self._on_message)
         # delivery stops after everything else, so a stop (SIGTERM, Ctrl-C) still delivers what was made
         self._delivery_stop = threading.Event()
+        d = cfg.delivery
         self.publisher = Publisher(self.spool, self.link, topics.topic(cfg.site, cfg.device, topics.RESULT),
-                                   self._delivery_stop)
+                                   self._delivery_stop, window=d.window, resend_after_s=d.resend_after_s,
+                                   receipt_window=d.receipt_window, receipt_timeout_s=d.receipt_timeout_s,
+                                   receipt_timeout_max_s=d.receipt_timeout_max_s)
         self._normal_seen = 0
         self._threads: list[threading.Thread] = []
         self._sources_left = len(cfg.sources)
@@ -201,11 +205,18 @@ class Agent:
         except NotConnected:
             pass   # the next connection's birth message carries it
 
-    def _on_desired(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        """The hub's messages to this device: receipts for its results, and its desired model."""
         try:
-            self.updates.desired(messages.decode(payload, expect=messages.ModelDesired))
-        except messages.MessageError as exc:
-            log.error("ignored a malformed desired-model message on %s: %s", topic, exc)
+            if topics.parse(topic).kind == topics.RECEIPT:
+                receipt = messages.decode(payload, expect=messages.Receipt)
+                if receipt.device != self.cfg.device:
+                    raise messages.MessageError(f"receipt names device {receipt.device!r}")
+                self.publisher.on_receipt(receipt)
+            else:
+                self.updates.desired(messages.decode(payload, expect=messages.ModelDesired))
+        except (messages.MessageError, topics.TopicError) as exc:
+            log.error("ignored a malformed message on %s: %s", topic, exc)
 
     def _publish_state(self, state: messages.ModelState) -> None:
         topic = topics.topic(self.cfg.site, self.cfg.device, topics.MODEL_STATE)
@@ -337,7 +348,7 @@ class Agent:
             cap, amap, model = item
             t = time.perf_counter()
             try:
-                payload, anomalous = self._result(cap, amap, model)
+                payload, anomalous, rid = self._result(cap, amap, model)
             except Exception:
                 log.exception("scoring %s failed; skipped", cap.name)
                 self.counters.add(skipped=1)
@@ -348,7 +359,7 @@ class Agent:
                 continue
             while True:
                 try:
-                    self.spool.put(payload, anomalous)
+                    self.spool.put(payload, anomalous, rid)
                     break
                 except SpoolFull as exc:
                     log.error("%s; retrying in 5 s (the pipeline waits, nothing is discarded)", exc)
@@ -357,7 +368,8 @@ class Agent:
             self.counters.add(spooled=1)
             self.publisher.notify()
 
-    def _result(self, cap: Captured, amap: np.ndarray, model: ActiveModel) -> tuple[bytes | None, bool]:
+    def _result(self, cap: Captured, amap: np.ndarray, model: ActiveModel) -> tuple[bytes | None, bool, str]:
+        """The encoded result of one frame, whether it is an anomaly, and its id (None: not published)."""
         cls = cap.source.cls
         if cap.boxed.shape[0] != model.size:   # letterboxed again for a model of another input size
             _, placement = letterbox(cap.image, model.size)
@@ -374,7 +386,7 @@ class Agent:
         if not scored.anomalous and policy.policy != "all":
             self._normal_seen += 1
             if policy.policy == "anomalies" or self._normal_seen % policy.sample_every:
-                return None, False
+                return None, False, ""
             with_frame = True  # a sampled normal frame: retraining material
         images = model.scorer.render(cap.image, scored, cls, placement, crops=scored.anomalous,
                                     with_frame=with_frame)
@@ -385,7 +397,7 @@ class Agent:
             verdict=messages.VERDICT_ANOMALY if scored.anomalous else messages.VERDICT_OK,
             latency_ms=latency, heatmap=images.heatmap, thumbnail=images.thumbnail, crops=images.crops,
             frame=images.frame, source=cap.name[-200:])
-        return messages.encode(result), scored.anomalous
+        return messages.encode(result), scored.anomalous, result.id
 
     def _metrics(self) -> None:
         while not self.stop.wait(self.cfg.metrics_interval_s):
@@ -411,7 +423,7 @@ class Agent:
         return messages.Metrics(
             device=self.cfg.device, ts=time.time(), fps=fps,
             latency_p50_ms=float(np.percentile(lat, 50)), latency_p95_ms=float(np.percentile(lat, 95)),
-            frames_dropped=dropped, spool_depth=self.spool.depth(),
+            frames_dropped=dropped, spool_depth=self.spool.depth(), pending_receipts=self.publisher.unconfirmed(),
             results_dropped=sum(self.spool.dropped().values()), cpu_percent=_cpu_percent(),
             temperature_c=_temperature(), infer_p50_ms=infer[0], infer_p95_ms=infer[1],
             score_p50_ms=score[0], score_p95_ms=score[1], gpu_percent=_gpu_percent(),
@@ -438,9 +450,10 @@ class Agent:
         return self.sources_done() and self.spool.depth() == 0
 
     def shutdown(self, drain_s: float = 10.0) -> None:
-        """Stop capturing, let queued frames finish, try for `drain_s` to deliver, then go offline.
+        """Stop capturing, let queued frames finish, try for `drain_s` to have the hub confirm them,
+        then go offline.
 
-        What is not delivered by then stays in the spool for the next start.
+        What the hub has not confirmed by then stays in the spool for the next start.
         """
         self.stop.set()
         finishing = time.monotonic() + STOP_PIPELINE_S
@@ -463,6 +476,9 @@ class Agent:
         try:
             while not self.stop.is_set():
                 if until_drained and self.drained():
+                    break
+                if self.link.fatal:   # bad credentials or TLS settings: waiting will not help
+                    log.error("%s; stopping (the spool keeps what was made)", self.link.fatal)
                     break
                 time.sleep(0.1)
         except KeyboardInterrupt:

@@ -1,4 +1,8 @@
-"""The result spool: every result is on disk before it is published, and leaves only on PUBACK.
+"""The result spool: every result is on disk before it is published, and leaves only on the hub's receipt.
+
+A broker's PUBACK says only that the broker took a result; a result leaves
+the spool when the hub's receipt names its id (it is stored then), or when the
+hub refuses it for good.
 
 SQLite in WAL mode with ``synchronous=FULL``: a committed result survives a
 kill -9 and a power cut (NORMAL would survive a crash of the process but may
@@ -23,11 +27,14 @@ CREATE TABLE IF NOT EXISTS spool (
     created REAL NOT NULL,
     anomalous INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    rid TEXT
 );
 CREATE INDEX IF NOT EXISTS spool_normal ON spool (anomalous, seq);
 CREATE TABLE IF NOT EXISTS dropped (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 """
+RID_INDEX = "CREATE INDEX IF NOT EXISTS spool_rid ON spool (rid)"
+CHUNK = 500  # ids per DELETE: well under SQLite's limit on bound parameters
 
 
 class SpoolFull(RuntimeError):
@@ -38,6 +45,7 @@ class SpoolFull(RuntimeError):
 class Entry:
     seq: int
     payload: bytes
+    rid: str   # the result's id, which the hub's receipt names
 
 
 class Spool:
@@ -53,16 +61,36 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._add_result_ids()
         self._count, self._bytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
 
-    def put(self, payload: bytes, anomalous: bool) -> int:
-        """Store a result durably; returns its sequence number. Makes room by the policy first."""
+    def _add_result_ids(self) -> None:
+        """A spool written before receipts existed: give it the id column, filled from the payloads."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(spool)")}
+        if "rid" not in columns:
+            self._db.execute("ALTER TABLE spool ADD COLUMN rid TEXT")
+        rows = self._db.execute("SELECT seq, payload FROM spool WHERE rid IS NULL").fetchall()
+        if rows:
+            from shared.messages import MessageError, decode
+
+            def rid(payload: bytes) -> str:
+                try:
+                    return decode(payload).id
+                except (MessageError, AttributeError):
+                    return ""   # unreadable: it goes out again and again until it ages out
+
+            self._db.executemany("UPDATE spool SET rid = ? WHERE seq = ?", [(rid(p), s) for s, p in rows])
+        self._db.execute(RID_INDEX)
+
+    def put(self, payload: bytes, anomalous: bool, rid: str) -> int:
+        """Store a result (its id `rid`) durably; returns its sequence number. Makes room by the policy first."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._make_room(len(payload))
-                cur = self._db.execute("INSERT INTO spool (created, anomalous, size, payload) VALUES (?, ?, ?, ?)",
-                                       (time.time(), int(anomalous), len(payload), payload))
+                cur = self._db.execute(
+                    "INSERT INTO spool (created, anomalous, size, payload, rid) VALUES (?, ?, ?, ?, ?)",
+                    (time.time(), int(anomalous), len(payload), payload, rid))
                 self._db.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 if self._db.in_transaction:
@@ -109,17 +137,51 @@ class Spool:
     def pending(self, after: int = 0, limit: int = 100) -> list[Entry]:
         """Up to `limit` stored results with seq > `after`, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT seq, payload FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
+            rows = self._db.execute("SELECT seq, payload, rid FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
                                     (after, limit)).fetchall()
-        return [Entry(int(s), bytes(p)) for s, p in rows]
+        return [Entry(int(s), bytes(p), r or "") for s, p, r in rows]
 
-    def ack(self, seq: int) -> None:
-        """The broker has the result: forget it."""
+    def get(self, seqs: list[int]) -> list[Entry]:
+        """The results of these sequence numbers still in the spool, oldest first."""
+        out: list[Entry] = []
         with self._lock:
-            row = self._db.execute("DELETE FROM spool WHERE seq = ? RETURNING size", (seq,)).fetchone()
-            if row:
-                self._count -= 1
-                self._bytes -= row[0]
+            for i in range(0, len(seqs), CHUNK):
+                part = seqs[i:i + CHUNK]
+                marks = ",".join("?" * len(part))
+                out += [Entry(int(s), bytes(p), r or "") for s, p, r in self._db.execute(
+                    f"SELECT seq, payload, rid FROM spool WHERE seq IN ({marks})", part)]
+        return sorted(out, key=lambda e: e.seq)
+
+    def confirm(self, rids: list[str] | tuple[str, ...]) -> int:
+        """The hub has stored these results: forget them. Returns how many were here."""
+        return self._remove(rids)
+
+    def refuse(self, rids: list[str] | tuple[str, ...]) -> int:
+        """The hub will never store these results: forget them, counted as dropped ("refused")."""
+        return self._remove(rids, reason="refused")
+
+    def _remove(self, rids: list[str] | tuple[str, ...], reason: str = "") -> int:
+        removed = 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for i in range(0, len(rids), CHUNK):
+                    part = list(rids[i:i + CHUNK])
+                    marks = ",".join("?" * len(part))
+                    sizes = self._db.execute(f"DELETE FROM spool WHERE rid IN ({marks}) RETURNING size",
+                                             part).fetchall()
+                    removed += len(sizes)
+                    self._bytes -= sum(size for (size,) in sizes)
+                if reason and removed:
+                    self._note_drop(reason, removed)
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError:
+                self._db.execute("ROLLBACK")
+                self._count, self._bytes = self._db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
+                raise
+            self._count -= removed
+        return removed
 
     def depth(self) -> int:
         return self._count

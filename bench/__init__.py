@@ -6,4 +6,5 @@
     python -m bench.accuracy       # STFPM / RD / US unified vs one-class per class, beside the kNN yardstick
     python -m bench.fleet          # `fleet up --agents 20`: time to all online, ingest rate and lag
     python -m bench.ota            # a rollout to 20 agents: time to done, inference stall at the swap
+    python -m bench.faults         # broker restarts, kill -9 of hub and agents, a bridge: made vs stored
 """

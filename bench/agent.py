@@ -7,9 +7,10 @@
 
 Each run is `agent.pipeline.Agent` as `kdfleet agent run` builds it: folder capture (JPEG decode,
 letterbox) -> ONNX Runtime -> scoring, heat map, crops -> SQLite spool (synchronous=FULL) -> MQTT
-QoS 1, a result leaving the spool on its PUBACK. The broker is the local Mosquitto on 127.0.0.1:1883
-when it answers, else a private one. The folder is read as fast as possible (the source waits for
-the pipeline, nothing is dropped); frames/s = frames delivered / (start to the last PUBACK).
+QoS 1, a result leaving the spool on the receipt a consumer process sends back for each batch, as
+the hub does after its commit. The broker is the local Mosquitto on 127.0.0.1:1883 when it answers,
+else a private one. The folder is read as fast as possible (the source waits for the pipeline,
+nothing is dropped); frames/s = frames delivered / (start to the last receipt).
 
 The baseline is the same pipeline and model with inference in PyTorch FP32 eager (the training
 checkpoint wrapped in `trainer.inference_graph.InferenceGraph`), timed in the same run; it needs
@@ -48,7 +49,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from shared import topics
 
 TARGET_FPS = 150.0
 TARGET_RSS_MB = 400.0
@@ -188,7 +188,7 @@ class TorchEager:
 
 
 def measure(spec: RunSpec) -> dict[str, Any]:
-    """Run the agent over the folder until every result is acknowledged; counters, rates and peak RSS."""
+    """Run the agent over the folder until every result is confirmed; counters, rates and peak RSS."""
     import logging
 
     from agent.config import load
@@ -212,7 +212,7 @@ def measure(spec: RunSpec) -> dict[str, Any]:
         # first calls allocate and plan: not what a station does all day
         _in_thread(lambda: [agent.runtime.infer(blank, [spec.cls]) for _ in range(3)])
         n = len(_images(spec.folder))
-        consumer = _consumer(spec.broker, topics.topic("bench", f"bench-{spec.label}", topics.RESULT))
+        consumer = _consumer(spec.broker, "bench", f"bench-{spec.label}")
         cpu0, t0 = _cpu_s(), time.perf_counter()
         agent.start()
         if not agent.link.wait_connected(10):
@@ -248,29 +248,49 @@ def measure(spec: RunSpec) -> dict[str, Any]:
 
 
 CONSUMER = """
-import sys, threading
+import sys, threading, time
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
-host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+from shared import messages, topics
+host, port, site, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ids, lock = [], threading.Lock()
 c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+c.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.topic(site, device, topics.RESULT), qos=1)
 c.on_subscribe = lambda *a: print("subscribed", flush=True)
+
+def take(client, userdata, message):
+    with lock:
+        ids.append(messages.decode(message.payload, expect=messages.Result).id)
+
+def confirm():   # a receipt per batch, as the hub sends one per commit
+    while True:
+        time.sleep(0.02)
+        with lock:
+            batch = ids[:messages.MAX_RECEIPT_IDS]
+            del ids[:len(batch)]
+        if batch:
+            receipt = messages.Receipt(device=device, ts=time.time(), ids=tuple(batch))
+            c.publish(topics.topic(site, device, topics.RECEIPT), messages.encode(receipt), qos=1)
+
+c.on_message = take
+threading.Thread(target=confirm, daemon=True).start()
 c.connect(host, port)
 c.loop_forever()
 """
 
 
-def _consumer(broker: str, topic: str) -> subprocess.Popen:
-    """The results' reader, in its own process as the hub would be: a broker acknowledges a result
-    that no subscription matches with "no matching subscribers", and the agent keeps such results."""
+def _consumer(broker: str, site: str, device: str) -> subprocess.Popen:
+    """The results' reader, in its own process as the hub would be: it confirms what it takes with a
+    receipt per batch (a broker acknowledges a result that no subscription matches with "no matching
+    subscribers", and the agent keeps such results)."""
     from shared.config import BrokerConfig
 
     b = BrokerConfig.from_url(broker)
-    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, b.host, str(b.port), topic],
+    proc = subprocess.Popen([sys.executable, "-c", CONSUMER, b.host, str(b.port), site, device],
                             stdout=subprocess.PIPE, text=True)
     if proc.stdout is None or proc.stdout.readline().strip() != "subscribed":
         proc.kill()
-        raise RuntimeError(f"could not subscribe to {topic} on {broker}")
+        raise RuntimeError(f"could not subscribe to {device}'s results on {broker}")
     return proc
 
 
@@ -305,7 +325,7 @@ def stage_times(agent: Any, spec: RunSpec, tmp: Path) -> dict[str, dict[str, flo
             verdict=messages.VERDICT_ANOMALY if scored.anomalous else messages.VERDICT_OK, latency_ms=1.0,
             heatmap=images.heatmap, thumbnail=images.thumbnail, crops=images.crops, frame=images.frame,
             source=path.name))
-        timed("spool", spool.put, payload, scored.anomalous)
+        timed("spool", spool.put, payload, scored.anomalous, new_ulid())
     spool.close()
     return {k: _pcts(v) for k, v in times.items()}
 
@@ -405,7 +425,7 @@ def report(runs: list[dict[str, Any]], broker: str) -> str:
                      *(_ratio(pa.get("latency_ms"), pb.get("latency_ms"), k) for k in ("p50", "p95")),
                      f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x", "",
                      f"{(a['fps'] / a['cpu_cores']) / (b['fps'] / b['cpu_cores']):.2f}x", "", ""])
-    lines.append(table("end to end (frames/s to the last PUBACK; pipeline latencies from the agent's counters)",
+    lines.append(table("end to end (frames/s to the last receipt; pipeline latencies from the agent's counters)",
                        ["run", "runtime", "frames/s", "spooled/s", "infer p50", "infer p95", "capture->scored p50",
                         "p95", "peak RSS MB", "CPU cores", "frames/CPU-s", "delivered", "anomalies"], rows))
     stage_rows = []

@@ -10,7 +10,7 @@ compose="${COMPOSE:-docker compose} -p ${COMPOSE_PROJECT_NAME:-kdfleet}"
 dir="$(cd "$(dirname "$0")" && pwd)"
 out=$($compose exec -T hub sh -c 'exec python -m hub add-device --config /etc/kdfleet/hub.toml \
     --db postgresql+psycopg://kdfleet@postgres/kdfleet \
-    --broker "mqtt://kdfleet-hub:$(cat /run/secrets/hub_mqtt_password)@mosquitto:1883" "$@"' sh "$@")
+    --broker "mqtts://kdfleet-hub:$(cat /run/secrets/hub_mqtt_password)@mosquitto:8884" "$@"' sh "$@")
 echo "$out" | sed '/shown only now:/{n;d;}; /agent broker URL/d'
 password=$(echo "$out" | sed -n '/shown only now:/{n;p;}')
 [ -n "$password" ] || { echo "add-device printed no password; see above" >&2; exit 1; }

@@ -3,8 +3,9 @@
 serve, ingest: run the hub; init-db: create or upgrade the schema; add-user,
 create-admin: dashboard users; add-token, revoke-token: API tokens for
 services; add-device, revoke-device, write-mqtt-auth: broker credentials and
-ACL; prune: the retention policy; export-training: reviewed results as a
-training set.
+ACL; make-certs: a CA and the broker's TLS certificate; bridge-config: a site
+broker's bridge to a central one; prune: the retention policy;
+export-training: reviewed results as a training set.
 
 Settings come from an optional TOML file (``--config``, see hub.config) and
 are overridden by the flags given. Start order: database check, image store,
@@ -19,6 +20,7 @@ import getpass
 import json
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
@@ -36,7 +38,8 @@ from hub.rollouts import RolloutController
 from hub.services import devices, retention, reviews, rollouts, users
 from hub.services.common import NotFound, QueryError, parse_time
 from hub.store import ImageStore
-from shared.config import ConfigError
+from shared import topics
+from shared.config import BrokerConfig, ConfigError
 from shared.logs import add_log_arguments, setup_logging
 
 log = logging.getLogger("hub")
@@ -61,6 +64,10 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="database URL: sqlite:///path/hub.db (default "
         "sqlite:///var/hub/hub.db) or postgresql+psycopg://user@host/dbname",
     )
+    _log_flags(p)
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_log_arguments(p)
 
@@ -213,6 +220,35 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_only(p)
 
     p = sub.add_parser(
+        "make-certs",
+        help="make a CA and the broker's TLS certificate (files that exist are kept)",
+        description="Write ca.crt and ca.key (a CA for this site) and broker.crt and broker.key, "
+        "signed by it, for the broker's TLS listeners, into DIR. Give every name and address "
+        "stations and the hub use to reach the broker. Agents, the hub and bridges trust ca.crt.",
+    )
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--host", action="append", required=True, metavar="NAME",
+                   help="a host name or IP address of the broker (repeat for each)")
+    p.add_argument("--group", default="", help="group of broker.key (mode 0640), e.g. mosquitto")
+    _log_flags(p)
+
+    p = sub.add_parser(
+        "bridge-config",
+        help="print a site broker's bridge to a central broker (mosquitto.conf lines)",
+        description="Print the Mosquitto bridge that forwards a site's device messages to the "
+        "central broker, where the hub ingests, and brings desired models and receipts back.",
+    )
+    p.add_argument("name", help="the bridge's name (its connection line)")
+    p.add_argument("address", help="the central broker, HOST:PORT")
+    p.add_argument("--site", default="+", help="forward this site's topics only (default: every site)")
+    p.add_argument("--username", help="the bridge's account on the central broker")
+    p.add_argument("--password-stdin", action="store_true", help="read its password from standard input")
+    p.add_argument("--cafile", help="the CA of the central broker's TLS certificate (a TLS port)")
+    p.add_argument("--acl", action="store_true",
+                   help="print instead the central broker's ACL lines for the bridge's account (--username)")
+    _log_flags(p)
+
+    p = sub.add_parser(
         "prune",
         help="apply the retention policy once (reviewed results are never deleted)",
         description="Delete results and images past the limits of the [retention] settings. "
@@ -266,6 +302,7 @@ def settings(args: argparse.Namespace) -> HubConfig:
         ),
     )
     cfg.validate()
+    cfg.broker_config()  # the URL and [broker_tls] together
     return cfg
 
 
@@ -441,10 +478,21 @@ def cmd_serve(cfg: HubConfig) -> int:
 
     db = _open_db(cfg)
     app = create_app(cfg.web_settings())
+    tls = (cfg.web.cert_file, cfg.web.key_file) if cfg.web.cert_file else None
     try:
-        server = make_server(cfg.web.host, cfg.web.port, app, threaded=True)
+        server = make_server(cfg.web.host, cfg.web.port, app, threaded=True, ssl_context=tls)
+    except ssl.SSLError as exc:
+        db.dispose()
+        raise CliError(
+            f"cannot serve HTTPS with web.cert_file {cfg.web.cert_file} and web.key_file "
+            f"{cfg.web.key_file}: {exc.reason or exc}; give a PEM certificate and its own key"
+        ) from None
     except OSError as exc:
         db.dispose()
+        if tls and exc.filename:
+            raise CliError(
+                f"cannot read {exc.filename}: {exc.strerror}; check web.cert_file and web.key_file"
+            ) from None
         raise CliError(
             f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
             "choose another --port or stop what holds it"
@@ -452,8 +500,7 @@ def cmd_serve(cfg: HubConfig) -> int:
     ingest = _make_ingest(cfg, db).start()
     app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
     # one process drives rollouts: this one (extra `ingest` workers do not)
-    controller = RolloutController(db, cfg.broker_config(),
-                                   client_id=f"{cfg.ingest.resolved_client_id()}-rollouts").start()
+    controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id()).start()
     web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
     web.start()
     pruner = None
@@ -463,7 +510,8 @@ def cmd_serve(cfg: HubConfig) -> int:
         )
         pruner.start()
     log.info(
-        "dashboard on http://%s:%d/, ingest from %s into %s",
+        "dashboard on %s://%s:%d/, ingest from %s into %s",
+        "https" if tls else "http",
         cfg.web.host,
         server.server_port,
         cfg.broker_config().url,
@@ -530,6 +578,7 @@ def _write_mqtt_auth(cfg: HubConfig, db: Database) -> None:
     try:
         mosquitto.write_files(
             cfg.mqtt_auth.password_file,
+            cfg.mqtt_auth.hub_passwords(),
             cfg.mqtt_auth.acl_file,
             hub_user,
             hub_password,
@@ -539,8 +588,8 @@ def _write_mqtt_auth(cfg: HubConfig, db: Database) -> None:
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot write the Mosquitto files: {exc}") from None
     print(
-        f"wrote {cfg.mqtt_auth.password_file} and {cfg.mqtt_auth.acl_file} "
-        f"({len(accounts)} devices and the hub's account {hub_user!r}); "
+        f"wrote {cfg.mqtt_auth.password_file} ({len(accounts)} devices), {cfg.mqtt_auth.hub_passwords()} "
+        f"(the hub's account {hub_user!r}) and {cfg.mqtt_auth.acl_file}; "
         "reload Mosquitto to apply them (systemctl reload mosquitto, or kill -HUP its pid)"
     )
 
@@ -559,11 +608,12 @@ def cmd_add_device(cfg: HubConfig, site: str, device: str, replace: bool) -> int
         raise CliError(str(exc)) from None
     finally:
         db.dispose()
-    host = cfg.broker_config()
     print(f"device {device!r} at site {site!r}: MQTT user {account.username!r}, password shown only now:")
     print(password)
-    print(f"agent broker URL: mqtt{'s' if host.tls else ''}://{account.username.replace('@', '%40')}:"
-          f"{password}@{host.host}:{host.port}")
+    if cfg.mqtt_auth.device_broker:
+        b = BrokerConfig.from_url(cfg.mqtt_auth.device_broker)
+        print(f"agent broker URL: mqtt{'s' if b.tls else ''}://{account.username.replace('@', '%40')}:"
+              f"{password}@{b.host}:{b.port}")
     return 0
 
 
@@ -588,6 +638,35 @@ def cmd_write_mqtt_auth(cfg: HubConfig) -> int:
         _write_mqtt_auth(cfg, db)
     finally:
         db.dispose()
+    return 0
+
+
+def cmd_make_certs(folder: str, hosts: list[str], group: str) -> int:
+    from hub.tls import write_site_certs
+
+    try:
+        written = write_site_certs(folder, hosts, group=group)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot write the certificates into {folder}: {exc}") from None
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"{folder} has a CA and a broker certificate already; nothing changed")
+    return 0
+
+
+def cmd_bridge_config(args: argparse.Namespace) -> int:
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+    try:
+        if args.acl:
+            if not args.username:
+                raise CliError("--acl needs --username: the bridge's account on the central broker")
+            print(mosquitto.render_bridge_acl(args.username, args.site), end="")
+            return 0
+        print(mosquitto.render_bridge(args.name, args.address, site=args.site, username=args.username,
+                                      password=password, cafile=args.cafile), end="")
+    except (ValueError, topics.TopicError) as exc:
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -667,8 +746,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "DEBUG":  # Alembic narrates every step at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        cfg = settings(args)
         command = args.command
+        if command == "make-certs":
+            return cmd_make_certs(args.dir, args.host, args.group)
+        if command == "bridge-config":
+            return cmd_bridge_config(args)
+        cfg = settings(args)
         if command == "init-db":
             return cmd_init_db(cfg)
         if command in ("add-user", "create-admin"):

@@ -4,7 +4,10 @@ Example ``hub.toml`` (every key optional; unknown keys are refused)::
 
     db = "postgresql+psycopg://kdfleet@db/kdfleet"
     data_dir = "/var/lib/kdfleet-hub"
-    broker = "mqtt://hub:secret@broker:1883"
+    broker = "mqtts://kdfleet-hub:secret@broker:8884"   # the hub's own listener
+
+    [broker_tls]
+    ca_file = "/etc/kdfleet/tls/ca.crt"
 
     [ingest]
     batch_size = 500
@@ -12,7 +15,9 @@ Example ``hub.toml`` (every key optional; unknown keys are refused)::
 
     [web]
     host = "0.0.0.0"
-    port = 8080
+    port = 8443
+    cert_file = "/etc/kdfleet/tls/hub.crt"   # HTTPS; or leave TLS to a reverse proxy
+    key_file = "/etc/kdfleet/tls/hub.key"
 
     [retention]
     results_days = 365
@@ -21,11 +26,13 @@ Example ``hub.toml`` (every key optional; unknown keys are refused)::
 
     [mqtt_auth]
     password_file = "/etc/mosquitto/kdfleet.passwd"
+    hub_password_file = "/etc/mosquitto/kdfleet-hub.passwd"
     acl_file = "/etc/mosquitto/kdfleet.acl"
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +41,15 @@ from typing import Any
 from shared import topics
 from shared.config import BrokerConfig, ConfigError, build, load_toml
 
+MAX_CLIENT_ID = 64
+ROLLOUTS_SUFFIX = "-rollouts"  # `serve`'s rollout driver: its ingest worker's id and this
+
 
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
     site: str = "+"  # one site's topics only, or "+" for every site
     shared_group: str = "hub"  # MQTT 5 shared subscription; "" makes every process read all
-    client_id: str = ""  # "" -> kdfleet-hub-<hostname>; must differ between ingest processes
+    client_id: str = ""  # "" -> kdfleet-hub-<hostname>; must differ between ingest processes; no '@'
     batch_size: int = 500  # rows per transaction at most
     flush_ms: int = 200  # longest a received message waits for its transaction
     linger_ms: int = 5  # a batch is written once no message came for this long
@@ -60,9 +70,28 @@ class IngestConfig:
             raise ConfigError(f"ingest.linger_ms: {self.linger_ms} is not within 0..flush_ms")
         if not 1 <= self.inflight <= 65_535:
             raise ConfigError(f"ingest.inflight: {self.inflight} is not within 1..65535")
+        # devices' listeners give every device its user name (device@site) as its client id
+        if "@" in self.client_id or len(self.client_id) > MAX_CLIENT_ID - len(ROLLOUTS_SUFFIX):
+            raise ConfigError(
+                f"ingest.client_id: {self.client_id!r} must have no '@' (devices' ids have one) "
+                f"and at most {MAX_CLIENT_ID - len(ROLLOUTS_SUFFIX)} characters"
+            )
 
     def resolved_client_id(self) -> str:
-        return self.client_id or f"kdfleet-hub-{socket.gethostname()}"[:64]
+        return self.client_id or f"kdfleet-hub-{socket.gethostname()}"[: MAX_CLIENT_ID - len(ROLLOUTS_SUFFIX)]
+
+    def rollouts_client_id(self) -> str:
+        """The id of `serve`'s rollout driver, beside its ingest worker."""
+        return self.resolved_client_id() + ROLLOUTS_SUFFIX
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTlsConfig:
+    """Files for an ``mqtts://`` broker URL (PEM)."""
+
+    ca_file: str | None = None  # the CA that signed the broker's certificate; None: the system store
+    cert_file: str | None = None  # a client certificate, for a broker that asks for one
+    key_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +105,8 @@ class WebConfig:
     secure_cookies: bool = False  # always mark the session cookie Secure (it is, anyway, on HTTPS requests)
     proxy_hops: int = 0  # reverse proxies in front of the hub whose X-Forwarded-For/-Proto it trusts
     live_poll_ms: int = 1000  # how often the live feed looks for new results
+    cert_file: str | None = None  # serve HTTPS with this certificate (PEM), or leave TLS to a reverse proxy
+    key_file: str | None = None  # ... and its private key
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -93,6 +124,8 @@ class WebConfig:
             raise ConfigError(f"web.proxy_hops: {self.proxy_hops} is not within 0..5")
         if self.silent_after_s < 1 or self.refresh_s < 0:
             raise ConfigError("web.silent_after_s must be positive and web.refresh_s not negative")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("web.cert_file and web.key_file go together (HTTPS needs both)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +159,19 @@ class MqttAuthConfig:
     and password of the `broker` URL.
     """
 
-    password_file: str = "var/hub/mosquitto/passwd"
+    password_file: str = "var/hub/mosquitto/passwd"  # the devices' accounts (their listeners)
+    hub_password_file: str = ""  # the hub's account alone (its listener); "": hub.passwd beside password_file
     acl_file: str = "var/hub/mosquitto/acl"
     group: str = "mosquitto"  # the files' group (mode 0640), so the broker may read them; "": leave
+
+    device_broker: str = ""  # the devices' listener as agents reach it (mqtts://host:8883), for add-device
+
+    def validate(self) -> None:
+        if self.device_broker:
+            BrokerConfig.from_url(self.device_broker)
+
+    def hub_passwords(self) -> str:
+        return self.hub_password_file or str(Path(self.password_file).with_name("hub.passwd"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,19 +179,26 @@ class HubConfig:
     db: str = "sqlite:///var/hub/hub.db"
     data_dir: str = "var/hub"  # images/ and secret_key live here
     broker: str = "mqtt://127.0.0.1:1883"
+    broker_tls: BrokerTlsConfig = field(default_factory=BrokerTlsConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     web: WebConfig = field(default_factory=WebConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     mqtt_auth: MqttAuthConfig = field(default_factory=MqttAuthConfig)
 
     def validate(self) -> None:
-        self.broker_config()
+        # the URL alone: a file's [broker_tls] may wait for the --broker the command line gives
+        BrokerConfig.from_url(self.broker)
         self.ingest.validate()
         self.web.validate()
         self.retention.validate()
+        self.mqtt_auth.validate()
 
     def broker_config(self) -> BrokerConfig:
-        return BrokerConfig.from_url(self.broker)
+        """The broker URL with [broker_tls]; ConfigError when they contradict each other."""
+        t = self.broker_tls
+        return dataclasses.replace(
+            BrokerConfig.from_url(self.broker), ca_file=t.ca_file, cert_file=t.cert_file, key_file=t.key_file
+        ).checked()
 
     def web_settings(self) -> dict[str, Any]:
         """The mapping `hub.web.create_app` takes."""

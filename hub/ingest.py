@@ -19,7 +19,12 @@ waits, so a slow database slows the broker's delivery down instead of growing
 memory without bound.
 
 Results are keyed by their ULID and inserted with ON CONFLICT DO NOTHING, so
-a result re-sent by an agent's spool is stored once. Status and metrics
+a result re-sent by an agent's spool is stored once. After each commit the hub
+sends every device in the batch a `Receipt` (QoS 1) naming its results, the
+duplicates included: the agent keeps a result in its spool until a receipt
+names it, so whatever the broker loses on the way is sent again. A result the
+hub can never store (it fails validation, or the database refuses it) is named
+in the receipt's `refused` list instead. Status and metrics
 messages update the device row. A malformed payload is counted and logged
 (cut short), never stored, and never stops ingest.
 
@@ -51,7 +56,7 @@ from hub.services.common import insert_ignoring_duplicates
 from hub.store import ImageStore, StoreError, image_kind
 from shared import messages, topics
 from shared.config import BrokerConfig
-from shared.mqtt import PROTOCOL_5, Ack, MqttLink
+from shared.mqtt import PROTOCOL_5, Ack, MqttLink, NotConnected
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,7 @@ class IngestStats:
     ignored: int = 0  # empty payloads (a retained status being cleared)
     failed: int = 0  # valid messages the database refused (see the log)
     queued: int = 0
+    receipts: int = 0  # receipt messages sent to devices (not part of the sum above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +347,7 @@ class BatchWriter:
                     frames_dropped=msg.frames_dropped,
                     results_dropped=msg.results_dropped,
                     spool_depth=msg.spool_depth,
+                    pending_receipts=msg.pending_receipts if msg.pending_receipts >= 0 else None,
                     cpu_percent=msg.cpu_percent if msg.cpu_percent >= 0 else None,
                     temperature_c=None if msg.temperature_c == -1.0 else msg.temperature_c,
                     infer_p95_ms=msg.infer_p95_ms if msg.infer_p95_ms >= 0 else None,
@@ -380,6 +387,12 @@ def _ensure_sites(session: Session, names: set[str]) -> dict[str, int]:
     session.execute(insert_ignoring_duplicates(session, Site), [{"name": s} for s in site_names])
     found = session.execute(select(Site.name, Site.id).where(Site.name.in_(site_names)))
     return dict(found.all())
+
+
+def _result_ids(batch: Sequence[Envelope], exc: BaseException) -> dict[str, str]:
+    """id -> reason for the results among messages the database refused."""
+    reason = f"the hub's database refused it: {str(exc).splitlines()[0]}"
+    return {e.message.id: reason for e in batch if isinstance(e.message, messages.Result)}
 
 
 def _transient(exc: SQLAlchemyError) -> bool:
@@ -538,6 +551,7 @@ class Ingest:
         self._count("received")
         received_at = datetime.now(UTC)
         envelope = None
+        msg = None
         try:
             address = topics.parse(topic)
             expected = EXPECTED.get(address.kind)
@@ -559,6 +573,8 @@ class Ingest:
                 len(payload),
                 bytes(payload[:LOG_PAYLOAD_BYTES]),
             )
+            if isinstance(msg, messages.Result):  # readable, but never storable: the device may forget it
+                self._send_receipts({}, {(address.site, address.device): [msg.id]}, str(exc))
         if envelope is None and ack is None:
             return
         # acknowledgements go through the writer too, so they leave in the order messages came
@@ -615,31 +631,36 @@ class Ingest:
         return False
 
     def _flush(self, items: list[Item]) -> None:
-        """Store a batch, then acknowledge it; a batch the stop gave up on stays unacknowledged."""
+        """Store a batch, send its receipts, then acknowledge it; a batch the stop gave up on stays
+        unacknowledged and unconfirmed."""
         batch = [env for env, _ in items if env is not None]
-        if not batch or self._store(batch):
-            for _, ack in items:
-                if ack is not None:
-                    ack()
+        if batch:
+            refused = self._store(batch)
+            if refused is None:
+                return
+            self._confirm(batch, refused)
+        for _, ack in items:
+            if ack is not None:
+                ack()
 
-    def _store(self, batch: list[Envelope]) -> bool:
+    def _store(self, batch: list[Envelope]) -> dict[str, str] | None:
         """Store a batch; wait out an unreachable database, isolate a message it refuses.
 
-        False only when stopping while the database still fails: those messages
-        are not acknowledged, so the broker delivers them again.
+        Returns the results the database refused for good (id -> reason); None only when
+        stopping while the database still fails: those messages are not acknowledged, so
+        the broker delivers them again.
         """
         delay, gave_up_at = 0.2, None
         while True:
             try:
                 self._record(self.writer.write(batch))
-                return True
+                return {}
             except (StoreError, SQLAlchemyError) as exc:
                 if isinstance(exc, StoreError) or not _transient(exc):
                     if len(batch) > 1:
-                        self._store_one_by_one(batch)
-                    else:
-                        self._fail(batch, exc)
-                    return True
+                        return self._store_one_by_one(batch)
+                    self._fail(batch, exc)
+                    return _result_ids(batch, exc)
                 log.warning(
                     "database unavailable (%s); retrying %d messages in %.1f s",
                     str(exc).splitlines()[0],
@@ -663,17 +684,53 @@ class Ingest:
                             + ("; left with the broker for the next start" if self.manual_ack else "")
                         ),
                     )
-                    return False
+                    return None
             time.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
 
-    def _store_one_by_one(self, batch: list[Envelope]) -> None:
+    def _store_one_by_one(self, batch: list[Envelope]) -> dict[str, str]:
         """Isolate the message the database refuses so the rest of the batch is stored."""
+        refused: dict[str, str] = {}
         for env in batch:
             try:
                 self._record(self.writer.write([env]))
             except (StoreError, SQLAlchemyError, OSError) as exc:
                 self._fail([env], exc)
+                refused |= _result_ids([env], exc)
+        return refused
+
+    def _confirm(self, batch: list[Envelope], refused: dict[str, str]) -> None:
+        """Receipts for the results of a committed batch: stored (or stored before), or refused."""
+        stored: dict[tuple[str, str], list[str]] = {}
+        lost: dict[tuple[str, str], list[str]] = {}
+        for env in batch:
+            if isinstance(env.message, messages.Result):
+                rid = env.message.id
+                (lost if rid in refused else stored).setdefault((env.site, env.device), []).append(rid)
+        reason = next(iter(refused.values()), "")
+        self._send_receipts(stored, lost, reason)
+
+    def _send_receipts(
+        self, stored: dict[tuple[str, str], list[str]], refused: dict[tuple[str, str], list[str]], reason: str
+    ) -> None:
+        """One receipt per device (more past MAX_RECEIPT_IDS); a device that misses one sends again."""
+        link = self._link
+        for site, device in sorted(stored.keys() | refused.keys()):
+            ids = list(dict.fromkeys(stored.get((site, device), ())))  # each once, in arrival order
+            bad = refused.get((site, device), [])
+            step = messages.MAX_RECEIPT_IDS
+            for i in range(0, max(len(ids), len(bad)), step):
+                receipt = messages.Receipt(
+                    device=device, ts=time.time(), ids=tuple(ids[i:i + step]),
+                    refused=tuple(bad[i:i + step]), reason=reason[:messages.MAX_TEXT] if bad else "",
+                )
+                try:
+                    if link is None:
+                        raise NotConnected("ingest is stopping")
+                    link.publish(topics.topic(site, device, topics.RECEIPT), messages.encode(receipt), qos=1)
+                    self._count("receipts")
+                except NotConnected:
+                    log.debug("no receipt to %s/%s now (%d ids): it will send them again", site, device, len(ids))
 
     def _fail(self, batch: list[Envelope], exc: BaseException) -> None:
         self._count("failed", len(batch))

@@ -25,13 +25,28 @@ class BrokerConfig:
     port: int = 1883
     username: str | None = None
     password: str | None = None
-    tls: bool = False
+    tls: bool = False            # mqtts://: TLS, the broker's certificate checked against ca_file
     ca_file: str | None = None   # CA bundle for TLS; the system store when None
+    cert_file: str | None = None  # client certificate (PEM) for a broker that asks for one
+    key_file: str | None = None   # its private key (PEM)
     keepalive: int = 30          # seconds; the broker declares us gone after 1.5x this
+
+    def checked(self) -> BrokerConfig:
+        """This config, or a ConfigError when its TLS settings contradict each other."""
+        files = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k)]
+        if files and not self.tls:
+            raise ConfigError(f"{', '.join(files)} set, but the broker URL {self.url} is plain MQTT: "
+                              "use mqtts://HOST[:8883] for TLS, or leave them out")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("a client certificate needs both cert_file and key_file")
+        return self
 
     @classmethod
     def from_url(cls, url: str) -> BrokerConfig:
-        """Parse ``mqtt://[user[:pass]@]host[:port]`` (or ``mqtts://`` for TLS, default port 8883)."""
+        """Parse ``mqtt://[user[:pass]@]host[:port]`` (or ``mqtts://`` for TLS, default port 8883).
+
+        The certificate files are settings of their own (``ca_file``, ``cert_file``, ``key_file``).
+        """
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
             raise ConfigError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")

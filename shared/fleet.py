@@ -115,15 +115,22 @@ def mosquitto_binary() -> str | None:
     return None
 
 
-def mosquitto_conf(workdir: Path, port: int, passwd: Path, acl: Path) -> Path:
-    """The private broker's config: loopback only, every client signs in (deploy/mosquitto's rules)."""
+def mosquitto_conf(workdir: Path, port: int, hub_port: int, auth: Path) -> Path:
+    """The private broker's config: loopback only, every client signs in (deploy/mosquitto's rules):
+    the stations on `port`, each under its user name as client id, the hub's account alone on `hub_port`."""
     conf = workdir / "mosquitto.conf"
     (workdir / "mosquitto-data").mkdir(exist_ok=True)
     lines = [
+        "per_listener_settings true",
         f"listener {port} 127.0.0.1",
+        "use_username_as_clientid true",
         "allow_anonymous false",
-        f"password_file {passwd}",
-        f"acl_file {acl}",
+        f"password_file {auth / 'passwd'}",
+        f"acl_file {auth / 'acl'}",
+        f"listener {hub_port} 127.0.0.1",
+        "allow_anonymous false",
+        f"password_file {auth / 'hub.passwd'}",
+        f"acl_file {auth / 'acl'}",
         "persistence true",
         f"persistence_location {workdir / 'mosquitto-data'}/",
         "max_queued_messages 0",  # the hub's session keeps its backlog (docs/hub.md)
@@ -259,12 +266,15 @@ def up(args: argparse.Namespace) -> int:
 
     db_url = args.db or f"sqlite:///{workdir / 'hub.db'}"
     hub_password = private_file(workdir / "hub-mqtt-password", lambda: os.urandom(18).hex())
-    passwd, acl = workdir / "mosquitto" / "passwd", workdir / "mosquitto" / "acl"
+    auth = workdir / "mosquitto"
     config = workdir / "hub.toml"
     config.write_text(f'data_dir = "{workdir / "hub"}"\n\n[web]\nsilent_after_s = {SILENT_AFTER_S}\n\n'
-                      f'[mqtt_auth]\npassword_file = "{passwd}"\nacl_file = "{acl}"\n')
+                      f'[mqtt_auth]\npassword_file = "{auth / "passwd"}"\nacl_file = "{auth / "acl"}"\n')
     mqtt_port = pick_port(args.mqtt_port)
-    broker = f"mqtt://{HUB_USER}:{hub_password}@127.0.0.1:{mqtt_port}"
+    mosquitto = mosquitto_binary()
+    # the hub's own listener; amqtt has one listener for all (and checks no passwords)
+    hub_port = pick_port(mqtt_port + 1) if mosquitto else mqtt_port
+    broker = f"mqtt://{HUB_USER}:{hub_password}@127.0.0.1:{hub_port}"
     common = ["--config", str(config), "--db", db_url]
     run_hub(py, ["init-db", *common])
     user, password = demo_login(py, db_url, workdir)
@@ -307,9 +317,8 @@ def up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        mosquitto = mosquitto_binary()
         if mosquitto:
-            argv = [mosquitto, "-c", str(mosquitto_conf(workdir, mqtt_port, passwd, acl))]
+            argv = [mosquitto, "-c", str(mosquitto_conf(workdir, mqtt_port, hub_port, auth))]
         else:
             log.warning("Mosquitto is not installed: using the embedded amqtt broker, which checks no "
                         "passwords (apt-get install mosquitto for the real thing)")

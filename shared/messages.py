@@ -24,6 +24,7 @@ MAX_PAYLOAD = 2 * 1024 * 1024   # a result with crops and a frame stays well bel
 MAX_IMAGE = 512 * 1024          # one encoded image (heat map, thumbnail, crop, frame)
 MAX_CROPS = 16
 MAX_TEXT = 256
+MAX_RECEIPT_IDS = 1000          # result ids in one receipt; a bigger batch is confirmed in several
 
 VERDICT_OK = "ok"
 VERDICT_ANOMALY = "anomaly"
@@ -112,6 +113,8 @@ class Metrics:
     gpu_percent: float = -1.0   # where readable (Jetson sysfs, NVML); -1 otherwise
     frames_rejected: int = 0    # frames or files the sources could not use since the agent started
     source_error: str = ""      # why a source is failing (it is retried meanwhile); "" while all work
+    # results sent and not yet confirmed by a receipt from the hub (part of spool_depth); -1: unknown
+    pending_receipts: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +143,20 @@ class ModelState:
     reason: str = ""
 
 
-MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in (Result, Status, Metrics, ModelDesired, ModelState)}
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The hub's word on results of one device, sent after its commit: `ids` are stored (now or
+    before, so a receipt for a duplicate is the same); `refused` never will be, for `reason`."""
+
+    TYPE: ClassVar[str] = "receipt"
+    device: str
+    ts: float
+    ids: tuple[str, ...] = ()
+    refused: tuple[str, ...] = ()
+    reason: str = ""
+
+
+MESSAGE_TYPES: dict[str, type] = {c.TYPE: c for c in (Result, Status, Metrics, ModelDesired, ModelState, Receipt)}
 
 # field-level bounds beyond the type: name -> (min, max) for numbers, max length for str/bytes
 _BOUNDS: dict[str, tuple[float, float]] = {
@@ -148,11 +164,13 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "latency_ms": (0, 1e9), "fps": (0, 1e6), "ts": (0, 1e11),
     "x": (0, 1 << 20), "y": (0, 1 << 20), "w": (1, 1 << 20), "h": (1, 1 << 20),
 }
+_MAX_ITEMS: dict[tuple[str, str], int] = {("receipt", "ids"): MAX_RECEIPT_IDS, ("receipt", "refused"): MAX_RECEIPT_IDS}
 _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("result", "verdict"): VERDICTS,
     ("model_state", "state"): MODEL_STATES,
 }
-_ULIDS = {("result", "id")}   # the hub's deduplication key: anything else could collide once stored
+# the hub's deduplication key: anything else could collide once stored; receipts name only such ids
+_ULIDS = {("result", "id"), ("receipt", "ids"), ("receipt", "refused")}
 
 
 def encode(msg: Any) -> bytes:
@@ -261,8 +279,9 @@ def _check(kind: str, name: str, hint: Any, value: Any) -> Any:
         item = typing.get_args(hint)[0]
         if not isinstance(value, list):
             raise MessageError(f"{where}: expected a list, got {type(value).__name__}")
-        if len(value) > MAX_CROPS:
-            raise MessageError(f"{where}: {len(value)} items, over the {MAX_CROPS} limit")
+        limit = _MAX_ITEMS.get((kind, name), MAX_CROPS)
+        if len(value) > limit:
+            raise MessageError(f"{where}: {len(value)} items, over the {limit} limit")
         return tuple(_check(kind, name, item, v) for v in value)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):

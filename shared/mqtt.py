@@ -8,6 +8,12 @@ acknowledgement is not reported: nobody would ever read that message, so the
 sender keeps it and sends it again); one failing message handler never stops
 the loop. Bad credentials stop the retries: they will not heal by waiting.
 
+TLS (``mqtts://``): the broker's certificate is checked against the
+configured CA (the system store without one) and its host name; a client
+certificate and key are shown when configured. What waiting cannot heal stops
+the retries with an error in `fatal` that says what to change: an untrusted
+certificate, a TLS client at a plain listener, a plain client at a TLS one.
+
 With ``manual_ack=True`` a QoS 1 message is acknowledged only when the
 receiver says so (after its database commit, say): `on_message` then gets a
 third argument, an `Ack` to call once the message is safe. Until then the
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +47,7 @@ PROTOCOL_311 = "3.1.1"
 _REFUSED_PROTOCOL = {1, 132}          # 3.1.1 "unacceptable protocol version", MQTT 5 0x84
 _REFUSED_AUTH = {4, 5, 134, 135}      # bad user/password, not authorised
 _LOG_PAYLOAD = 64
+TLS_PROBE_S = 3.0  # how long a plain client waits to learn whether the port speaks TLS
 SESSION_EXPIRY_S = 24 * 3600  # how long the broker keeps a persistent session's queued messages
 NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason: accepted, but no subscription matched
 UNROUTED_WARN_EVERY_S = 60.0
@@ -50,6 +59,50 @@ Ack = Callable[[], bool]
 
 class NotConnected(RuntimeError):
     """Publishing while the broker is unreachable; the caller keeps the message."""
+
+
+def tls_context(broker: BrokerConfig) -> ssl.SSLContext:
+    """The TLS settings of an ``mqtts://`` broker; ValueError naming the file that will not load."""
+    try:
+        context = ssl.create_default_context(cafile=broker.ca_file)
+    except FileNotFoundError:
+        raise ValueError(f"broker {broker.url}: ca_file {broker.ca_file} does not exist") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"broker {broker.url}: ca_file {broker.ca_file} is not a PEM CA certificate ({exc})") from None
+    if broker.cert_file:
+        try:
+            context.load_cert_chain(broker.cert_file, broker.key_file)
+        except FileNotFoundError as exc:
+            raise ValueError(f"broker {broker.url}: {exc.filename or broker.cert_file} does not exist") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(f"broker {broker.url}: cert_file {broker.cert_file} and key_file {broker.key_file} "
+                             f"are not a PEM certificate and its key ({exc})") from None
+    return context
+
+
+def speaks_plain_mqtt(host: str, port: int, timeout: float = TLS_PROBE_S) -> bool:
+    """True when host:port answers a plain MQTT 3.1.1 CONNECT with a CONNACK (whatever its verdict)."""
+    client_id = b"kdfleet-probe"
+    body = b"\x00\x04MQTT\x04\x02\x00\x05" + len(client_id).to_bytes(2, "big") + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.sendall(bytes([0x10, len(body)]) + body)
+            return s.recv(1)[:1] == b"\x20"
+    except OSError:
+        return False
+
+
+def speaks_tls(host: str, port: int, timeout: float = TLS_PROBE_S) -> bool:
+    """True when a TLS handshake (certificate unchecked) succeeds at host:port."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class MqttLink:
@@ -98,6 +151,8 @@ class MqttLink:
         self._lock = threading.Lock()
         self._stopping = False
         self._failures_before_connack = 0
+        self._tls = tls_context(broker) if broker.tls else None
+        self._probed_tls = False
 
     # -- life cycle -------------------------------------------------------------
 
@@ -164,14 +219,15 @@ class MqttLink:
                              manual_ack=self.manual_ack, **kwargs)
         if self.broker.username:
             client.username_pw_set(self.broker.username, self.broker.password)
-        if self.broker.tls:
-            client.tls_set(ca_certs=self.broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
         if self.will:
             client.will_set(self.will[0], self.will[1], qos=1, retain=True)
         # jitter spreads a fleet's reconnects after a broker restart
         client.reconnect_delay_set(min_delay=1, max_delay=int(20 + random.random() * 10))
         client.max_inflight_messages_set(100)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -183,8 +239,8 @@ class MqttLink:
         if code != 0:
             log.warning("broker %s refused the connection: %s", self.broker.url, reason_code)
             if code in _REFUSED_AUTH:
-                self.fatal = f"broker {self.broker.url} refused the credentials ({reason_code}); fix username/password"
-                threading.Thread(target=self.stop, daemon=True).start()
+                self._give_up(f"broker {self.broker.url} refused the credentials ({reason_code}); "
+                              "fix username/password")
             elif code in _REFUSED_PROTOCOL and self._auto_protocol and self.protocol == PROTOCOL_5:
                 self._fall_back()
             return
@@ -208,6 +264,30 @@ class MqttLink:
             except Exception:
                 log.exception("on_connect handler failed")
 
+    def _give_up(self, reason: str) -> None:
+        """Stop retrying: `reason` says what to change."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("%s", reason)
+            threading.Thread(target=self.stop, daemon=True).start()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError`: the error is the one being handled
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            self._give_up(f"broker {self.broker.url}: its TLS certificate is not trusted "
+                          f"({exc.verify_message}); ca_file ({self.broker.ca_file or 'the system store'}) "
+                          "must hold the CA that signed it, for the host name in the URL")
+        elif isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLZeroReturnError, ssl.SSLEOFError)):
+            self._give_up(f"broker {self.broker.url}: no TLS at port {self.broker.port} ({exc.reason or exc}); "
+                          "is it a plain MQTT listener? Then use mqtt://, or the broker's TLS port")
+        elif isinstance(exc, (ConnectionResetError, ssl.SSLEOFError)) and not self._probed_tls:
+            # a plain listener drops a TLS handshake; so does a broker going down: ask it plainly
+            self._probed_tls = True
+            if speaks_plain_mqtt(self.broker.host, self.broker.port):
+                self._give_up(f"broker {self.broker.url}: no TLS at port {self.broker.port}, it speaks plain "
+                              "MQTT: use mqtt://, or the broker's TLS port")
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()
         with self._ack_lock:  # an ack racing this disconnect either went out on the old socket or is void
@@ -219,6 +299,13 @@ class MqttLink:
         if was_connected:
             log.warning("lost connection to %s (%s); reconnecting", self.broker.url, reason_code)
             return
+        if self._tls is None and not self._probed_tls:
+            self._probed_tls = True   # a TLS listener drops a plain CONNECT without a word
+            if speaks_tls(self.broker.host, self.broker.port):
+                self._give_up(f"broker {self.broker.host}:{self.broker.port} speaks TLS: use "
+                              f"mqtts://{self.broker.host}:{self.broker.port} (with the CA that signed "
+                              "its certificate as ca_file)")
+                return
         # a broker that speaks only 3.1.1 may simply drop an MQTT 5 CONNECT
         self._failures_before_connack += 1
         if self._auto_protocol and self.protocol == PROTOCOL_5 and self._failures_before_connack >= 2:

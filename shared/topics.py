@@ -14,8 +14,11 @@ RESULT = "result"            # one inspection result, QoS 1
 METRICS = "metrics"          # periodic health figures
 MODEL_DESIRED = "model/desired"  # retained, written by the hub
 MODEL_STATE = "model/state"  # update progress, from the agent
+RECEIPT = "receipt"          # from the hub: the result ids it has stored, QoS 1
 
-KINDS = (STATUS, RESULT, METRICS, MODEL_DESIRED, MODEL_STATE)
+KINDS = (STATUS, RESULT, METRICS, MODEL_DESIRED, MODEL_STATE, RECEIPT)
+UPSTREAM = (STATUS, RESULT, METRICS, MODEL_STATE)   # device -> hub
+DOWNSTREAM = (MODEL_DESIRED, RECEIPT)               # hub -> device
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

@@ -34,19 +34,21 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    """A private Mosquitto process on its own port, stoppable and restartable (same port)."""
+    """A private Mosquitto process on its own port, stoppable and restartable (same port).
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+    `listeners(port)` replaces the default anonymous listener with others (the first on `port`).
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "",
+                 listeners: Callable[[int], str] | None = None) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.binary).exists():
             pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.conf = workdir / f"mosquitto-{self.port}.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"max_queued_messages 100000\n{extra_conf}"
-        )
+        first = listeners(self.port) if listeners else f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+        self.conf.write_text(f"{first}persistence false\nmax_queued_messages 100000\n{extra_conf}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Mosquitto:
@@ -72,6 +74,22 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+
+def provisioned_listeners(auth: Path, hub_port: int, tls: object | None = None) -> Callable[[int], str]:
+    """The listeners the hub's provisioning is made for (hub/mosquitto.py): devices on the broker's
+    port, their client id bound to their user name; the hub's account alone on `hub_port`; both
+    with TLS when `tls` (a hub.mosquitto.TlsFiles) is given. `auth` holds passwd, hub.passwd and acl."""
+    from hub.mosquitto import render_listener
+
+    def listeners(port: int) -> str:
+        files = {"acl_file": auth / "acl", "host": "127.0.0.1"}
+        # `user root`: a broker started as root would drop to the mosquitto user, who may not read tmp_path
+        return ("per_listener_settings true\n" + ("user root\n" if os.geteuid() == 0 else "")
+                + render_listener(port, role="devices", password_file=auth / "passwd", tls=tls, **files)
+                + render_listener(hub_port, role="hub", password_file=auth / "hub.passwd", tls=tls, **files))
+
+    return listeners
 
 
 @pytest.fixture(scope="session")

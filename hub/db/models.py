@@ -172,6 +172,7 @@ class Device(Base):
     frames_dropped: Mapped[int | None] = mapped_column(Integer)
     results_dropped: Mapped[int | None] = mapped_column(Integer)
     spool_depth: Mapped[int | None] = mapped_column(Integer)
+    pending_receipts: Mapped[int | None] = mapped_column(Integer)  # sent, awaiting the hub's receipt
     cpu_percent: Mapped[float | None] = mapped_column(Double)
     temperature_c: Mapped[float | None] = mapped_column(Double)
     infer_p95_ms: Mapped[float | None] = mapped_column(Double)  # per stage: inference, per frame

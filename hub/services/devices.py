@@ -31,7 +31,8 @@ class DeviceView:
     fps: float | None
     latency_p50_ms: float | None
     latency_p95_ms: float | None
-    spool_depth: int | None
+    spool_depth: int | None  # results not yet confirmed by the hub's receipt
+    pending_receipts: int | None  # of those, sent and awaiting the receipt
     frames_dropped: int | None
     results_dropped: int | None
     cpu_percent: float | None
@@ -110,6 +111,7 @@ def _view(site: str, station: str | None, d: Device, now: datetime, silent: time
         latency_p50_ms=d.latency_p50_ms,
         latency_p95_ms=d.latency_p95_ms,
         spool_depth=d.spool_depth,
+        pending_receipts=d.pending_receipts,
         frames_dropped=d.frames_dropped,
         results_dropped=d.results_dropped,
         cpu_percent=d.cpu_percent,

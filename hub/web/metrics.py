@@ -135,7 +135,9 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
         "p50": Family("kdfleet_device_latency_p50_seconds", "gauge", "Median capture-to-result latency reported."),
         "p95": Family("kdfleet_device_latency_p95_seconds", "gauge", "95th percentile latency reported."),
         "dev_spool": Family("kdfleet_device_spool_depth", "gauge", "Results in the device's spool, not yet "
-                            "acknowledged by the broker."),
+                            "confirmed by the hub's receipt."),
+        "dev_pending": Family("kdfleet_device_pending_receipts", "gauge", "Results the device has sent and "
+                              "the hub has not yet confirmed, as last reported."),
         "frames_dropped": Family("kdfleet_device_frames_dropped", "gauge", "Frames the device dropped at "
                                  "capture, as last reported."),
         "results_dropped": Family("kdfleet_device_results_dropped", "gauge", "Results the device's full spool "
@@ -173,6 +175,7 @@ def collect(db: Session, now: datetime, silent_after: timedelta, ingest: object 
         f["p50"].add(None if v.latency_p50_ms is None else v.latency_p50_ms / 1000, **labels)
         f["p95"].add(None if v.latency_p95_ms is None else v.latency_p95_ms / 1000, **labels)
         f["dev_spool"].add(v.spool_depth, **labels)
+        f["dev_pending"].add(v.pending_receipts, **labels)
         f["frames_dropped"].add(v.frames_dropped, **labels)
         f["results_dropped"].add(v.results_dropped, **labels)
         f["frames_rejected"].add(v.frames_rejected, **labels)

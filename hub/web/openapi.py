@@ -109,6 +109,7 @@ SCHEMAS: dict[str, Any] = {
             "latency_p50_ms": {"type": "number", "nullable": True},
             "latency_p95_ms": {"type": "number", "nullable": True},
             "spool_depth": {"type": "integer", "nullable": True},
+            "pending_receipts": {"type": "integer", "nullable": True},
             "frames_dropped": {"type": "integer", "nullable": True},
             "results_dropped": {"type": "integer", "nullable": True},
             "cpu_percent": {"type": "number", "nullable": True},

@@ -73,6 +73,10 @@ def test_an_unknown_key_with_no_near_match_lists_the_allowed_ones(tmp_path):
     ("threads = 2", "threads = -3", "agent.toml:4: threads = -3: must be >= 0 (0: one per core)"),
     ('site = "plant-a"', 'site = "plant/a"', "agent.toml:2: site: invalid site 'plant/a': use 1-64 letters"),
     ("threads = 2", 'threads = 2\nruntime = "cuda"', "runtime: 'cuda' is not one of 'auto', 'onnxruntime', 'tensorrt'"),
+    ("threads = 2", 'threads = 2\nca_file = "ca.crt"', "ca_file set, but the broker URL mqtt://127.0.0.1:1883"),
+    ("threads = 2", 'threads = 2\nbroker = "mqtts://b"\ncert_file = "c.crt"', "needs both cert_file and key_file"),
+    ('path = "var/spool.db"', 'path = "var/spool.db"\n[delivery]\nreceipt_window = 10',
+     "delivery.receipt_window = 10: must be window (64) to 100000"),
 ])
 def test_a_wrong_type_or_range_names_the_key_and_what_is_allowed(tmp_path, good, bad, expected):
     assert expected in error(write(tmp_path, GOOD.replace(good, bad)))

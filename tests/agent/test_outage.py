@@ -20,7 +20,9 @@ def test_broker_outage_mid_stream_loses_nothing(tmp_path, tiny_package, plates, 
     store = tmp_path / "broker"
     store.mkdir()
     # the broker keeps the subscriber's session across its restart, as a production broker does
-    broker = private_broker(extra_conf=f"persistence true\npersistence_location {store}/\n")
+    # (`user root`: a broker started as root would drop to the mosquitto user, who may not write here)
+    broker = private_broker(extra_conf=f"persistence true\npersistence_location {store}/\n"
+                            + ("user root\n" if os.geteuid() == 0 else ""))
     addr = (broker.host, broker.port)
     site = f"outage-{unique}"
     sub = Collector(addr, site, "cam-1", f"sub-{unique}", persistent=True)

@@ -22,12 +22,15 @@ from shared.scoring import image_score
 
 
 class Collector:
-    """Subscribes to one device's results and keeps them by id (QoS 1 may deliver twice)."""
+    """Subscribes to one device's results and keeps them by id (QoS 1 may deliver twice); confirms
+    each with a receipt, as the hub does once it has stored it."""
 
     def __init__(self, broker: tuple[str, int], site: str, device: str, client_id: str, persistent: bool = False):
         self.results: dict[str, messages.Result] = {}
         self.deliveries = 0
         self.lock = threading.Lock()
+        self.receipt_topic = topics.topic(site, device, topics.RECEIPT)
+        self.device = device
         self.link = MqttLink(BrokerConfig(*broker), client_id, clean_start=not persistent,
                              subscriptions=[(topics.topic(site, device, topics.RESULT), 1)],
                              on_message=self.on_message).start()
@@ -38,6 +41,8 @@ class Collector:
         with self.lock:
             self.deliveries += 1
             self.results[r.id] = r
+        receipt = messages.Receipt(device=self.device, ts=time.time(), ids=(r.id,))
+        self.link.publish(self.receipt_topic, messages.encode(receipt), qos=1)
 
     def wait(self, n: int, timeout: float) -> bool:
         """True once `n` distinct results have arrived."""

@@ -192,6 +192,10 @@ def test_hub_commands_match_the_hub_config_ports_and_broker(compose: dict[str, A
         if command != "hub":
             continue
         m = mounts(services[name])
+        if ns.command == "make-certs":
+            assert m.volume_of(ns.dir) == "broker-tls" and "mosquitto" in ns.host, (name, ns)
+            assert ns.group == "mosquitto", "the broker reads its key as the mosquitto group"
+            continue
         if ns.config:
             path = m.host_path(ns.config)
             assert path is not None and path.is_file(), f"{name}: --config {ns.config} is mounted from no file"
@@ -201,9 +205,13 @@ def test_hub_commands_match_the_hub_config_ports_and_broker(compose: dict[str, A
                 assert m.volume_of(cfg.data_dir) == "hub-data", f"{name}: data_dir {cfg.data_dir} is not on hub-data"
             if ns.command in ("serve", "write-mqtt-auth", "add-device"):
                 assert m.volume_of(cfg.mqtt_auth.password_file) == "mosquitto-auth", name
+                assert m.volume_of(cfg.mqtt_auth.hub_passwords()) == "mosquitto-auth", name
                 assert m.volume_of(cfg.mqtt_auth.acl_file) == "mosquitto-auth", name
+            if ns.command in ("serve", "ingest"):
+                assert m.volume_of(cfg.broker_tls.ca_file) == "broker-tls", f"{name}: the CA is not mounted"
         if getattr(ns, "broker", None):
-            assert re.fullmatch(r"mqtt://kdfleet-hub:SECRET@mosquitto:1883", ns.broker), ns.broker
+            # the hub's own TLS listener (deploy/mosquitto/mosquitto.conf)
+            assert re.fullmatch(r"mqtts://kdfleet-hub:SECRET@mosquitto:8884", ns.broker), ns.broker
             assert c.secrets == ["/run/secrets/hub_mqtt_password"], c.secrets
         if getattr(ns, "broker", None) is None and ns.command != "init-db":
             raise AssertionError(f"{name}: hub {ns.command} needs --broker with the hub's account")
@@ -232,7 +240,6 @@ def test_agent_configs_load_and_point_at_mounted_paths(compose: dict[str, Any]) 
     from agent.config import ENV_PREFIX, AgentConfig
     from agent.config import load as load_agent
     from hub.services.devices import mqtt_username
-    from shared.config import BrokerConfig
     from shared.logs import ENV as LOG_ENV
 
     services = compose["services"]
@@ -253,8 +260,9 @@ def test_agent_configs_load_and_point_at_mounted_paths(compose: dict[str, Any]) 
         assert "agent_mqtt_password" in _secret_names(service)
         cfg = load_agent(path, {"runtime": "tensorrt" if "--runtime" in c.argv else None}, environ=env)
         assert cfg.username == mqtt_username(cfg.site, cfg.device), "username must be DEVICE@SITE"
-        broker = BrokerConfig.from_url(cfg.broker)
-        assert broker.host == "mosquitto" and broker.port == mosquitto_port
+        broker = cfg.broker_config()
+        assert broker.host == "mosquitto" and broker.port == mosquitto_port and broker.tls
+        assert m.volume_of(broker.ca_file) == "broker-tls", f"{name}: ca_file {broker.ca_file} is not mounted"
         assert m.volume_of(cfg.spool.path) == "agent-spool", f"{name}: spool {cfg.spool.path} is not on a volume"
         assert m.host_path(cfg.package) is not None, f"{name}: package {cfg.package} is not mounted"
         for s in cfg.sources:
@@ -329,69 +337,111 @@ def _conf(text: str) -> dict[str, list[str]]:
     return out
 
 
+def _listeners(text: str) -> dict[str, list[str]]:
+    """The lines of each listener (by port) of a mosquitto.conf, comments and `protocol` left out."""
+    out: dict[str, list[str]] = {}
+    port = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("listener "):
+            port = line.split()[1]
+            out[port] = [line]
+        elif port and line and not line.startswith("#") and not line.startswith("protocol "):
+            if line.split()[0] in ("persistence", "log_dest", "connection"):
+                port = None   # global settings from here on
+                continue
+            out[port].append(line)
+    return out
+
+
 def test_mosquitto_conf_matches_the_hub_files_and_volumes(compose: dict[str, Any]) -> None:
     from hub.config import load as load_hub
+    from hub.mosquitto import TlsFiles, render_listener
 
     services = compose["services"]
     m = mounts(services["mosquitto"])
     conf_path = m.host_path(services["mosquitto"]["command"][-1])
     assert conf_path == ROOT / "deploy" / "mosquitto" / "mosquitto.conf"
-    conf = _conf(conf_path.read_text())
-    assert conf["listener"] == [str(services["mosquitto"]["ports"][0]["target"])]
-    assert conf["allow_anonymous"] == ["false"] and conf["persistence"] == ["true"]
+    text = conf_path.read_text()
+    conf = _conf(text)
+    assert conf["per_listener_settings"] == ["true"] and conf["persistence"] == ["true"]
     assert conf["max_queued_messages"] == ["0"], "the hub's session must keep its whole backlog (docs/hub.md)"
     assert m.volume_of(conf["persistence_location"][0]) == "mosquitto-data"
+    # the stations' listener is published, the hub's is not; each is what hub/mosquitto.py renders
+    published = [str(p["target"]) for p in services["mosquitto"]["ports"]]
+    listeners = _listeners(text)
+    assert published == ["8883"] and sorted(listeners) == ["8883", "8884"]
+    tls = TlsFiles("/mosquitto/tls/ca.crt", "/mosquitto/tls/broker.crt", "/mosquitto/tls/broker.key")
+    for port, role, passwd in (("8883", "devices", "passwd"), ("8884", "hub", "hub.passwd")):
+        expected = render_listener(int(port), role=role, password_file=f"/mosquitto/auth/{passwd}",
+                                   acl_file="/mosquitto/auth/acl", tls=tls).splitlines()
+        assert listeners[port] == expected, f"listener {port} differs from what the hub renders"
+    for path in (tls.cafile, tls.certfile, tls.keyfile):
+        assert m.volume_of(path) == "broker-tls", path
     # the broker reads the files the hub writes, in the same volume under the same names
     hub_cfg = load_hub(ROOT / "deploy" / "hub" / "hub.toml")
     hub_mounts = mounts(services["hub-init"])
     for conf_key, path in (("password_file", hub_cfg.mqtt_auth.password_file),
+                           ("password_file", hub_cfg.mqtt_auth.hub_passwords()),
                            ("acl_file", hub_cfg.mqtt_auth.acl_file)):
-        broker_side = conf[conf_key][0]
+        broker_side = next(v for v in conf[conf_key] if PurePosixPath(v).name == PurePosixPath(path).name)
         assert m.volume_of(broker_side) == hub_mounts.volume_of(path) == "mosquitto-auth"
-        assert PurePosixPath(broker_side).name == PurePosixPath(path).name
+    make_certs = next(ns for n, _, c, ns in kdfleet_commands(compose) if n == "hub-init" and ns.command == "make-certs")
+    assert hub_mounts.volume_of(make_certs.dir) == "broker-tls"
     assert services["mosquitto"]["depends_on"]["hub-init"]["condition"] == "service_completed_successfully"
     assert "docker-compose" in re.search(r"^APT_PACKAGES\s*:=(.*)$", (ROOT / "Makefile").read_text(), re.M).group(1)
 
 
 def test_mosquitto_conf_runs_with_provisioned_credentials(tmp_path: Path) -> None:
-    """The deploy config under a real Mosquitto: a provisioned device gets in, a stranger not,
-    and the broker keeps its state on disk."""
+    """The deploy config under a real Mosquitto, with certificates from `hub make-certs`: a
+    provisioned device gets in over TLS on the stations' listener, the hub on its own, nobody
+    else; the broker keeps its state on disk."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
     from hub import mosquitto
     from hub.services.devices import MqttAccount, mqtt_username
+    from hub.tls import write_site_certs
     from tests.conftest import free_port, port_open
 
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    port = free_port()
+    ports = {"8883": free_port(), "8884": free_port()}
     text = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
-    text = text.replace("/mosquitto/auth", str(tmp_path / "auth")).replace("/mosquitto/data", str(tmp_path / "data"))
-    text = re.sub(r"^listener 1883$", f"listener {port} 127.0.0.1", text, flags=re.M)
+    for folder in ("auth", "data", "tls"):
+        text = text.replace(f"/mosquitto/{folder}", str(tmp_path / folder))
+    for port, free in ports.items():
+        text = re.sub(rf"^listener {port}$", f"listener {free} 127.0.0.1", text, flags=re.M)
     if os.geteuid() == 0:
         text += "user root\n"  # else it drops to the mosquitto user, who may not read tmp_path
     (tmp_path / "data").mkdir()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(text)
+    write_site_certs(tmp_path / "tls", ["localhost"])
     password = mosquitto.new_password()
     account = MqttAccount("plant1", "cam-1", mqtt_username("plant1", "cam-1"), mosquitto.hash_password(password))
-    mosquitto.write_files(tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl", "kdfleet-hub", "hubpw", [account])
+    auth = tmp_path / "auth"
+    mosquitto.write_files(auth / "passwd", auth / "hub.passwd", auth / "acl", "kdfleet-hub", "hubpw", [account])
 
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 10
-        while not port_open("127.0.0.1", port):
+        while not all(port_open("127.0.0.1", p) for p in ports.values()):
             assert proc.poll() is None, f"mosquitto refused the deploy config:\n{proc.stdout.read().decode()}"
             assert time.monotonic() < deadline, "mosquitto did not listen within 10 s"
             time.sleep(0.05)
 
-        def connect(username: str | None, pw: str | None) -> Any:
+        def connect(listener: str, username: str | None, pw: str | None, tls: bool = True) -> Any:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{username}", protocol=paho.MQTTv5)
+            if tls:
+                client.tls_set(ca_certs=str(tmp_path / "tls" / "ca.crt"))
             if username:
                 client.username_pw_set(username, pw)
-            client.connect("127.0.0.1", port)
+            try:
+                client.connect("localhost", ports[listener])
+            except OSError:
+                return False
             client.loop_start()
             time.sleep(0.3)
             ok = client.is_connected()
@@ -399,10 +449,13 @@ def test_mosquitto_conf_runs_with_provisioned_credentials(tmp_path: Path) -> Non
             client.disconnect()
             return ok
 
-        assert connect(account.username, password), "a provisioned device must get in"
-        assert connect("kdfleet-hub", "hubpw"), "the hub's account must get in"
-        assert not connect(None, None), "anonymous clients must be refused"
-        assert not connect(account.username, "wrong"), "a wrong password must be refused"
+        assert connect("8883", account.username, password), "a provisioned device must get in"
+        assert connect("8884", "kdfleet-hub", "hubpw"), "the hub's account must get in on its listener"
+        assert not connect("8883", "kdfleet-hub", "hubpw"), "the hub's account is not a station's"
+        assert not connect("8884", account.username, password), "a station may not sign in as the hub's processes"
+        assert not connect("8883", None, None), "anonymous clients must be refused"
+        assert not connect("8883", account.username, "wrong"), "a wrong password must be refused"
+        assert not connect("8883", account.username, password, tls=False), "plain MQTT must be refused"
     finally:
         proc.terminate()
         proc.wait(10)

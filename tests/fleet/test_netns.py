@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from hub.mosquitto import render_listener
 from shared import topics
 from shared.config import BrokerConfig
 from tests.package_factory import build_package
@@ -51,6 +52,7 @@ SITE = "plant"
 SUBNET = "10.77.0"  # inside the test's own namespaces only
 SITE_IP = f"{SUBNET}.1"
 MQTT_PORT = 1883
+HUB_MQTT_PORT = 1884  # the hub's own listener (hub/mosquitto.py)
 HUB_CLIENT = "kdfleet-netns-hub"
 WEB_PORT = 8080
 DEFAULT_KEEPALIVE_S = BrokerConfig().keepalive  # the agents' keepalive_s unless the cut is short
@@ -274,12 +276,13 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
 
     # the hub's database and every device's broker account, as `kdfleet fleet up` provisions them
     hub_db = tmp_path / "hub.db"
-    passwd, acl = tmp_path / "mosquitto" / "passwd", tmp_path / "mosquitto" / "acl"
+    auth = tmp_path / "mosquitto"
+    passwd, acl = auth / "passwd", auth / "acl"
     config = tmp_path / "hub.toml"
     config.write_text(f'data_dir = "{tmp_path / "hub"}"\n\n'
                       f'[mqtt_auth]\npassword_file = "{passwd}"\nacl_file = "{acl}"\n')
     hub_password = uuid.uuid4().hex
-    hub_broker = f"mqtt://kdfleet-hub:{hub_password}@{SITE_IP}:{MQTT_PORT}"
+    hub_broker = f"mqtt://kdfleet-hub:{hub_password}@{SITE_IP}:{HUB_MQTT_PORT}"
     common = ["--config", str(config), "--db", f"sqlite:///{hub_db}"]
     run(py, "-m", "hub", "init-db", *common)
     passwords = {}
@@ -290,9 +293,12 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
 
     # the site: broker on the bridge's address (every client signs in), then the hub
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text("\n".join([
-        f"listener {MQTT_PORT} {SITE_IP}", "allow_anonymous false", f"password_file {passwd}",
-        f"acl_file {acl}", "persistence false", "max_queued_messages 0", "user root",
+    conf.write_text("per_listener_settings true\n"
+                    + render_listener(MQTT_PORT, role="devices", host=SITE_IP, password_file=passwd, acl_file=acl)
+                    + render_listener(HUB_MQTT_PORT, role="hub", host=SITE_IP, password_file=auth / "hub.passwd",
+                                      acl_file=acl)
+                    + "\n".join([
+        "persistence false", "max_queued_messages 0", "user root",
         f"log_dest file {procs.logs / 'mosquitto.log'}",  # flushed per line (stdout to a file is not)
         *(f"log_type {t}" for t in ("error", "warning", "notice", "information", "subscribe")),
     ]) + "\n")

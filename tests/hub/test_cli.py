@@ -50,6 +50,12 @@ def test_configuration_errors_name_the_key(
     assert "web.prot" in capsys.readouterr().err
     assert main(["serve", "--broker", "ftp://x", "--db", f"sqlite:///{tmp_path}/h.db"]) == 2
     assert "mqtt://" in capsys.readouterr().err
+    config.write_text('[broker_tls]\nca_file = "ca.crt"\n[web]\ncert_file = "hub.crt"\nkey_file = "hub.key"\n')
+    assert main(["serve", "--config", str(config), "--db", f"sqlite:///{tmp_path}/h.db"]) == 2
+    assert "ca_file set, but the broker URL mqtt://127.0.0.1:1883 is plain MQTT" in capsys.readouterr().err
+    config.write_text('[web]\ncert_file = "hub.crt"\n')
+    assert main(["serve", "--config", str(config), "--db", f"sqlite:///{tmp_path}/h.db"]) == 2
+    assert "web.cert_file and web.key_file go together" in capsys.readouterr().err
 
 
 def test_add_token_prints_it_once_and_stores_its_hash(
@@ -99,3 +105,44 @@ def test_export_training_writes_false_alarms_as_good_images(
     assert main(args) == 0 and "wrote 0 images" in capsys.readouterr().out  # already there
     assert main([*args, "--label", "defect"]) == 0
     assert (out / cls / "test" / "reviewed_defect" / f"{made[1].id}.jpg").exists()
+
+
+def test_make_certs_writes_a_ca_and_the_broker_s_certificate_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ssl
+
+    from cryptography import x509
+
+    out = tmp_path / "tls"
+    assert main(["make-certs", str(out), "--host", "mosquitto", "--host", "10.0.0.5"]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 4
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {"ca.key": 0o600, "ca.crt": 0o644, "broker.key": 0o640, "broker.crt": 0o644}
+    cert = x509.load_pem_x509_certificate((out / "broker.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["mosquitto"]
+    assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((out / "ca.crt").read_bytes()))
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(out / "broker.crt", out / "broker.key")
+    before = (out / "ca.key").read_bytes()
+    assert main(["make-certs", str(out), "--host", "mosquitto"]) == 0
+    assert "nothing changed" in capsys.readouterr().out and (out / "ca.key").read_bytes() == before
+
+
+def test_bridge_config_is_what_the_operations_guide_shows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+    import re
+
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    shown = re.search(r"```\n(connection central\n.*?)```", guide, re.S).group(1)
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
+    assert main(["bridge-config", "central", "central.example:8885", "--site", "plant1",
+                 "--username", "bridge-plant1", "--password-stdin",
+                 "--cafile", "/etc/mosquitto/tls/central-ca.crt"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.replace("remote_password s3cret", "remote_password ...") == shown
+    assert main(["bridge-config", "central", "x:1", "--site", "plant1", "--acl"]) == 1
+    assert "--acl needs --username" in capsys.readouterr().err

@@ -394,13 +394,10 @@ def test_a_database_outage_is_waited_out(
     assert [row.id for row in results_of(hub_db, site)] == [r.id]
 
 
-def test_a_message_the_database_refuses_does_not_sink_its_batch(
-    ingest: Ingest, hub_db: Database, site: str, make_result, wait_for, monkeypatch, caplog
-) -> None:
+def refuse_in_writes(ingest: Ingest, poison: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database refuses every batch that holds result `poison` (a value too long, say)."""
     from sqlalchemy.exc import IntegrityError
 
-    sent = [make_result(site, "cam-7", seed=i) for i in range(4)]
-    poison = sent[2].id
     real_write = ingest.writer.write
 
     def picky(batch):
@@ -409,6 +406,14 @@ def test_a_message_the_database_refuses_does_not_sink_its_batch(
         return real_write(batch)
 
     monkeypatch.setattr(ingest.writer, "write", picky)
+
+
+def test_a_message_the_database_refuses_does_not_sink_its_batch(
+    ingest: Ingest, hub_db: Database, site: str, make_result, wait_for, monkeypatch, caplog
+) -> None:
+    sent = [make_result(site, "cam-7", seed=i) for i in range(4)]
+    poison = sent[2].id
+    refuse_in_writes(ingest, poison, monkeypatch)
     for r in sent:
         ingest.handle(topics.topic(site, "cam-7", topics.RESULT), messages.encode(r))
     wait_for(lambda: ingest.stats().stored + ingest.stats().failed == 4, what="4 results handled")
@@ -485,3 +490,73 @@ def test_a_hub_that_crashes_before_its_commit_loses_nothing(
     finally:
         restarted.stop()
     assert {r.id for r in results_of(hub_db, site)} == {r.id for r in sent}
+
+
+class Receipts:
+    """Listens, as a device does, for the receipts the hub sends one device."""
+
+    def __init__(self, broker: tuple[str, int], site: str, device: str, client_id: str) -> None:
+        from shared.mqtt import MqttLink
+
+        self.got: list[messages.Receipt] = []
+        self.link = MqttLink(
+            BrokerConfig(*broker),
+            client_id,
+            subscriptions=[(topics.topic(site, device, topics.RECEIPT), 1)],
+            on_message=lambda t, p: self.got.append(messages.decode(p, expect=messages.Receipt)),
+        ).start()
+        assert self.link.wait_connected(10) and self.link.subscribed.wait(10)
+
+    def ids(self) -> list[str]:
+        return [i for r in self.got for i in r.ids]
+
+    def refused(self) -> list[str]:
+        return [i for r in self.got for i in r.refused]
+
+
+@pytest.fixture
+def receipts(broker: tuple[str, int], site: str, unique: str) -> Iterator[Receipts]:
+    listener = Receipts(broker, site, "cam-1", f"receipts-{unique}")
+    yield listener
+    listener.link.stop()
+
+
+def test_a_stored_result_is_confirmed_to_its_device_and_a_duplicate_again(
+    ingest: Ingest, publisher, site: str, make_result, receipts: Receipts, wait_for
+) -> None:
+    sent = [make_result(site, "cam-1", seed=i, crops=0) for i in range(3)]
+    for r in sent:
+        publisher.send(site, "cam-1", r)
+    wait_for(lambda: sorted(receipts.ids()) == sorted(r.id for r in sent), what="receipts for 3 results")
+    assert all(r.device == "cam-1" and not r.refused for r in receipts.got)
+    publisher.send(site, "cam-1", sent[0])  # sent again: its receipt was lost, say
+    wait_for(lambda: receipts.ids().count(sent[0].id) == 2, what="a second receipt for the duplicate")
+    assert ingest.stats().stored == 3 and ingest.stats().duplicates == 1
+    assert ingest.stats().receipts == len(receipts.got)
+
+
+def test_a_result_that_can_never_be_stored_is_refused_in_its_receipt(
+    ingest: Ingest, publisher, site: str, make_result, receipts: Receipts, wait_for
+) -> None:
+    bad = make_result(site, "cam-1", heatmap=b"<script>alert(1)</script>")
+    good = make_result(site, "cam-1", seed=1)
+    publisher.send(site, "cam-1", bad)
+    publisher.send(site, "cam-1", good)
+    wait_for(lambda: receipts.ids() == [good.id] and receipts.refused() == [bad.id], what="both receipts")
+    reason = next(r.reason for r in receipts.got if r.refused)
+    assert "heatmap" in reason and "not a JPEG or PNG" in reason
+    assert ingest.stats().malformed == 1 and ingest.stats().stored == 1
+
+
+def test_a_result_the_database_refuses_is_refused_in_its_receipt(
+    ingest: Ingest, site: str, make_result, receipts: Receipts, wait_for, monkeypatch
+) -> None:
+    sent = [make_result(site, "cam-1", seed=i, crops=0) for i in range(3)]
+    poison = sent[1].id
+    refuse_in_writes(ingest, poison, monkeypatch)
+    for r in sent:
+        ingest.handle(topics.topic(site, "cam-1", topics.RESULT), messages.encode(r))
+    wait_for(lambda: len(receipts.ids()) + len(receipts.refused()) == 3, what="3 results confirmed or refused")
+    assert sorted(receipts.ids()) == sorted(r.id for r in sent if r.id != poison)
+    assert receipts.refused() == [poison]
+    assert "value too long" in next(r.reason for r in receipts.got if r.refused)

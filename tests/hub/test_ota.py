@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from agent.config import load
 from agent.pipeline import Agent
-from hub.db.models import Device, Result
+from hub.db.models import Device, Result, Site
 from hub.db.session import Database
 from hub.ingest import Ingest
 from hub.rollouts import RolloutController
@@ -73,10 +73,10 @@ def fleet(app: Flask, live_hub, hub_db: Database, broker, data_dir: Path, tmp_pa
         threading.Thread(target=agent.run, daemon=True).start()
         agents.append(agent)
 
-    def registered() -> bool:
+    def registered() -> bool:   # this site's: other tests' devices share a PostgreSQL database
         with hub_db.transaction() as s:
-            return s.scalar(select(func.count()).select_from(Device).where(Device.model_version == "1.0.0",
-                                                                            Device.name.like("cam-%"))) >= 3
+            return s.scalar(select(func.count()).select_from(Device).join(Device.site)
+                            .where(Device.model_version == "1.0.0", Site.name == site)) >= 3
     wait(registered, 20, "three agents on 1.0.0 in the hub")
     yield {"agents": agents, "site": site, "ids": ids}
     for agent in agents:

@@ -222,3 +222,21 @@ def test_pages_show_pruned_images_as_such(
     assert "image pruned" in html
     assert hashlib.sha256(r.heatmap).hexdigest() not in html
     assert hashlib.sha256(r.thumbnail).hexdigest() in html
+
+
+def test_fleet_and_device_pages_show_results_awaiting_the_hub_s_receipt(
+    client: FlaskClient, hub_db: Database, store: ImageStore, site: str
+) -> None:
+    from shared import messages
+
+    metrics = messages.Metrics(device="cam-r", ts=time.time(), fps=5.0, latency_p50_ms=1.0, latency_p95_ms=2.0,
+                               frames_dropped=0, spool_depth=40, pending_receipts=25)
+    BatchWriter(hub_db, store).write([Envelope(site, "cam-r", metrics, datetime.now(UTC))])
+    html = client.get(f"/?site={site}").get_data(as_text=True)
+    row = re.search(r'<tr class="device [a-z]+">(.*?cam-r.*?)</tr>', html, re.DOTALL).group(1)
+    assert re.search(r'>40 <span class="muted pending-receipts">\(25\)</span>', row)
+    page = client.get(f"/devices/{site}/cam-r").get_data(as_text=True)
+    assert re.search(r'<span class="figure">25</span><span class="label">sent, awaiting the hub', page)
+    assert re.search(r'<span class="figure">40</span><span class="label">results spooled, not yet confirmed', page)
+    api = client.get(f"/api/devices?site={site}").get_json()
+    assert [(d["spool_depth"], d["pending_receipts"]) for d in api["devices"]] == [(40, 25)]

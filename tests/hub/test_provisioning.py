@@ -17,13 +17,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from hub.cli import main
-from hub.db.models import Device
+from hub.db.models import Device, Site
 from hub.db.session import Database
 from hub.ingest import Ingest
 from hub.mosquitto import check_password, hash_password
 from hub.store import ImageStore
 from shared import messages, topics
 from shared.config import BrokerConfig
+from tests.conftest import free_port, provisioned_listeners
 
 HUB_USER, HUB_PASSWORD = "kdfleet-hub", "hub-secret-0123456789"
 
@@ -116,7 +117,8 @@ def test_a_device_may_write_only_its_own_topics(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     site = f"acl-{unique}"
-    passwd, acl = tmp_path / "mosquitto" / "passwd", tmp_path / "mosquitto" / "acl"
+    auth = tmp_path / "mosquitto"
+    passwd, acl = auth / "passwd", auth / "acl"
     config = tmp_path / "hub.toml"
     config.write_text(f'[mqtt_auth]\npassword_file = "{passwd}"\nacl_file = "{acl}"\n')
     common = ["--config", str(config), "--db", db_url, "--broker", f"mqtt://{HUB_USER}:{HUB_PASSWORD}@127.0.0.1:1"]
@@ -128,22 +130,21 @@ def test_a_device_may_write_only_its_own_topics(
     assert main(["add-device", site, "cam-1", *common]) == 1
     assert "has credentials already" in capsys.readouterr().err
     assert passwd.stat().st_mode & 0o007 == 0, "the password file must not be world-readable"
+    assert (auth / "hub.passwd").stat().st_mode & 0o007 == 0
     assert pw1 not in passwd.read_text() and pw1 not in acl.read_text()
+    # the devices' listeners know no hub account; the hub's knows nothing else
+    assert HUB_USER not in passwd.read_text() and f"cam-1@{site}" not in (auth / "hub.passwd").read_text()
     with hub_db.session() as session:
-        row = session.scalar(select(Device).where(Device.name == "cam-1", Device.mqtt_username.is_not(None)))
+        row = session.scalar(select(Device).join(Device.site).where(Device.name == "cam-1", Site.name == site))
         assert row.mqtt_username == f"cam-1@{site}" and check_password(pw1, row.mqtt_password_hash)
 
-    # the later allow_anonymous wins over the fixture's; `user root`: a broker started as root
-    # would drop to the mosquitto user, who may not read the test's private folder
-    broker = private_broker(
-        extra_conf=f"allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
-        + ("user root\n" if os.geteuid() == 0 else "")
-    )
+    hub_port = free_port()
+    broker = private_broker(listeners=provisioned_listeners(auth, hub_port))
 
     hub = Ingest(
         hub_db,
         store,
-        BrokerConfig(host=broker.host, port=broker.port, username=HUB_USER, password=HUB_PASSWORD),
+        BrokerConfig(host=broker.host, port=hub_port, username=HUB_USER, password=HUB_PASSWORD),
         client_id=f"hub-{unique}",
         site=site,
         shared_group="hub",
@@ -189,7 +190,7 @@ def test_a_device_may_write_only_its_own_topics(
             ]
         )
         assert acked, "the broker did not answer the subscriptions"
-        desired = Client(broker.port, f"hubpub-{unique}", HUB_USER, HUB_PASSWORD)
+        desired = Client(hub_port, f"hubpub-{unique}", HUB_USER, HUB_PASSWORD)
         clients.append(desired)
         for device in ("cam-2", "cam-1"):  # cam-2's first: it would arrive before cam-1's
             desired.publish(topics.topic(site, device, topics.MODEL_DESIRED), device.encode())

@@ -21,6 +21,8 @@ def make_result(**over) -> m.Result:
               frames_dropped=3, spool_depth=0),
     m.ModelDesired(model_id="unified", version="1.1.0", url="http://hub/models/x", sha256="ab" * 32),
     m.ModelState(device="cam-1", ts=3.0, state="active", version="1.1.0"),
+    m.Receipt(device="cam-1", ts=4.0, ids=("01JABCDEF0123456789ABCDEFG",) * m.MAX_RECEIPT_IDS),
+    m.Receipt(device="cam-1", ts=4.0, refused=("01JABCDEF0123456789ABCDEFH",), reason="not an image"),
 ])
 def test_round_trip(msg):
     assert m.decode(m.encode(msg)) == msg
@@ -80,3 +82,18 @@ def test_encode_refuses_oversized_payload():
     crops = tuple(m.Crop(0, 0, 1, 1, 1.0, b"x" * m.MAX_IMAGE) for _ in range(5))
     with pytest.raises(m.MessageError, match="over the"):
         m.encode(make_result(crops=crops))
+
+
+def receipt(**over):
+    return msgpack.packb({"v": m.SCHEMA_VERSION, "t": "receipt", "device": "cam-1", "ts": 1.0} | over)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (receipt(ids=["01JABCDEF0123456789ABCDEFG"] * (m.MAX_RECEIPT_IDS + 1)), "receipt.ids: 1001 items"),
+    (receipt(ids=["01JABCDEF0123456789ABCDEFG", "x" * 200]), "receipt.ids: 'xxx"),
+    (receipt(refused=["01JABCDEF0123456789ABCDEFU"]), "not a ULID"),   # U is not in the alphabet
+    (receipt(ids="01JABCDEF0123456789ABCDEFG"), "expected a list"),
+])
+def test_receipts_carry_only_ulids_and_a_bounded_number(payload, reason):
+    with pytest.raises(m.MessageError, match=reason):
+        m.decode(payload)

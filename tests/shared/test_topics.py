@@ -8,6 +8,12 @@ def test_topic_and_parse_round_trip():
     assert t == "kdfleet/v1/plant-1/cam_07/result"
     assert topics.parse(t) == topics.Address("plant-1", "cam_07", "result")
     assert topics.parse(topics.topic("s", "d", topics.MODEL_DESIRED)).kind == "model/desired"
+    assert topics.parse(topics.topic("s", "d", topics.RECEIPT)) == topics.Address("s", "d", "receipt")
+
+
+def test_every_kind_travels_one_way():
+    assert sorted(topics.UPSTREAM + topics.DOWNSTREAM) == sorted(topics.KINDS)
+    assert topics.RECEIPT in topics.DOWNSTREAM and topics.RESULT in topics.UPSTREAM
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "+", "#", "x" * 65, "sp ace"])
