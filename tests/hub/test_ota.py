@@ -28,14 +28,24 @@ from tests.waiting import wait_for as wait
 
 
 @pytest.fixture
+def signing(tmp_path: Path) -> tuple[pkg.Ed25519PrivateKey, Path]:
+    """The site's signing key and its public key file."""
+    key = pkg.new_key()
+    return key, pkg.save_keypair(key, tmp_path / "keys" / "fleet.key")
+
+
+@pytest.fixture
+def app(make_app, signing) -> Flask:
+    """The hub as deployed: it takes the packages the site's key signed."""
+    return make_app(HUB_TRUSTED_KEYS=[str(signing[1])])
+
+
+@pytest.fixture
 def fleet(app: Flask, live_hub, hub_db: Database, broker, data_dir: Path, tmp_path: Path,
-          unique: str) -> Iterator[dict]:
+          unique: str, signing) -> Iterator[dict]:
     """Three agents on model 1.0.0 of a signed package, the hub's ingest and rollout controller, and
     versions 2.0.0 (good) and 3.0.0 (fails its golden self-test) uploaded to the registry."""
-    key = pkg.new_key()
-    pub = tmp_path / "fleet.pub"
-    pub.write_bytes(key.public_key().public_bytes(pkg.serialization.Encoding.PEM,
-                                                  pkg.serialization.PublicFormat.SubjectPublicKeyInfo))
+    key, pub = signing
     name = f"darkness-{unique}"
     made = {v: build_package(tmp_path / f"{v}.kdpkg", model_id=name, version=v, key=key,
                              golden_offset=5.0 if v == "3.0.0" else 0.0) for v in ("1.0.0", "2.0.0", "3.0.0")}
