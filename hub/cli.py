@@ -486,6 +486,7 @@ def cmd_serve(cfg: HubConfig) -> int:
 
     from hub.web import create_app
 
+    cfg.load_trusted_keys()  # a missing or unreadable key file stops the start, naming it
     db = _open_db(cfg)
     app = create_app(cfg.web_settings())
     try:

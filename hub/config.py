@@ -5,7 +5,7 @@ Example ``hub.toml`` (every key optional; unknown keys are refused)::
     db = "postgresql+psycopg://kdfleet@db/kdfleet"
     data_dir = "/var/lib/kdfleet-hub"
     broker = "mqtt://hub:secret@broker:1883"
-    trusted_keys = ["/etc/kdfleet/keys/fleet.pub"]   # uploads must be signed by one of these
+    trusted_keys = ["/keys/fleet.pub"]   # uploads must be signed by one of these
 
     [ingest]
     batch_size = 500
@@ -148,13 +148,13 @@ class HubConfig:
         self.ingest.validate()
         self.web.validate()
         self.retention.validate()
-        self.load_trusted_keys()
         if self.trusted_keys and self.allow_unsigned:
             raise ConfigError("allow_unsigned = true cannot go with trusted_keys: with keys every package must be "
                               "signed by one of them; remove one of the two settings")
 
     def load_trusted_keys(self) -> list[Any]:
-        """The trusted public keys; ConfigError naming a file that is missing or not an Ed25519 public key."""
+        """The trusted public keys (`serve` loads them at start); ConfigError naming a file that is missing or
+        not an Ed25519 public key."""
         from shared.package import PackageError, load_public_key
 
         keys = []

@@ -219,3 +219,40 @@ def test_the_registry_shows_a_package_s_metrics_and_lineage(app: Flask, tmp_path
     row = row[:row.index("</tr>")]
     assert "0.971 / 0.952" in row and "-0.004" in row and "3.2 ms" in row and "1.0.0" in row
     assert 'title="plate 0.971"' in row
+
+
+def test_trusted_keys_come_from_hub_toml_or_the_command_line(tmp_path, trusted_pub, db_url, hub_db) -> None:
+    import subprocess
+    import sys
+
+    from hub.cli import build_parser, main, settings
+    from shared.config import ConfigError
+    from tests.conftest import free_port
+
+    config = tmp_path / "hub.toml"
+    config.write_text(f'db = "{db_url}"\ntrusted_keys = ["{trusted_pub}"]\n')
+    from_file = settings(build_parser().parse_args(["serve", "--config", str(config)]))
+    assert from_file.web_settings()["HUB_TRUSTED_KEYS"] == [str(trusted_pub)]
+    assert len(from_file.load_trusted_keys()) == 1
+    flag = settings(build_parser().parse_args(["serve", "--config", str(config), "--trusted-key", "missing.pub"]))
+    assert flag.trusted_keys == ["missing.pub"]
+    with pytest.raises(ConfigError, match="trusted_keys: cannot load missing.pub"):
+        flag.load_trusted_keys()
+    assert main(["serve", "--config", str(config), "--trusted-key", str(tmp_path / "missing.pub")]) == 2
+    with pytest.raises(ConfigError, match="allow_unsigned = true cannot go with trusted_keys"):
+        settings(build_parser().parse_args(["serve", "--config", str(config), "--allow-unsigned"]))
+
+    # the start-up log says which packages the hub takes
+    hub = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--db", db_url, "--allow-unsigned",
+                            "--port", str(free_port()), "--broker", "mqtt://127.0.0.1:1", "--data-dir",
+                            str(tmp_path / "data")], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in hub.stderr:
+            lines.append(line)
+            if "dashboard on" in line:
+                break
+        assert any("allow_unsigned = true: UNSIGNED package uploads are accepted" in x for x in lines), lines
+    finally:
+        hub.terminate()
+        hub.wait(20)
