@@ -236,7 +236,7 @@ def test_trusted_keys_come_from_hub_toml_or_the_command_line(tmp_path, trusted_p
     assert len(from_file.load_trusted_keys()) == 1
     flag = settings(build_parser().parse_args(["serve", "--config", str(config), "--trusted-key", "missing.pub"]))
     assert flag.trusted_keys == ["missing.pub"]
-    with pytest.raises(ConfigError, match="trusted_keys: cannot load missing.pub"):
+    with pytest.raises(ConfigError, match=r"trusted_keys: cannot load missing\.pub"):
         flag.load_trusted_keys()
     assert main(["serve", "--config", str(config), "--trusted-key", str(tmp_path / "missing.pub")]) == 2
     with pytest.raises(ConfigError, match="allow_unsigned = true cannot go with trusted_keys"):
