@@ -110,12 +110,12 @@ class RolloutController:
             session.commit()
         except NotConnected as exc:
             session.rollback()
-            with self._births_lock:
-                self._births = births | self._births
+            self._keep(births)
             log.warning("rollout step put off: %s", exc)
             return 0
         except Exception:
             session.rollback()
+            self._keep(births)
             raise
         finally:
             session.close()
@@ -127,6 +127,11 @@ class RolloutController:
                      "" if o.online else "; the device is offline: the message is retained for it and sent "
                                          "again when it reconnects")
         return len(out)
+
+    def _keep(self, births: dict[tuple[str, str], str]) -> None:
+        """Births a failed step did not answer: the next step does (newer ones win)."""
+        with self._births_lock:
+            self._births = births | self._births
 
     def _loop(self) -> None:
         while not self._stop.is_set():
