@@ -7,7 +7,9 @@ key live; ``SECRET_KEY`` (else read from, or created in,
 after which an online device shows as silent; ``HUB_REFRESH_S`` how often the
 fleet page reloads itself (0: never); ``HUB_LIVE_POLL_S`` how often the live
 feed looks for new results; ``HUB_LIVE_MAX_S`` how long one live stream lasts
-before the browser reconnects; plus Flask's own session settings.
+before the browser reconnects; ``HUB_TRUSTED_KEYS`` public key files one of
+which must have signed every uploaded package (none: every upload is refused
+unless ``HUB_ALLOW_UNSIGNED``); plus Flask's own session settings.
 """
 
 from __future__ import annotations
