@@ -27,11 +27,15 @@ def _add_quick_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--runtime", choices=("auto", "onnxruntime", "tensorrt"))
     ap.add_argument("--threads", type=int)
     ap.add_argument("--spool", help="spool database path")
+    ap.add_argument("--trusted-key", dest="trusted_keys", metavar="PUB", action="append",
+                    help="public key file packages must be signed with (repeatable; replaces trusted_keys)")
+    ap.add_argument("--allow-unsigned", action="store_const", const=True,
+                    help="run unsigned packages when no key is trusted (development only)")
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
     overrides = {k: getattr(args, k) for k in ("package", "broker", "site", "device", "station", "runtime",
-                                                "threads")}
+                                                "threads", "trusted_keys", "allow_unsigned")}
     if args.source:
         if not args.cls:
             raise ConfigError("--source needs --cls (the class it shows)")

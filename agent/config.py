@@ -146,7 +146,8 @@ class AgentConfig:
     batch_size: int = 1                 # frames per inference call
     queue_size: int = 8                 # frames waiting for inference before capture drops
     thresholds: dict[str, float] = field(default_factory=dict)   # per-class raw threshold overrides
-    trusted_keys: list[str] = field(default_factory=list)        # public keys; empty: unsigned allowed
+    trusted_keys: list[str] = field(default_factory=list)        # public key files; packages must be signed by one
+    allow_unsigned: bool = False        # no trusted_keys: take unsigned packages (development only)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
@@ -172,6 +173,20 @@ class AgentConfig:
             if not ok:
                 raise ConfigError(f"{key} = {getattr(self, key)}: must be {need}")
         self.broker_config()  # the URL must parse
+        if not self.trusted_keys and not self.allow_unsigned:
+            raise ConfigError("trusted_keys: none given, and the agent runs only packages signed by a trusted key; "
+                              "list the site's public key file(s) (`kdfleet keys new` writes them, "
+                              "--trusted-key on the command line), or set allow_unsigned = true for development")
+        if self.trusted_keys and self.allow_unsigned:
+            raise ConfigError("allow_unsigned = true cannot go with trusted_keys: with keys every package must be "
+                              "signed by one of them; remove one of the two settings")
+
+    def package_policy(self) -> str:
+        """One line for the start-up log: which packages the agent runs."""
+        if self.trusted_keys:
+            return f"packages must be signed by one of {len(self.trusted_keys)} trusted key(s) " \
+                   f"({', '.join(self.trusted_keys)})"
+        return "allow_unsigned = true: UNSIGNED packages are accepted (development only)"
 
     def models_dir(self) -> Path:
         """Where over-the-air packages are installed: update.models_dir, else beside the spool (one per agent)."""
@@ -246,6 +261,10 @@ def _from_env(var: str, value: str, hint: Any) -> Any:
             raise ConfigError(f"{var}={value!r}: must be one of {', '.join(args)}")
         return value
     base = args[0] if args and typing.get_origin(hint) is not None else hint
+    if base is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{var}={value!r}: expected true or false")
+        return value.lower() in ("true", "1")
     kinds = {int: "an integer, e.g. 4", float: "a number, e.g. 2.5"}
     if base in kinds:
         try:

@@ -44,7 +44,7 @@ from shared import messages, topics
 from shared.ids import new_ulid
 from shared.imaging import Placement, letterbox
 from shared.mqtt import MqttLink, NotConnected
-from shared.package import Package, load_public_key, read_package
+from shared.package import Package, load_public_key
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,15 @@ class _SourceMonitor(SourceEvents):
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        keys = [load_public_key(k) for k in cfg.trusted_keys] or None
-        self.updater = Updater(cfg.models_dir(), keys or (), device=cfg.device, hub_url=cfg.update.hub_url,
-                               token=cfg.update.hub_token, attempts=cfg.update.attempts, runtime=cfg.runtime)
+        keys = [load_public_key(k) for k in cfg.trusted_keys]
+        self.updater = Updater(cfg.models_dir(), keys, device=cfg.device, hub_url=cfg.update.hub_url,
+                               token=cfg.update.hub_token, attempts=cfg.update.attempts, runtime=cfg.runtime,
+                               allow_unsigned=cfg.allow_unsigned)
         installed = self.updater.current()   # a model the hub sent earlier wins over the configured one
-        package = read_package(installed.path if installed else cfg.package, trusted_keys=keys)
+        try:
+            package = self.updater.read(installed.path if installed else cfg.package)
+        except UpdateError as exc:
+            raise ValueError(str(exc)) from None
         try:
             runtime = self.build_runtime(package.model, package.manifest)
         except UpdateError as exc:   # at start-up this is a configuration error
@@ -473,6 +477,7 @@ class Agent:
         self.start()
         log.info("agent %s/%s running %s (%s) with %s", self.cfg.site, self.cfg.device, self.manifest["model_id"],
                  self.manifest["version"], self.runtime.name)
+        (log.info if self.cfg.trusted_keys else log.warning)("%s", self.cfg.package_policy())
         try:
             while not self.stop.is_set():
                 if until_drained and self.drained():

@@ -65,17 +65,20 @@ class InstalledModel:
 class Updater:
     """Installs the packages the hub asks for into `models_dir`; one caller at a time.
 
-    `trusted_keys`: packages must be signed by one of them (empty: integrity only,
-    for development). `hub_url` resolves relative package URLs; `token` is sent
+    `trusted_keys`: packages must be signed by one of them. With none, every
+    package is refused unless `allow_unsigned` (then integrity only: development
+    and tests). `hub_url` resolves relative package URLs; `token` is sent
     as a bearer token. A broken download is retried `attempts` times, each
     resuming where the last stopped; the partial file also survives restarts.
     """
 
     def __init__(self, models_dir: str | Path, trusted_keys: Iterable[Ed25519PublicKey] = (), *,
                  device: str = "", hub_url: str = "", token: str | None = None, http_timeout: float = 30.0,
-                 attempts: int = 3, retry_delay_s: float = 1.0, runtime: str = "auto") -> None:
+                 attempts: int = 3, retry_delay_s: float = 1.0, runtime: str = "auto",
+                 allow_unsigned: bool = False) -> None:
         self.dir = Path(models_dir)
         self.trusted = list(trusted_keys)
+        self.allow_unsigned = allow_unsigned
         self.device = device
         self.hub_url = hub_url
         self.token = token
@@ -98,10 +101,20 @@ class Updater:
         target = self._pointer("last_good")
         if target is None:
             raise UpdateError(f"no last good model in {self.dir}; nothing to roll back to")
+        was = self.current()
         self._write_pointer("current", target)
         if on_state:
-            on_state(self._state("rolled_back", target.model_id, target.version, rollout_id))
+            left = f" (left {was.model_id} {was.version})" if was is not None else ""
+            on_state(self._state("rolled_back", target.model_id, target.version, rollout_id,
+                                 f"back on {target.model_id} {target.version}, the model that ran before{left}"))
         return target
+
+    def read(self, path: str | Path) -> Package:
+        """Read a package with this updater's trust: signed by a trusted key, or unsigned if allowed."""
+        if not self.trusted and not self.allow_unsigned:
+            raise UpdateError("this agent trusts no signing key, so it runs no package: set trusted_keys to the "
+                              "site's public key (or allow_unsigned = true for development)")
+        return read_package(path, trusted_keys=self.trusted or None)
 
     def is_current(self, desired: messages.ModelDesired) -> bool:
         now = self.current()
@@ -233,7 +246,10 @@ class Updater:
         return got
 
     def _verify(self, desired: messages.ModelDesired, part: Path) -> Package:
-        package = read_package(part, trusted_keys=self.trusted or None)
+        try:
+            package = self.read(part)
+        except PackageError as exc:   # the reason names the package, not the agent's download file
+            raise UpdateError(str(exc).replace(str(part), f"package {desired.model_id} {desired.version}")) from None
         m = package.manifest
         if (m["model_id"], m["version"]) != (desired.model_id, desired.version):
             raise UpdateError(f"package is {m['model_id']} {m['version']}, the hub asked for "
@@ -303,9 +319,12 @@ def self_test(runtime: Any, package: Package) -> float:
         error = abs(score - g.score) / max(abs(g.score), 1e-3)
         worst = max(worst, error)
         if not error <= tol:   # also catches NaN
-            raise UpdateError(f"self-test failed: golden {g.name} scores {score:.5g}, the package expects "
-                              f"{g.score:.5g} (error {error:.1%} > {tol:.0%}); this runtime does not "
-                              "reproduce the model")
+            raise UpdateError(f"self-test failed: golden image {g.name} ({g.cls}) scores {score:.5g} here, the "
+                              f"package records {g.score:.5g} (error {error:.1%} > {tol:.0%}): the package's "
+                              "network does not produce the scores it was exported with (a wrong or damaged "
+                              "model, or golden scores from another model); the old model keeps running. "
+                              "Export the package again from its checkpoint and check it with "
+                              "`kdfleet agent check --package`")
     return worst
 
 

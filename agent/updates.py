@@ -6,7 +6,7 @@ worker then installs it with the Updater (download, verify, build, golden
 self-test, atomic install) and hands the built runtime to the pipeline's
 swap. A desire for the model already running is answered "active" at once;
 one for the model that ran before (a roll back) is installed from disk
-without a download. States go to the hub on `model/state`; the last one is
+without a download and reported as "rolled_back". States go to the hub on `model/state`; the last one is
 sent again after a reconnect, so a report made while the broker was away is
 not lost.
 """
@@ -22,7 +22,7 @@ from agent.runtimes import Runtime
 from agent.updater import BuildRuntime, Updater, UpdateError
 from shared import messages
 from shared.mqtt import NotConnected
-from shared.package import Package, read_package
+from shared.package import Package
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,18 @@ class UpdateWorker:
         back = self.updater.last_good()
         try:
             if back is not None and (back.version, back.sha256) == (want.version, want.sha256.lower()):
-                installed = self.updater.rollback(rollout_id=want.rollout_id)
-                package = read_package(installed.path, trusted_keys=self.updater.trusted or None)
+                # going back to the model that ran before: it is on disk, built before the pointer moves
+                package = self.updater.read(back.path)
                 runtime = self.build(package.model, package.manifest)
+                self.updater.rollback(rollout_id=want.rollout_id)
                 self.swap(package, runtime)
-                self._report(messages.ModelState(self.updater.device, time.time(), "active", want.model_id,
-                                                 want.version, want.rollout_id, reason="rolled back"))
+                self._report(messages.ModelState(
+                    self.updater.device, time.time(), "rolled_back", want.model_id, want.version, want.rollout_id,
+                    reason=f"back on {want.model_id} {want.version}, the model it ran before "
+                           f"{running.manifest['model_id']} {running.version}, as the hub asked"))
             else:
                 installed = self.updater.apply(want, build_runtime=self.build, on_state=self._report)
-                package = installed.package or read_package(installed.path, trusted_keys=self.updater.trusted or None)
+                package = installed.package or self.updater.read(installed.path)
                 runtime = installed.runtime or self.build(package.model, package.manifest)
                 self.swap(package, runtime)
             self.applied += 1

@@ -118,6 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the plant network)"
     )
     p.add_argument("--port", type=int, help="TCP port (default 8080)")
+    p.add_argument(
+        "--trusted-key",
+        dest="trusted_keys",
+        metavar="PUB",
+        action="append",
+        help="a public key file one of which must have signed every uploaded package (repeatable; "
+        "replaces trusted_keys of the config)",
+    )
+    p.add_argument(
+        "--allow-unsigned",
+        action="store_const",
+        const=True,
+        help="take unsigned package uploads when no key is trusted (development only)",
+    )
 
     p = sub.add_parser(
         "ingest",
@@ -146,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="start: failed updates that stop it (default 1)")
     p.add_argument("--max-anomaly-rate", type=float, help="start: stop above this anomaly rate (0-1)")
     p.add_argument("--max-latency-ms", type=float, help="start: stop above this p95 latency")
+    p.add_argument("--max-anomaly-rise", type=float,
+                   help="start: stop when an updated device's anomaly rate rises more than this above its rate on "
+                   "the model before (0.2: 20 points; catches a threshold gone wrong)")
+    p.add_argument("--wave-timeout", type=float, default=rollouts.Policy().wave_timeout_s,
+                   help="start: seconds a told device has to finish (default %(default)g); an online one that "
+                   "does not fails, an offline one is left behind and told again when it reconnects")
+    p.add_argument("--queue", action="store_true",
+                   help="start: if devices are busy in another rollout, wait and start once they are free")
     p.add_argument("--note", default="", help="why (shown on the dashboard)")
 
     p = sub.add_parser(
@@ -294,7 +316,7 @@ def settings(args: argparse.Namespace) -> HubConfig:
     cfg = load(args.config)
     cfg = dataclasses.replace(
         cfg,
-        **_given(args, "db", "data_dir", "broker"),
+        **_given(args, "db", "data_dir", "broker", "trusted_keys", "allow_unsigned"),
         ingest=dataclasses.replace(cfg.ingest, **_given(args, "site", "client_id", "shared_group")),
         web=dataclasses.replace(cfg.web, **_given(args, "host", "port")),
         retention=dataclasses.replace(
@@ -309,7 +331,27 @@ def settings(args: argparse.Namespace) -> HubConfig:
 # -- commands ------------------------------------------------------------------------
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory ones)."""
+    from sqlalchemy.engine import make_url
+
+    from hub.db.session import normalise_url
+
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
 def _open_db(cfg: HubConfig, *, check: bool = True) -> Database:
+    """The hub's database; with `check` (every command but init-db) it must exist at the newest schema,
+    and a SQLite file that does not exist is not created."""
+    path = _sqlite_file(cfg.db) if check else None
+    if path is not None and not path.exists():
+        raise CliError(
+            f"no hub database at {path}: give the hub's --config FILE (its `db`) or --db URL, "
+            "or create one with `kdfleet hub init-db`"
+        )
     db = Database(cfg.db)
     try:
         if check:
@@ -430,10 +472,11 @@ def cmd_rollout(cfg: HubConfig, args: argparse.Namespace) -> int:
                 except ValueError:
                     raise CliError(f"{args.target!r} is not a model id; `GET /api/models` lists them") from None
                 policy = rollouts.Policy(args.canary, args.wave_size, args.soak, args.max_failures,
-                                         args.max_anomaly_rate, args.max_latency_ms)
+                                         args.max_anomaly_rate, args.max_latency_ms, args.max_anomaly_rise,
+                                         args.wave_timeout)
                 devices = [d for d in (args.devices or "").split(",") if d] or None
                 rollout_id = rollouts.start_rollout(session, model_id, policy, site=args.site, devices=devices,
-                                                    note=args.note)
+                                                    note=args.note, queue=args.queue)
             else:
                 rollout_id = args.target
                 action = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}
@@ -448,8 +491,12 @@ def cmd_rollout(cfg: HubConfig, args: argparse.Namespace) -> int:
     print(f"rollout {detail.id}: {detail.model} {detail.version}, {detail.state} ({counts})")
     if detail.note:
         print(f"  {detail.note}")
+    from hub.web.format import ago
+
     for t in detail.targets:
-        print(f"  wave {t.wave}  {t.site}/{t.device}  {t.state}  {t.reason}".rstrip())
+        seen = f", last seen {ago(t.last_seen)}" if t.connection != "online" else ""
+        print(f"  wave {t.wave}  {t.site}/{t.device}  {t.state} since {ago(t.updated_at)}  "
+              f"({t.connection}{seen})  {t.reason}".rstrip())
     return 0
 
 
@@ -476,6 +523,7 @@ def cmd_serve(cfg: HubConfig) -> int:
 
     from hub.web import create_app
 
+    cfg.load_trusted_keys()  # a missing or unreadable key file stops the start, naming it
     db = _open_db(cfg)
     app = create_app(cfg.web_settings())
     tls = (cfg.web.cert_file, cfg.web.key_file) if cfg.web.cert_file else None
@@ -509,6 +557,7 @@ def cmd_serve(cfg: HubConfig) -> int:
             target=_retention_loop, args=(cfg, db, stop), name="hub-retention", daemon=True
         )
         pruner.start()
+    (log.info if cfg.trusted_keys else log.warning)("%s", cfg.package_policy())
     log.info(
         "dashboard on %s://%s:%d/, ingest from %s into %s",
         "https" if tls else "http",

@@ -5,6 +5,7 @@ Example ``hub.toml`` (every key optional; unknown keys are refused)::
     db = "postgresql+psycopg://kdfleet@db/kdfleet"
     data_dir = "/var/lib/kdfleet-hub"
     broker = "mqtts://kdfleet-hub:secret@broker:8884"   # the hub's own listener
+    trusted_keys = ["/keys/fleet.pub"]   # uploads must be signed by one of these
 
     [broker_tls]
     ca_file = "/etc/kdfleet/tls/ca.crt"
@@ -180,6 +181,10 @@ class HubConfig:
     data_dir: str = "var/hub"  # images/ and secret_key live here
     broker: str = "mqtt://127.0.0.1:1883"
     broker_tls: BrokerTlsConfig = field(default_factory=BrokerTlsConfig)
+    # public keys (PEM files, `kdfleet keys new`) one of which must have signed every uploaded package;
+    # none: every upload is refused, unless allow_unsigned
+    trusted_keys: list[str] = field(default_factory=list)
+    allow_unsigned: bool = False  # take unsigned packages when no key is trusted (development only)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     web: WebConfig = field(default_factory=WebConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -192,6 +197,32 @@ class HubConfig:
         self.web.validate()
         self.retention.validate()
         self.mqtt_auth.validate()
+        if self.trusted_keys and self.allow_unsigned:
+            raise ConfigError("allow_unsigned = true cannot go with trusted_keys: with keys every package must be "
+                              "signed by one of them; remove one of the two settings")
+
+    def load_trusted_keys(self) -> list[Any]:
+        """The trusted public keys (`serve` loads them at start); ConfigError naming a file that is missing or
+        not an Ed25519 public key."""
+        from shared.package import PackageError, load_public_key
+
+        keys = []
+        for path in self.trusted_keys:
+            try:
+                keys.append(load_public_key(path))
+            except (OSError, ValueError, PackageError) as exc:
+                raise ConfigError(f"trusted_keys: cannot load {path}: {exc}; give a public key file "
+                                  "(the .pub `kdfleet keys new` writes)") from None
+        return keys
+
+    def package_policy(self) -> str:
+        """One line for the start-up log: which packages the hub takes."""
+        if self.trusted_keys:
+            return f"package uploads must be signed by one of {len(self.trusted_keys)} trusted key(s) " \
+                   f"({', '.join(self.trusted_keys)})"
+        if self.allow_unsigned:
+            return "allow_unsigned = true: UNSIGNED package uploads are accepted (development only)"
+        return "no trusted key is set: every package upload will be refused (set trusted_keys)"
 
     def broker_config(self) -> BrokerConfig:
         """The broker URL with [broker_tls]; ConfigError when they contradict each other."""
@@ -211,6 +242,8 @@ class HubConfig:
             "PERMANENT_SESSION_LIFETIME": self.web.session_hours * 3600,
             "SESSION_COOKIE_SECURE": self.web.secure_cookies,
             "HUB_PROXY_HOPS": self.web.proxy_hops,
+            "HUB_TRUSTED_KEYS": list(self.trusted_keys),
+            "HUB_ALLOW_UNSIGNED": self.allow_unsigned,
         }
         if self.web.secret_key:
             settings["SECRET_KEY"] = self.web.secret_key

@@ -7,6 +7,10 @@ as a retained QoS 1 message. A step's database changes are committed only
 after its messages went out, so a crash between the two resends the same
 retained messages on the next step: devices see the same desire twice, never
 a desire the database does not know.
+
+It also listens to every device's birth (`status`, online): a device that
+(re)connects not running what the hub last told it is told again, because a
+broker restarted without persistence has forgotten the retained message.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class RolloutController:
                  client_id: str = "kdfleet-hub-rollouts") -> None:
         self.db, self.broker, self.interval_s, self.client_id = db, broker, interval_s, client_id
         self.reports = 0  # model/state messages applied to a rollout
+        self.resent = 0  # desired models sent again to devices that reconnected
+        self._births: dict[tuple[str, str], str] = {}  # (site, device) -> the version it runs, since the last step
+        self._births_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._link: MqttLink | None = None
@@ -35,8 +42,10 @@ class RolloutController:
 
     def start(self) -> RolloutController:
         self._stop.clear()
+        # "": a desired model no device subscribes to yet is retained for it; `step` logs which devices are offline
         self._link = MqttLink(self.broker, self.client_id, clean_start=False, on_message=self.handle,
-                              subscriptions=[(topics.subscription(topics.MODEL_STATE), 1)]).start()
+                              subscriptions=[(topics.subscription(topics.MODEL_STATE), 1),
+                                             (topics.subscription(topics.STATUS), 1)], unrouted="").start()
         self._thread = threading.Thread(target=self._loop, name="hub-rollouts", daemon=True)
         self._thread.start()
         log.info("rollout controller connecting to %s", self.broker.url)
@@ -56,18 +65,29 @@ class RolloutController:
         return link is not None and link.wait_connected(timeout) and link.subscribed.wait(timeout)
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """A device's update progress (MQTT network thread)."""
+        """A device's update progress or birth (MQTT network thread)."""
         try:
             address = topics.parse(topic)
+            if address.kind == topics.STATUS:
+                if payload:   # an empty retained message clears a device's status
+                    self._on_status(address, messages.decode(payload, expect=messages.Status))
+                return
             msg = messages.decode(payload, expect=messages.ModelState)
         except (topics.TopicError, messages.MessageError) as exc:
-            log.warning("ignored model state on %s: %s", topic, exc)
+            log.warning("ignored message on %s: %s", topic, exc)
             return
         with self.db.transaction() as session:
             applied = rollouts.record_state(session, address.site, address.device, msg)
         if applied:
             self.reports += 1
-            log.info("%s/%s: %s %s %s", address.site, address.device, msg.state, msg.version, msg.reason)
+            log.info("%s/%s: %s, %s %s%s", address.site, address.device, msg.state.replace("_", " "),
+                     msg.model_id, msg.version, f": {msg.reason}" if msg.reason else "")
+            self._wake.set()
+
+    def _on_status(self, address: topics.Address, status: messages.Status) -> None:
+        if status.online:
+            with self._births_lock:
+                self._births[address.site, address.device] = status.model_version
             self._wake.set()
 
     def step(self) -> int:
@@ -75,26 +95,43 @@ class RolloutController:
         link = self._link
         if link is None or not link.connected.is_set():
             return 0
+        with self._births_lock:
+            births, self._births = self._births, {}
         session = self.db.session()
         try:
             out = rollouts.advance(session)
+            told = {(o.site, o.device) for o in out}
+            again = [o for (site, device), running in births.items() if (site, device) not in told
+                     and (o := rollouts.resend(session, site, device, running)) is not None]
+            out += again
             for o in out:
                 link.publish(topics.topic(o.site, o.device, topics.MODEL_DESIRED),
                              messages.encode(o.desired), qos=1, retain=True)
             session.commit()
         except NotConnected as exc:
             session.rollback()
+            self._keep(births)
             log.warning("rollout step put off: %s", exc)
             return 0
         except Exception:
             session.rollback()
+            self._keep(births)
             raise
         finally:
             session.close()
+        self.resent += len(again)
         for o in out:
-            log.info("%s/%s: desired model %s %s (rollout %s)", o.site, o.device, o.desired.model_id,
-                     o.desired.version, o.desired.rollout_id)
+            log.info("%s/%s: %s model %s %s (rollout %s)%s", o.site, o.device,
+                     "told again, on reconnecting, of its desired" if o in again else "desired",
+                     o.desired.model_id, o.desired.version, o.desired.rollout_id,
+                     "" if o.online else "; the device is offline: the message is retained for it and sent "
+                                         "again when it reconnects")
         return len(out)
+
+    def _keep(self, births: dict[tuple[str, str], str]) -> None:
+        """Births a failed step did not answer: the next step does (newer ones win)."""
+        with self._births_lock:
+            self._births = births | self._births
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -12,6 +12,13 @@ from `kdfleet hub add-device`. Without --package it uses the demo's model and da
 and generated once, cached under var/demo, as `kdfleet demo` does). It prints the dashboard
 URL and login, writes WORKDIR/fleet.json for `status` and `down`, and stops everything in
 reverse order (agents, hub, broker) on Ctrl-C, SIGTERM or `fleet down`.
+
+Like a provisioned site, the fleet has a signing key (--key, else WORKDIR/keys/site.key, made
+once): the hub (WORKDIR/hub.toml) and every agent trust its public key, the agents run the
+package signed by it (a copy is signed when it is not) and follow the hub's desired model
+(WORKDIR/agents/DEVICE.toml), and the package is in the registry. A rollout then works as on
+a plant: sign the new package with the site's key, upload it, and
+`kdfleet hub rollout start MODEL_ID --site SITE --config WORKDIR/hub.toml`.
 """
 from __future__ import annotations
 
@@ -32,7 +39,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.demo import Fleet, Process, broker_argv, demo_login, pick_port, wait_port
+from shared.demo import (
+    Fleet,
+    Process,
+    broker_argv,
+    demo_login,
+    pick_port,
+    register_package,
+    signed_by_site,
+    site_key,
+    station_config,
+    wait_port,
+)
 from shared.logs import add_log_arguments, json_wanted, setup_logging
 
 log = logging.getLogger("kdfleet.fleet")
@@ -263,13 +281,18 @@ def up(args: argparse.Namespace) -> int:
         if not package.is_file():
             raise SystemExit(f"--package {package}: no such file")
     plan = sources(data.resolve(), args.cls, args.agents)
+    key = site_key(workdir, args.key.resolve() if args.key else None)
+    package = signed_by_site(workdir, package, key)
 
     db_url = args.db or f"sqlite:///{workdir / 'hub.db'}"
     hub_password = private_file(workdir / "hub-mqtt-password", lambda: os.urandom(18).hex())
     auth = workdir / "mosquitto"
     config = workdir / "hub.toml"
-    config.write_text(f'data_dir = "{workdir / "hub"}"\n\n[web]\nsilent_after_s = {SILENT_AFTER_S}\n\n'
-                      f'[mqtt_auth]\npassword_file = "{auth / "passwd"}"\nacl_file = "{auth / "acl"}"\n')
+    config.write_text(f"db = {json.dumps(db_url)}\ndata_dir = {json.dumps(str(workdir / 'hub'))}\n"
+                      f"trusted_keys = [{json.dumps(str(key.with_suffix('.pub')))}]\n\n"
+                      f"[web]\nsilent_after_s = {SILENT_AFTER_S}\n\n"
+                      f"[mqtt_auth]\npassword_file = {json.dumps(str(auth / 'passwd'))}\n"
+                      f"acl_file = {json.dumps(str(auth / 'acl'))}\n")
     mqtt_port = pick_port(args.mqtt_port)
     mosquitto = mosquitto_binary()
     # the hub's own listener; amqtt has one listener for all (and checks no passwords)
@@ -335,12 +358,21 @@ def up(args: argparse.Namespace) -> int:
         for i, (device, (folder, cls)) in enumerate(zip(devices, plan, strict=True)):
             env = {**child_env, "KDFLEET_AGENT_USERNAME": f"{device}@{site}",
                    "KDFLEET_AGENT_PASSWORD": passwords[device]}
+            agent_config = station_config(workdir / "agents" / f"{device}.toml", key.with_suffix(".pub"),
+                                          dashboard, token)
             started(start(fleet, device, [
-                py, "-m", "agent", "run", "--folder", str(folder), "--loop", "--cls", cls,
+                py, "-m", "agent", "run", "--config", str(agent_config), "--folder", str(folder), "--loop",
+                "--cls", cls,
                 "--package", str(package), "--broker", f"mqtt://127.0.0.1:{mqtt_port}", "--site", site,
                 "--device", device, "--station", f"line-{i + 1}", "--fps", str(args.fps),
                 "--spool", str(workdir / "spool" / f"{device}.db")], env))
         wait_port(port, 60, fleet)
+        admin_name = f"fleet-admin-{os.getpid()}"
+        admin = run_hub(py, ["add-token", admin_name, "--role", "admin", *common]).strip().splitlines()[-1]
+        try:
+            register_package(dashboard, admin, package)   # what the site runs, so a rollback can return to it
+        finally:
+            run_hub(py, ["revoke-token", admin_name, *common], check=False)
         log.info("dashboard: %s  sign in as %s / %s", dashboard, user, password)
         online_at = wait_online(state, fleet, args.agents, args.online_timeout)
         timing = {"provisioning_s": round(t_provisioned - t0, 2), "agents_started_s": round(t_agents - t0, 2),
@@ -351,6 +383,9 @@ def up(args: argparse.Namespace) -> int:
                  "(%s / %s); logs in %s; `kdfleet fleet status` / `kdfleet fleet down --workdir %s`, or Ctrl-C",
                  args.agents, state["broker"], "all" if online_at else "NOT all", time.monotonic() - t0,
                  t_provisioned - t0, dashboard, user, password, workdir / "logs", args.workdir)
+        log.info("updates: sign packages with %s, upload them (POST /api/models, an admin token from "
+                 "`kdfleet hub add-token NAME --role admin --config %s`), then `kdfleet hub rollout start MODEL_ID "
+                 "--site %s --config %s`", key, config, site, config)
         deadline = time.monotonic() + args.duration if args.duration > 0 else float("inf")
         while time.monotonic() < deadline:
             fleet.check()
@@ -448,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start broker, hub and N agents; stop them on Ctrl-C")
     p.add_argument("--agents", type=int, default=3, help="simulated stations (default 3)")
     p.add_argument("--package", type=Path, help="model package (.kdpkg); default: the demo's model")
+    p.add_argument("--key", type=Path, help="the site's private signing key (`kdfleet keys new`, with its .pub "
+                   "beside it); default WORKDIR/keys/site.key, made on the first run")
     p.add_argument("--data", type=Path, help="an MVTec-layout root (agents take its classes in turn) or, "
                    "with --cls, one folder of frames; default: the demo's data set")
     p.add_argument("--cls", help="the class the --data folder shows")

@@ -122,6 +122,7 @@ class MqttLink:
         protocol: str | None = None,
         manual_ack: bool = False,
         receive_maximum: int | None = None,
+        unrouted: str = "(is the hub running?); results are kept and sent again",
     ) -> None:
         self.broker = broker
         self.client_id = client_id
@@ -140,6 +141,7 @@ class MqttLink:
         if receive_maximum is not None and not 1 <= receive_maximum <= 65535:
             raise ValueError(f"receive_maximum {receive_maximum} is not within 1..65535")
         self.receive_maximum = receive_maximum
+        self.unrouted = unrouted  # what a publish no subscriber takes means for this client; "": not logged
         self._generation = 0  # bumped on every connect and disconnect: acks of older ones are void
         self._ack_lock = threading.Lock()
         self.connected = threading.Event()
@@ -378,10 +380,9 @@ class MqttLink:
             # accepted, but nobody (not even an offline persistent session) will ever read it:
             # not delivered, so the sender keeps it and tries again later
             now = time.monotonic()
-            if now - self._unrouted_warned > UNROUTED_WARN_EVERY_S:
+            if self.unrouted and now - self._unrouted_warned > UNROUTED_WARN_EVERY_S:
                 self._unrouted_warned = now
-                log.warning("broker %s has no subscriber for what we publish (is the hub running?); "
-                            "results are kept and sent again", self.broker.url)
+                log.warning("broker %s has no subscriber for what we publish %s", self.broker.url, self.unrouted)
             return
         if self.on_published:
             try:

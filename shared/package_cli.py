@@ -30,11 +30,16 @@ def _fail(what: str, reason: str) -> int:
 
 
 def keys_main(argv: list[str]) -> int:
-    """`kdfleet keys new OUT`: an Ed25519 key pair, OUT (mode 600) and OUT's .pub."""
+    """`kdfleet keys new OUT`: an Ed25519 key pair, OUT (mode 600) and OUT with the suffix .pub."""
     ap = argparse.ArgumentParser(prog="kdfleet keys", description="Signing keys for model packages.")
     sub = ap.add_subparsers(dest="command", required=True)
-    new = sub.add_parser("new", help="make a key pair: OUT (private, mode 600) and OUT.pub (public)")
-    new.add_argument("out", type=Path, help="private key file to write, e.g. keys/signing.key")
+    new = sub.add_parser(
+        "new", help="make a key pair: OUT (private, mode 600) and the public key beside it, OUT's suffix "
+                    "replaced by .pub (keys/fleet.key -> keys/fleet.pub)",
+        description="Make an Ed25519 key pair: the private key OUT (mode 600; it signs packages) and the public "
+                    "key beside it with the suffix .pub in place of OUT's (keys/fleet.key -> keys/fleet.pub; "
+                    "keys/fleet -> keys/fleet.pub): give it to the hub and the agents as a trusted key.")
+    new.add_argument("out", type=Path, help="private key file to write, e.g. keys/fleet.key")
     args = ap.parse_args(argv)
     out: Path = args.out
     pub = out.with_suffix(".pub")

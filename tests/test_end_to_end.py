@@ -86,7 +86,7 @@ def test_results_travel_from_model_to_database(trained, hub, broker, unique, tmp
     agent = subprocess.run(
         [sys.executable, "-m", "agent", "run", "--package", str(package), "--broker", f"mqtt://{broker[0]}:{broker[1]}",
          "--site", site, "--device", device, "--station", "line-a", "--source", str(folder), "--cls", "disc",
-         "--spool", str(tmp_path / "spool.db"), "--until-drained"],
+         "--spool", str(tmp_path / "spool.db"), "--until-drained", "--allow-unsigned"],
         capture_output=True, text=True, timeout=120)
     assert agent.returncode == 0, agent.stderr[-2000:]
 

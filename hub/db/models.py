@@ -41,11 +41,11 @@ ADDRESS_LEN = 64  # an IPv6 address with its zone
 ROLES = ("viewer", "operator", "admin")  # each role may do what the ones before it may
 VERDICTS = ("ok", "anomaly")
 REVIEW_LABELS = ("defect", "false_alarm")
-ROLLOUT_STATES = ("draft", "canary", "rolling", "paused", "completed", "rolled_back", "failed")
+ROLLOUT_STATES = ("draft", "queued", "canary", "rolling", "paused", "completed", "rolled_back", "failed")
 # one device in a rollout: waiting for its wave, told (desired), then the agent's own update states
 RETRAIN_OUTCOMES = ("waiting", "refused", "published", "failed")  # a `kdfleet trainer serve` cycle
 TARGET_STATES = ("pending", "desired", "downloading", "verifying", "building", "testing", "active", "failed",
-                 "rolled_back")
+                 "rolled_back", "timed_out", "offline")
 
 
 def utcnow() -> datetime:
@@ -363,6 +363,8 @@ class Rollout(Base):
     max_failures: Mapped[int] = mapped_column(Integer, default=1)  # failed devices that abort the rollout
     max_anomaly_rate: Mapped[float | None] = mapped_column(Double)  # health gate; NULL: not checked
     max_latency_ms: Mapped[float | None] = mapped_column(Double)  # health gate on p95; NULL: not checked
+    max_anomaly_rise: Mapped[float | None] = mapped_column(Double)  # gate on the rate's rise; NULL: not checked
+    wave_timeout_s: Mapped[float] = mapped_column(Double, default=1800.0)  # a told device must finish by then
     paused_from: Mapped[str | None] = mapped_column(String(16))  # the state a pause interrupted
 
     model: Mapped[Model] = relationship(lazy="raise")

@@ -87,6 +87,11 @@ class MqttAccount:
     password_hash: str
 
 
+def connection_state(device: Device, now: datetime, silent_after: timedelta = SILENT_AFTER) -> str:
+    """online, silent (online but unheard for `silent_after`) or offline, as the fleet page shows it."""
+    return _state(device, now, silent_after)
+
+
 def _state(device: Device, now: datetime, silent_after: timedelta) -> str:
     if not device.online:
         return "offline"

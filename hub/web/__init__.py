@@ -10,8 +10,10 @@ feed looks for new results; ``HUB_LIVE_MAX_S`` how long one live stream lasts
 before the browser reconnects; ``HUB_PROXY_HOPS`` how many reverse proxies in
 front of the hub to trust for the client's address and scheme
 (``X-Forwarded-For``, ``X-Forwarded-Proto``; 0: none, the headers are
-ignored); plus Flask's own session settings (the session cookie is ``Secure``
-over HTTPS whatever ``SESSION_COOKIE_SECURE`` says).
+ignored); ``HUB_TRUSTED_KEYS`` public key files one of which must have signed
+every uploaded package (none: every upload is refused unless
+``HUB_ALLOW_UNSIGNED``); plus Flask's own session settings (the session cookie
+is ``Secure`` over HTTPS whatever ``SESSION_COOKIE_SECURE`` says).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ answer). The OpenAPI 3 description is at /api/openapi.json.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -19,7 +21,7 @@ from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from hub.services import devices, registry, results, retraining, reviews, rollouts
 from hub.services.common import NotFound, QueryError, parse_limit, parse_time
-from hub.services.packages import PackageStore, StoredPackage, UploadError
+from hub.services.packages import PackageStore, StagedPackage, UploadError
 from hub.services.results import ResultFilter
 from hub.web import openapi
 from hub.web.auth import current, requires
@@ -237,15 +239,16 @@ def _user_id() -> int | None:
 
 
 def package_store() -> PackageStore:
-    """The app's package store: <HUB_DATA_DIR>/packages; HUB_TRUSTED_KEYS (public key files), if set,
-    must have signed every upload."""
+    """The app's package store: <HUB_DATA_DIR>/packages. Uploads must be signed by one of HUB_TRUSTED_KEYS
+    (public key files); with none, every upload is refused unless HUB_ALLOW_UNSIGNED is set."""
     store = current_app.extensions.get("hub.packages")
     if store is None:
         from shared.package import load_public_key
 
         keys = [load_public_key(k) for k in current_app.config.get("HUB_TRUSTED_KEYS") or ()]
         root = Path(current_app.config["HUB_DATA_DIR"]) / "packages"
-        store = current_app.extensions["hub.packages"] = PackageStore(root, keys)
+        store = current_app.extensions["hub.packages"] = PackageStore(
+            root, keys, allow_unsigned=bool(current_app.config.get("HUB_ALLOW_UNSIGNED")))
     return store
 
 
@@ -253,8 +256,10 @@ def _package_url(model_id: int) -> str:
     return url_for("api.model_package", model_id=model_id)
 
 
-def _upload() -> StoredPackage:
-    """The uploaded package: multipart field `package`, or the raw body (application/octet-stream)."""
+@contextmanager
+def _upload() -> Iterator[StagedPackage]:
+    """The uploaded package (multipart field `package`, or the raw application/octet-stream body), verified
+    and staged: the caller keeps it once registered; a refused upload leaves no file behind."""
     stream: IO[bytes]
     if request.mimetype == "multipart/form-data":
         if "package" not in request.files:
@@ -265,7 +270,8 @@ def _upload() -> StoredPackage:
     else:
         abort(400, "send the package as multipart/form-data (field 'package') or application/octet-stream")
     try:
-        return package_store().save(stream)
+        with package_store().upload(stream) as staged:
+            yield staged
     except UploadError as exc:
         abort(400, str(exc))
 
@@ -277,13 +283,15 @@ def model_create() -> ResponseReturnValue:
     session = get_session()
     try:
         if request.mimetype == "multipart/form-data":
-            stored = _upload()
-            created = registry.register_package(
-                session, stored, _package_url, notes=request.form.get("notes", ""), user_id=_user_id()
-            )
+            with _upload() as staged:
+                created = registry.register_package(
+                    session, staged.package, _package_url, notes=request.form.get("notes", ""), user_id=_user_id()
+                )
+                staged.keep()
         else:
             created = registry.register_model(session, _json_body(), user_id=_user_id())
     except QueryError as exc:
+        session.rollback()
         abort(400, str(exc))
     session.commit()
     return jsonify(plain(created)), 201
@@ -296,10 +304,13 @@ def model_package_upload(model_id: int) -> ResponseReturnValue:
     session = get_session()
     try:
         registry.model_detail(session, model_id)
-        updated = registry.attach_package(session, model_id, _upload(), _package_url)
+        with _upload() as staged:
+            updated = registry.attach_package(session, model_id, staged.package, _package_url)
+            staged.keep()
     except NotFound as exc:
         abort(404, str(exc))
     except QueryError as exc:
+        session.rollback()
         abort(400, str(exc))
     session.commit()
     return jsonify(plain(updated))
@@ -340,30 +351,53 @@ def _number(body: dict[str, Any], key: str, default: Any, kind: type) -> Any:
     return kind(value)
 
 
+ROLLOUT_KEYS = ("model_id", "site", "devices", "canary", "wave_size", "soak_s", "max_failures", "max_anomaly_rate",
+                "max_anomaly_rise", "max_latency_ms", "wave_timeout_s", "queue", "note")
+
+
+def _known_keys(body: dict[str, Any], accepted: tuple[str, ...]) -> None:
+    """QueryError naming any key of `body` not in `accepted`, and the accepted ones."""
+    unknown = sorted(set(body) - set(accepted))
+    if unknown:
+        raise QueryError(f"unknown key(s) {', '.join(map(repr, unknown))}; this request takes "
+                         f"{', '.join(accepted)}")
+
+
 def _rollout_request(body: dict[str, Any]) -> tuple[int, rollouts.Policy, dict[str, Any]]:
     """(model id, policy, start_rollout keywords) from a POST /api/rollouts body."""
+    _known_keys(body, ROLLOUT_KEYS)
     model_id = body.get("model_id")
     if isinstance(model_id, bool) or not isinstance(model_id, int):
         raise QueryError("model_id must be the registry id of the model to ship (GET /api/models lists them)")
     canary = body.get("canary", 1)
     if isinstance(canary, bool) or not isinstance(canary, (int, str)):
         raise QueryError("canary must be a device count (2) or a percentage (\"10%\")")
+    default = rollouts.Policy()
     policy = rollouts.Policy(
         canary,
-        _number(body, "wave_size", 0, int),
-        _number(body, "soak_s", 60.0, float),
-        _number(body, "max_failures", 1, int),
+        _number(body, "wave_size", default.wave_size, int),
+        _number(body, "soak_s", default.soak_s, float),
+        _number(body, "max_failures", default.max_failures, int),
         _number(body, "max_anomaly_rate", None, float),
         _number(body, "max_latency_ms", None, float),
+        _number(body, "max_anomaly_rise", None, float),
+        _number(body, "wave_timeout_s", default.wave_timeout_s, float),
     )
-    site, devices_, note = body.get("site"), body.get("devices"), body.get("note", "")
+    site, devices_, note, queue = body.get("site"), body.get("devices"), body.get("note", ""), body.get("queue", False)
     if site is not None and not isinstance(site, str):
         raise QueryError("site must be a site name")
     if devices_ is not None and not (isinstance(devices_, list) and all(isinstance(d, str) for d in devices_)):
         raise QueryError("devices must be a list of device names")
     if not isinstance(note, str):
         raise QueryError("note must be a string")
-    return model_id, policy, {"site": site or None, "devices": devices_ or None, "note": note}
+    if not isinstance(queue, bool):
+        raise QueryError("queue must be true or false")
+    return model_id, policy, {"site": site or None, "devices": devices_ or None, "note": note, "queue": queue}
+
+
+def _rollout_view(rollout_id: str) -> dict[str, Any]:
+    detail = rollouts.rollout_detail(get_session(), rollout_id, silent_after=silent_after())
+    return plain(detail) | {"counts": detail.counts(), "url": url_for("registry.rollout", rollout_id=rollout_id)}
 
 
 @bp.post("/rollouts")
@@ -379,8 +413,46 @@ def rollout_create() -> ResponseReturnValue:
     except QueryError as exc:
         abort(400, str(exc))
     session.commit()
-    detail = rollouts.rollout_detail(session, rollout_id)
-    return jsonify(plain(detail) | {"counts": detail.counts()}), 201
+    return jsonify(_rollout_view(rollout_id)), 201
+
+
+@bp.get("/rollouts/<rollout_id>")
+def rollout_status(rollout_id: str) -> ResponseReturnValue:
+    """One rollout: its state and note, its policy, and each device's wave, update state and connection."""
+    try:
+        return jsonify(_rollout_view(rollout_id))
+    except NotFound as exc:
+        abort(404, str(exc))
+
+
+ROLLOUT_ACTIONS = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}
+
+
+@bp.post("/rollouts/<rollout_id>/<action>")
+@requires("admin")
+def rollout_action(rollout_id: str, action: str) -> ResponseReturnValue:
+    """Pause, resume or abort a rollout (optional JSON body {"note": "why"}); 409 when its state does not allow it."""
+    if action not in ROLLOUT_ACTIONS:
+        abort(404, f"no rollout action {action!r}; use pause, resume or abort")
+    body = request.get_json(silent=True) if request.content_length else {}
+    if not isinstance(body, dict):
+        abort(400, "send nothing, or a JSON object {\"note\": \"why\"} with Content-Type: application/json")
+    note = body.get("note", "")
+    try:
+        _known_keys(body, ("note",))
+        if not isinstance(note, str):
+            raise QueryError("note must be a string")
+    except QueryError as exc:
+        abort(400, str(exc))
+    session = get_session()
+    try:
+        ROLLOUT_ACTIONS[action](session, rollout_id, note.strip())
+    except NotFound as exc:
+        abort(404, str(exc))
+    except QueryError as exc:   # the rollout's state does not allow it
+        abort(409, str(exc))
+    session.commit()
+    return jsonify(_rollout_view(rollout_id))
 
 
 @bp.get("/retrain-cycles")

@@ -278,10 +278,27 @@ SCHEMAS: dict[str, Any] = {
             "wave_size": {"type": "integer", "minimum": 0, "description": "devices per wave; 0: the rest at once"},
             "soak_s": {"type": "number", "minimum": 0, "description": "healthy seconds before the next wave (60)"},
             "max_failures": {"type": "integer", "minimum": 1, "description": "failed updates that stop it (1)"},
-            "max_anomaly_rate": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
-            "max_latency_ms": {"type": "number", "minimum": 0, "nullable": True},
+            "max_anomaly_rate": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True,
+                                 "description": "an updated device above this anomaly rate stops it"},
+            "max_anomaly_rise": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True,
+                                 "description": "an updated device whose anomaly rate rose more than this "
+                                                "(0.2: 20 points) above its rate on the model before stops it"},
+            "max_latency_ms": {"type": "number", "minimum": 0, "nullable": True,
+                               "description": "an updated device above this p95 latency stops it"},
+            "wave_timeout_s": {"type": "number", "minimum": 0,
+                               "description": "a told device that has not finished by then times out: a "
+                                              "failure when online, left behind (told again on reconnect) "
+                                              "when offline (1800)"},
+            "queue": {"type": "boolean", "description": "when devices are busy in another rollout, wait "
+                                                        "(state queued) and start once they are free (false)"},
             "note": {"type": "string"},
         },
+        "additionalProperties": False,
+    },
+    "RolloutAction": {
+        "type": "object",
+        "properties": {"note": {"type": "string", "description": "why (shown on the dashboard)"}},
+        "additionalProperties": False,
     },
     "RetrainCycle": {
         "type": "object",
@@ -307,10 +324,12 @@ SCHEMAS: dict[str, Any] = {
             "model_id": {"type": "integer"},
             "model": {"type": "string"},
             "version": {"type": "string"},
-            "state": {"type": "string"},
             "note": {"type": "string"},
+            "state": {"type": "string",
+                      "enum": ["queued", "canary", "rolling", "paused", "completed", "rolled_back", "failed"]},
+            "url": {"type": "string", "description": "the rollout's dashboard page"},
             "policy": {"type": "object", "description": "canary, wave_size, soak_s, max_failures, "
-                       "max_anomaly_rate, max_latency_ms"},
+                       "max_anomaly_rate, max_latency_ms, max_anomaly_rise, wave_timeout_s"},
             "targets": {
                 "type": "array",
                 "items": {
@@ -324,7 +343,9 @@ SCHEMAS: dict[str, Any] = {
                         "previous": {"type": "string"},
                         "desired_at": NULLABLE_TIME,
                         "active_at": NULLABLE_TIME,
-                        "updated_at": TIME,
+                        "updated_at": {**TIME, "description": "when the state last changed"},
+                        "connection": {"type": "string", "enum": ["online", "silent", "offline"]},
+                        "last_seen": NULLABLE_TIME,
                     },
                 },
             },
@@ -515,12 +536,40 @@ PATHS: dict[str, Any] = {
         "post": {
             "summary": "Start a rollout of a registry model (admin role), canary first, then in waves, as "
             "`kdfleet hub rollout start` does; `kdfleet hub serve` drives it. Devices already running the model "
-            "are left out; 400 when no device is left or one is in another live rollout",
+            "are left out; 400 for an unknown key (the answer names the accepted ones), when no device is left, "
+            "or when one is in another live rollout and `queue` is not true",
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("NewRollout")}},
             },
             "responses": {"201": _ok(_ref("RolloutDetail"), "Created")} | ERRORS | FORBIDDEN | NOT_FOUND,
+        }
+    },
+    "/api/rollouts/{rollout_id}": {
+        "get": {
+            "summary": "A rollout's status: state, note, policy, and each device's wave, update state and age, "
+            "and connection",
+            "parameters": [_path("rollout_id", "the rollout's id (a ULID)")],
+            "responses": {"200": _ok(_ref("RolloutDetail"))} | ERRORS | NOT_FOUND,
+        }
+    },
+    "/api/rollouts/{rollout_id}/{action}": {
+        "post": {
+            "summary": "Pause (no new wave starts), resume (devices still updating are told again) or abort "
+            "(every device it touched is sent back) a rollout (admin role); 409 when its state does not allow it",
+            "parameters": [
+                _path("rollout_id", "the rollout's id (a ULID)"),
+                _path("action", "what to do", {"type": "string", "enum": ["pause", "resume", "abort"]}),
+            ],
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": _ref("RolloutAction")}},
+            },
+            "responses": {
+                "200": _ok(_ref("RolloutDetail")),
+                "409": {"description": "the rollout's state does not allow this action; `detail` says why",
+                        "content": {"application/json": {"schema": _ref("Error")}}},
+            } | ERRORS | FORBIDDEN | NOT_FOUND,
         }
     },
 }

@@ -9,6 +9,7 @@ from hub.services import registry, retraining, rollouts
 from hub.services.common import NotFound, QueryError
 from hub.web.auth import requires
 from hub.web.db import get_session
+from hub.web.fleet import silent_after
 
 bp = Blueprint("registry", __name__, url_prefix="/models")
 ACTIONS = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}
@@ -24,7 +25,7 @@ def index() -> ResponseReturnValue:
 @bp.get("/rollouts/<rollout_id>")
 def rollout(rollout_id: str) -> ResponseReturnValue:
     try:
-        detail = rollouts.rollout_detail(get_session(), rollout_id)
+        detail = rollouts.rollout_detail(get_session(), rollout_id, silent_after=silent_after())
     except NotFound as exc:
         abort(404, str(exc))
     return render_template("registry/rollout.html", r=detail)

@@ -16,6 +16,7 @@ device = "press-1"
 site = "plant-a"
 package = "models/stfpm.kdpkg"
 threads = 2
+trusted_keys = ["/etc/kdfleet/keys/fleet.pub"]
 
 [spool]
 path = "var/spool.db"
@@ -52,8 +53,8 @@ def test_the_good_file_loads(tmp_path):
 @pytest.mark.parametrize("good, typo, expected", [
     ("threads = 2", "treads = 2", r"agent\.toml:4: treads: unknown key; did you mean threads\?"),
     ('path = "var/spool.db"', 'pth = "var/spool.db"',
-     r"agent\.toml:7: spool\.pth: unknown key; did you mean spool\.path\?"),
-    ("fps = 10", "fsp = 10", r"agent\.toml:16: sources\[1\]\.fsp: unknown key; did you mean sources\[1\]\.fps\?"),
+     r"agent\.toml:8: spool\.pth: unknown key; did you mean spool\.path\?"),
+    ("fps = 10", "fsp = 10", r"agent\.toml:17: sources\[1\]\.fsp: unknown key; did you mean sources\[1\]\.fps\?"),
 ])
 def test_a_typo_names_file_line_key_and_the_key_meant(tmp_path, good, typo, expected):
     msg = error(write(tmp_path, GOOD.replace(good, typo)))
@@ -67,9 +68,9 @@ def test_an_unknown_key_with_no_near_match_lists_the_allowed_ones(tmp_path):
 
 @pytest.mark.parametrize("good, bad, expected", [
     ("threads = 2", 'threads = "2"', "agent.toml:4: threads: expected an integer, got '2'"),
-    ("fps = 10", 'fps = "fast"', "agent.toml:16: sources[1].fps: expected a number, got 'fast'"),
+    ("fps = 10", 'fps = "fast"', "agent.toml:17: sources[1].fps: expected a number, got 'fast'"),
     ('path = "var/spool.db"', 'path = "var/spool.db"\nmax_results = 0',
-     "agent.toml:8: spool.max_results = 0: must be >= 1"),
+     "agent.toml:9: spool.max_results = 0: must be >= 1"),
     ("threads = 2", "threads = -3", "agent.toml:4: threads = -3: must be >= 0 (0: one per core)"),
     ('site = "plant-a"', 'site = "plant/a"', "agent.toml:2: site: invalid site 'plant/a': use 1-64 letters"),
     ("threads = 2", 'threads = 2\nruntime = "cuda"', "runtime: 'cuda' is not one of 'auto', 'onnxruntime', 'tensorrt'"),
@@ -167,7 +168,8 @@ def test_run_command_exits_2_with_the_error(tmp_path, capsys):
 
 
 def test_each_agent_installs_updates_beside_its_own_spool_unless_told() -> None:
-    base = {"device": "cam-1", "site": "plant1", "package": "m.kdpkg", "sources": [{"uri": "/images", "cls": "screw"}]}
+    base = {"device": "cam-1", "site": "plant1", "package": "m.kdpkg", "sources": [{"uri": "/images", "cls": "screw"}],
+            "trusted_keys": ["/keys/fleet.pub"]}
     one = load(None, {**base, "spool": {"path": "/var/lib/kdfleet/cam-1.db"}})
     two = load(None, {**base, "spool": {"path": "/var/lib/kdfleet/cam-2.db"}})
     assert one.models_dir() == Path("/var/lib/kdfleet/cam-1-models") != two.models_dir()
@@ -176,7 +178,21 @@ def test_each_agent_installs_updates_beside_its_own_spool_unless_told() -> None:
 
 
 def test_keepalive_reaches_the_broker_connection() -> None:
-    base = {"device": "cam-1", "site": "plant1", "package": "m.kdpkg", "sources": [{"uri": "/images", "cls": "screw"}]}
+    base = {"device": "cam-1", "site": "plant1", "package": "m.kdpkg", "sources": [{"uri": "/images", "cls": "screw"}],
+            "trusted_keys": ["/keys/fleet.pub"]}
     assert load(None, {**base, "keepalive_s": 10}).broker_config().keepalive == 10
     with pytest.raises(ConfigError, match="keepalive_s = 2: must be 5 to 65535 seconds"):
         load(None, {**base, "keepalive_s": 2})
+
+
+def test_an_agent_that_trusts_no_key_is_refused_unless_unsigned_packages_are_allowed(tmp_path, capsys) -> None:
+    """Secure by default: no trusted key and no allow_unsigned is a configuration error, named at start."""
+    no_keys = GOOD.replace('trusted_keys = ["/etc/kdfleet/keys/fleet.pub"]\n', "")
+    msg = error(write(tmp_path, no_keys))
+    assert "trusted_keys: none given" in msg and "allow_unsigned = true" in msg and "--trusted-key" in msg
+    assert load(write(tmp_path, no_keys), environ={"KDFLEET_AGENT_ALLOW_UNSIGNED": "true"}).allow_unsigned
+    assert "expected true or false" in error(write(tmp_path, no_keys), {"KDFLEET_AGENT_ALLOW_UNSIGNED": "maybe"})
+    both = error(write(tmp_path, GOOD.replace("threads = 2", "threads = 2\nallow_unsigned = true")))
+    assert "allow_unsigned = true cannot go with trusted_keys" in both
+    assert agent_main(["run", "--config", str(write(tmp_path, no_keys))]) == 2
+    assert "trusted_keys: none given" in capsys.readouterr().err

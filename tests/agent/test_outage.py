@@ -56,7 +56,7 @@ from agent.spool import Spool
 from shared import messages
 cfg = load(None, {{"device": "cam-1", "site": "{site}", "package": "{package}", "broker": "mqtt://{host}:{port}",
                   "runtime": "onnxruntime", "threads": 1, "spool": {{"path": "{spool}"}},
-                  "sources": [{{"uri": "{folder}", "cls": "plate", "fps": 25.0}}]}})
+                  "sources": [{{"uri": "{folder}", "cls": "plate", "fps": 25.0}}], "allow_unsigned": True}})
 Agent(cfg).run(until_drained=True)
 """
 
@@ -120,7 +120,8 @@ def test_sigterm_delivers_what_was_made_before_going_offline(tmp_path, tiny_pack
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--folder", str(folder), "--loop", "--fps", "50",
          "--package", str(tiny_package), "--broker", f"mqtt://{broker[0]}:{broker[1]}", "--site", site,
-         "--device", "cam-1", "--cls", "plate", "--spool", str(spool_path), "--runtime", "onnxruntime"],
+         "--device", "cam-1", "--cls", "plate", "--spool", str(spool_path), "--runtime", "onnxruntime",
+         "--allow-unsigned"],
         env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
         assert sub.wait(30, 30), "the agent did not start publishing"

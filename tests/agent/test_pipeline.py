@@ -63,7 +63,8 @@ def agent_config(tmp_path, package, broker, site, folder, **extra):
     return load(None, {"device": "cam-1", "site": site, "station": "line-a", "package": str(package),
                        "broker": f"mqtt://{broker[0]}:{broker[1]}", "runtime": "onnxruntime", "threads": 1,
                        "sources": [{"uri": str(folder), "cls": "plate", **extra}],
-                       "spool": {"path": str(tmp_path / "spool.db")}, "metrics_interval_s": 0.5})
+                       "spool": {"path": str(tmp_path / "spool.db")}, "metrics_interval_s": 0.5,
+                       "allow_unsigned": True})
 
 
 def test_one_result_per_image_with_the_runtime_s_scores(tmp_path, tiny_package, plates, broker, unique):
@@ -124,6 +125,6 @@ def test_a_source_class_the_model_does_not_know_is_refused_at_start(tmp_path, ti
     folder, _ = plates(1)
     cfg = load(None, {"device": "cam-1", "site": f"agent-{unique}", "package": str(tiny_package),
                       "runtime": "onnxruntime", "update": {"models_dir": str(tmp_path / "models")},
-                      "sources": [{"uri": str(folder), "cls": "bottle"}]})
+                      "sources": [{"uri": str(folder), "cls": "bottle"}], "allow_unsigned": True})
     with pytest.raises(ValueError, match=r"source class\(es\) \['bottle'\] are not in model darkness"):
         Agent(cfg)

@@ -339,7 +339,8 @@ def test_missing_camera_is_a_clear_error_and_the_other_sources_keep_running(tmp_
     cfg = load(None, {"package": str(tiny_package), "site": f"s{unique}", "device": "cam-test",
                       "broker": f"mqtt://{broker[0]}:{broker[1]}", "spool": {"path": str(tmp_path / "spool.db")},
                       "update": {"models_dir": str(tmp_path / "models")},
-                      "sources": [{"uri": MISSING_CAMERA, "cls": "plate"}, {"uri": str(folder), "cls": "plate"}]},
+                      "sources": [{"uri": MISSING_CAMERA, "cls": "plate"}, {"uri": str(folder), "cls": "plate"}],
+                      "allow_unsigned": True},
                environ={})
     with pytest.raises(SourceError, match=rf"camera {MISSING_CAMERA} \(/dev/video{MISSING_CAMERA} on Linux\): "
                                           "cannot open: is it connected"):

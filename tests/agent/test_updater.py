@@ -182,6 +182,7 @@ def test_bad_packages_are_refused_every_time_and_current_is_unchanged(
         with pytest.raises(UpdateError, match=re.escape(reason)):
             updater.apply(desired, on_state=states.append)
         assert states[-1].state == "failed" and reason in states[-1].reason
+        assert ".part" not in states[-1].reason and str(tmp_path) not in states[-1].reason   # no internal paths
         now = updater.current()
         assert (now.version, now.sha256, now.path) == (before.version, before.sha256, before.path)
         assert now.path.read_bytes() == before_bytes
@@ -275,3 +276,49 @@ def test_kill_9_mid_install_leaves_a_current_package_that_verifies(tmp_path, ser
         assert pkg.read_package(current.path, [trusted.public_key()]).version == current.version
         seen.add(current.version)
     assert len(seen) >= 2   # the kills landed at different points of the loop
+
+
+def test_a_wrong_network_is_named_as_such_and_says_what_to_do(tmp_path, server, packages, keys) -> None:
+    updater = make_updater(tmp_path, server, keys)
+    with pytest.raises(UpdateError) as refused:
+        install(updater, server, packages["bad golden"], "2.0.0")
+    reason = str(refused.value)
+    assert "this runtime does not reproduce the model" not in reason
+    assert "network does not produce the scores it was exported with" in reason
+    assert "the old model keeps running" in reason and "Export the package again" in reason
+
+
+def test_an_updater_that_trusts_no_key_refuses_every_package(tmp_path, server, packages, keys) -> None:
+    strict = Updater(tmp_path / "models", [], hub_url=server.url, retry_delay_s=0, runtime="onnxruntime")
+    with pytest.raises(UpdateError, match="trusts no signing key"):
+        install(strict, server, packages["v1"], "1.0.0")
+    loose = Updater(tmp_path / "loose", [], hub_url=server.url, retry_delay_s=0, runtime="onnxruntime",
+                    allow_unsigned=True)
+    install(loose, server, packages["unsigned"], "2.0.0")
+    assert loose.current().version == "2.0.0"
+
+
+def test_going_back_to_the_previous_model_is_reported_as_a_roll_back(tmp_path, server, packages, keys) -> None:
+    from agent.runtimes import open_runtime
+    from agent.updates import UpdateWorker
+
+    updater = make_updater(tmp_path, server, keys)
+    install(updater, server, packages["v1"], "1.0.0")
+    install(updater, server, packages["v2"], "2.0.0")
+    running = [updater.read(updater.current().path)]
+    states: list[messages.ModelState] = []
+    stop = threading.Event()
+    worker = UpdateWorker(updater, lambda model, m: open_runtime("onnxruntime", model, m),
+                          lambda package, runtime: running.append(package), states.append, stop,
+                          current=lambda: running[-1])
+    worker.start()
+    asked = len(server.requests)
+    worker.desired(desired_for(packages["v1"], "/files/v1.kdpkg", "1.0.0"))
+    deadline = time.monotonic() + 10
+    while not states and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stop.set()
+    assert [s.state for s in states] == ["rolled_back"]
+    assert states[0].version == "1.0.0" and states[0].rollout_id == "01HZROLLOUT"
+    assert states[0].reason == "back on darkness 1.0.0, the model it ran before darkness 2.0.0, as the hub asked"
+    assert running[-1].version == updater.current().version == "1.0.0" and len(server.requests) == asked

@@ -25,8 +25,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
-# bind-mounted folders the operator fills (training data, frames, model packages): not in git
-OPERATOR_FOLDERS = {"data", "images", "models"}
+# bind-mounted folders the operator fills (training data, frames, model packages, the site's public key):
+# not in git
+OPERATOR_FOLDERS = {"data", "images", "keys", "models"}
 LONG_RUNNING = {"postgres", "mosquitto", "hub", "hub-ingest", "agent", "agent-jetson"}
 NEEDS_HEALTHCHECK = {"postgres", "mosquitto", "hub"}
 
@@ -203,6 +204,10 @@ def test_hub_commands_match_the_hub_config_ports_and_broker(compose: dict[str, A
             cfg.validate()
             if ns.command in ("serve", "ingest"):
                 assert m.volume_of(cfg.data_dir) == "hub-data", f"{name}: data_dir {cfg.data_dir} is not on hub-data"
+            if ns.command == "serve":   # uploads must be signed: the keys it trusts are mounted
+                assert cfg.trusted_keys and not cfg.allow_unsigned, f"{name}: hub.toml trusts no key"
+                for key in cfg.trusted_keys:
+                    assert m.host_path(key) is not None, f"{name}: trusted key {key} is not mounted"
             if ns.command in ("serve", "write-mqtt-auth", "add-device"):
                 assert m.volume_of(cfg.mqtt_auth.password_file) == "mosquitto-auth", name
                 assert m.volume_of(cfg.mqtt_auth.hub_passwords()) == "mosquitto-auth", name
@@ -265,6 +270,9 @@ def test_agent_configs_load_and_point_at_mounted_paths(compose: dict[str, Any]) 
         assert m.volume_of(broker.ca_file) == "broker-tls", f"{name}: ca_file {broker.ca_file} is not mounted"
         assert m.volume_of(cfg.spool.path) == "agent-spool", f"{name}: spool {cfg.spool.path} is not on a volume"
         assert m.host_path(cfg.package) is not None, f"{name}: package {cfg.package} is not mounted"
+        assert cfg.trusted_keys and not cfg.allow_unsigned, f"{name}: the agent trusts no key"
+        for key in cfg.trusted_keys:
+            assert m.host_path(key) is not None, f"{name}: trusted key {key} is not mounted"
         for s in cfg.sources:
             if s.uri.isdigit():
                 assert f"/dev/video{s.uri}" in " ".join(service.get("devices", [])), f"{name}: camera {s.uri}"

@@ -82,6 +82,8 @@ def test_fleet_up_status_down(tmp_path: Path, tiny_package: Path, plate_folder: 
 
         text_status = kdfleet("fleet", "status", "--workdir", str(workdir))
         assert "station-3" in text_status.stdout and "online" in text_status.stdout
+
+        roll_out_a_new_version(workdir, state, tmp_path)
     finally:
         down = kdfleet("fleet", "down", "--workdir", str(workdir), timeout=90)
         try:
@@ -96,6 +98,49 @@ def test_fleet_up_status_down(tmp_path: Path, tiny_package: Path, plate_folder: 
     assert not left, f"processes left running after fleet down: {left}"
     assert not (workdir / "fleet.json").exists()
     assert "no fleet runs" in kdfleet("fleet", "down", "--workdir", str(workdir)).stdout
+
+
+def roll_out_a_new_version(workdir: Path, state: dict, tmp_path: Path) -> None:
+    """As on a plant: the site's key signs 2.0.0, an admin uploads it, `hub rollout start` reads the hub's own
+    config (no --db), and every agent the fleet started follows the hub's desired model."""
+    import urllib.request
+
+    from shared import package as pkg
+    from shared.demo import register_package
+    from tests.package_factory import build_package
+
+    config = str(workdir / "hub.toml")
+    assert "trusted_keys" in (workdir / "hub.toml").read_text()
+    models = json.loads(urllib.request.urlopen(urllib.request.Request(
+        state["dashboard"] + "api/models", headers={"Authorization": f"Bearer {state['token']}"}), timeout=5).read())
+    assert [(m["name"], m["version"]) for m in models["models"]] == [("darkness", "1.0.0")]   # what they run
+
+    key = pkg.load_private_key(workdir / "keys" / "site.key")
+    v2 = build_package(tmp_path / "v2" / "darkness.kdpkg", version="2.0.0", key=key)
+    admin = subprocess.run([sys.executable, "-m", "hub", "add-token", "release", "--role", "admin", "--config",
+                            config], cwd=ROOT, capture_output=True, text=True)
+    assert admin.returncode == 0, admin.stderr
+    model = register_package(state["dashboard"], admin.stdout.strip().splitlines()[-1], v2)
+    assert model is not None and model["version"] == "2.0.0"
+
+    out = subprocess.run([sys.executable, "-m", "hub", "rollout", "start", str(model["id"]), "--site", "fleet",
+                          "--canary", "1", "--soak", "1", "--config", config], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    rollout = out.stdout.split()[1].rstrip(":")
+    deadline = time.monotonic() + 90
+    while True:
+        status = subprocess.run([sys.executable, "-m", "hub", "rollout", "status", rollout, "--config", config],
+                                cwd=ROOT, capture_output=True, text=True)
+        if "completed" in status.stdout.splitlines()[0] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert "darkness 2.0.0, completed (3 active)" in status.stdout, status.stdout + status.stderr
+    engine = create_engine(state["db"])
+    with engine.connect() as c:
+        running = dict(c.execute(text("SELECT name, model_version FROM devices")).all())
+    engine.dispose()
+    assert running == dict.fromkeys(state["devices"], "2.0.0")
 
 
 def test_alive_tells_a_reused_pid_apart() -> None:

@@ -321,7 +321,7 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
         return [py, "-m", "agent", "run", "--folder", str(plate_folder), "--cls", "plate", "--package", str(package),
                 "--broker", f"mqtt://{SITE_IP}:{MQTT_PORT}", "--site", SITE, "--device", device,
                 "--station", f"line-{device.rsplit('-', 1)[1]}", "--runtime", "onnxruntime", "--threads", "1",
-                "--spool", str(spools[device]), *flags]
+                "--spool", str(spools[device]), "--allow-unsigned", *flags]
 
     def credentials(device: str) -> dict[str, str]:
         return {"KDFLEET_AGENT_USERNAME": f"{device}@{SITE}", "KDFLEET_AGENT_PASSWORD": passwords[device],

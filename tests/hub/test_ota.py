@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,14 +29,25 @@ from tests.waiting import wait_for as wait
 
 
 @pytest.fixture
+def signing(tmp_path: Path) -> tuple[pkg.Ed25519PrivateKey, Path]:
+    """The site's signing key and its public key file."""
+    key = pkg.new_key()
+    return key, pkg.save_keypair(key, tmp_path / "keys" / "fleet.key")
+
+
+@pytest.fixture
+def app(make_app, signing) -> Flask:
+    """The hub as deployed: it takes the packages the site's key signed."""
+    return make_app(HUB_TRUSTED_KEYS=[str(signing[1])])
+
+
+@pytest.fixture
 def fleet(app: Flask, live_hub, hub_db: Database, broker, data_dir: Path, tmp_path: Path,
-          unique: str) -> Iterator[dict]:
+          unique: str, signing, caplog) -> Iterator[dict]:
     """Three agents on model 1.0.0 of a signed package, the hub's ingest and rollout controller, and
     versions 2.0.0 (good) and 3.0.0 (fails its golden self-test) uploaded to the registry."""
-    key = pkg.new_key()
-    pub = tmp_path / "fleet.pub"
-    pub.write_bytes(key.public_key().public_bytes(pkg.serialization.Encoding.PEM,
-                                                  pkg.serialization.PublicFormat.SubjectPublicKeyInfo))
+    caplog.set_level(logging.INFO)   # the agents' start-up lines
+    key, pub = signing
     name = f"darkness-{unique}"
     made = {v: build_package(tmp_path / f"{v}.kdpkg", model_id=name, version=v, key=key,
                              golden_offset=5.0 if v == "3.0.0" else 0.0) for v in ("1.0.0", "2.0.0", "3.0.0")}
@@ -89,8 +101,10 @@ def running(agent: Agent) -> str:
     return agent.active.package.version
 
 
-def test_a_rollout_updates_every_agent_and_a_bad_package_stops_at_the_canary(fleet, hub_db) -> None:
+def test_a_rollout_updates_every_agent_and_a_bad_package_stops_at_the_canary(fleet, hub_db, caplog) -> None:
     agents, site, ids = fleet["agents"], fleet["site"], fleet["ids"]
+    started = [r.getMessage() for r in caplog.get_records("setup")]
+    assert sum("packages must be signed by one of 1 trusted key(s)" in m for m in started) == 3
     with hub_db.transaction() as s:
         first = rollouts.start_rollout(s, ids["2.0.0"], rollouts.Policy(canary=1, soak_s=1.0), site=site)
 

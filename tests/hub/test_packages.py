@@ -24,12 +24,29 @@ def signing_key() -> pkg.Ed25519PrivateKey:
 
 
 @pytest.fixture
+def trusted_pub(tmp_path: Path, signing_key) -> Path:
+    """The signing key's public half, as `kdfleet keys new` writes it."""
+    pkg.save_keypair(signing_key, tmp_path / "keys" / "release.key")
+    return tmp_path / "keys" / "release.pub"
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask], trusted_pub: Path) -> Flask:
+    """The hub as shipped: it takes packages signed by the release key."""
+    return make_app(HUB_TRUSTED_KEYS=[str(trusted_pub)])
+
+
+@pytest.fixture
 def made(tmp_path: Path, unique: str, signing_key) -> dict[str, Path]:
     """A signed package with a model id unique to this test, and broken copies of it."""
     good = build_package(tmp_path / "good.kdpkg", model_id=f"darkness-{unique}", version="1.0.0", key=signing_key)
     return {
         "good": good,
         "unsigned": build_package(tmp_path / "unsigned.kdpkg", model_id=f"darkness-{unique}", version="1.1.0"),
+        "unknown signer": build_package(tmp_path / "other.kdpkg", model_id=f"darkness-{unique}", version="1.2.0",
+                                        key=pkg.new_key()),
+        "same version": build_package(tmp_path / "same.kdpkg", model_id=f"darkness-{unique}", version="1.0.0",
+                                      key=signing_key, golden_offset=0.001),
         "tampered": rewrite_member(good, tmp_path / "tampered.kdpkg", "golden/0.png", members(good)["golden/1.png"]),
         "truncated": truncate(good, tmp_path / "truncated.kdpkg", 0.5),
     }
@@ -94,7 +111,7 @@ def test_tampered_and_truncated_uploads_are_refused(app: Flask, made, tokens, da
 
 
 def test_a_package_is_attached_to_its_json_registration_only_if_it_is_that_file(
-        app: Flask, made, tokens, unique, tmp_path) -> None:
+        app: Flask, made, tokens, unique, tmp_path, signing_key) -> None:
     client = app.test_client()
     good = made["good"]
     entry = {"name": f"darkness-{unique}", "version": "1.0.0", "sha256": "ab" * 32,
@@ -116,7 +133,7 @@ def test_a_package_is_attached_to_its_json_registration_only_if_it_is_that_file(
     assert client.post("/api/models/999999/package", data=good.read_bytes(), headers=bearer(tokens["admin"]),
                        content_type="application/octet-stream").status_code == 404
 
-    hosted = build_package(tmp_path / "hosted.kdpkg", model_id=f"hosted-{unique}", version="2.0.0")
+    hosted = build_package(tmp_path / "hosted.kdpkg", model_id=f"hosted-{unique}", version="2.0.0", key=signing_key)
     entry = {"name": f"hosted-{unique}", "version": "2.0.0", "sha256": pkg.file_sha256(hosted),
              "size_bytes": hosted.stat().st_size, "url": "https://models.example/hosted.kdpkg"}
     right = client.post("/api/models", json=entry, headers=bearer(tokens["admin"])).get_json()
@@ -126,13 +143,39 @@ def test_a_package_is_attached_to_its_json_registration_only_if_it_is_that_file(
     assert client.get(attached.get_json()["url"], headers=bearer(tokens["viewer"])).data == hosted.read_bytes()
 
 
-def test_hub_with_trusted_keys_accepts_only_packages_they_signed(
-        make_app: Callable[..., Flask], made, tokens, tmp_path, signing_key) -> None:
-    pkg.save_keypair(signing_key, tmp_path / "keys" / "release.key")
-    client = make_app(HUB_TRUSTED_KEYS=[str(tmp_path / "keys" / "release.pub")]).test_client()
+def test_hub_with_trusted_keys_accepts_only_packages_they_signed(app: Flask, made, tokens, data_dir) -> None:
+    client = app.test_client()
     refused = upload(client, made["unsigned"], tokens["admin"])
     assert refused.status_code == 400 and "not signed" in refused.get_json()["detail"]
+    stranger = upload(client, made["unknown signer"], tokens["admin"])
+    assert stranger.status_code == 400 and "does not match any trusted key" in stranger.get_json()["detail"]
+    for case in ("unsigned", "unknown signer"):
+        assert not (data_dir / "packages" / f"{pkg.file_sha256(made[case])}.kdpkg").exists()
     assert upload(client, made["good"], tokens["admin"]).status_code == 201
+
+
+def test_a_hub_that_trusts_no_key_takes_no_package_unless_told_to(
+        make_app: Callable[..., Flask], made, tokens) -> None:
+    """Secure by default: no trusted key, no upload (signed or not); allow_unsigned is the explicit way out."""
+    client = make_app().test_client()
+    for case in ("unsigned", "good"):
+        refused = upload(client, made[case], tokens["admin"])
+        detail = refused.get_json()["detail"]
+        assert refused.status_code == 400 and "trusts no signing key" in detail and "trusted_keys" in detail
+    loose = make_app(HUB_ALLOW_UNSIGNED=True).test_client()
+    assert upload(loose, made["unsigned"], tokens["admin"]).status_code == 201
+
+
+def test_a_refused_upload_leaves_no_file_in_the_packages_folder(app: Flask, made, tokens, data_dir) -> None:
+    client = app.test_client()
+    first = upload(client, made["good"], tokens["admin"]).get_json()
+    before = sorted(p.name for p in (data_dir / "packages").iterdir())
+    twin = upload(client, made["same version"], tokens["admin"])   # a valid package, its version taken
+    assert twin.status_code == 400 and "registered already" in twin.get_json()["detail"]
+    elsewhere = upload(client, made["same version"], tokens["admin"], url=f"/api/models/{first['id']}/package")
+    assert elsewhere.status_code == 400 and "is not the file registered" in elsewhere.get_json()["detail"]
+    assert sorted(p.name for p in (data_dir / "packages").iterdir()) == before
+    assert not (data_dir / "packages" / f"{pkg.file_sha256(made['same version'])}.kdpkg").exists()
 
 
 def test_a_device_updates_from_the_hub_resuming_a_partial_download(
@@ -158,12 +201,13 @@ def test_a_device_updates_from_the_hub_resuming_a_partial_download(
     assert seen[-1] == (body["url"], "bytes=7000-")
 
 
-def test_the_registry_shows_a_package_s_metrics_and_lineage(app: Flask, tmp_path, unique, tokens, sign_in) -> None:
+def test_the_registry_shows_a_package_s_metrics_and_lineage(app: Flask, tmp_path, unique, tokens, sign_in,
+                                                           signing_key) -> None:
     metrics = {"mean": {"image_auroc": 0.971, "pixel_auroc": 0.952, "aupro": 0.8},
                "classes": {"plate": {"image_auroc": 0.971}}, "latency_ms": 3.2, "size_mb": 0.1,
                "drop_vs_fp32": {"image_auroc": 0.004, "pixel_auroc": 0.001, "aupro": 0.0}}
     path = build_package(tmp_path / "int8.kdpkg", model_id=f"lineage-{unique}", version="1.1.0", metrics=metrics,
-                         parent="1.0.0")
+                         parent="1.0.0", key=signing_key)
     body = upload(app.test_client(), path, tokens["admin"]).get_json()
     assert body["parent_version"] == "1.0.0"
     assert body["metrics"] == {"image_auroc": 0.971, "pixel_auroc": 0.952, "aupro": 0.8,
@@ -175,3 +219,40 @@ def test_the_registry_shows_a_package_s_metrics_and_lineage(app: Flask, tmp_path
     row = row[:row.index("</tr>")]
     assert "0.971 / 0.952" in row and "-0.004" in row and "3.2 ms" in row and "1.0.0" in row
     assert 'title="plate 0.971"' in row
+
+
+def test_trusted_keys_come_from_hub_toml_or_the_command_line(tmp_path, trusted_pub, db_url, hub_db) -> None:
+    import subprocess
+    import sys
+
+    from hub.cli import build_parser, main, settings
+    from shared.config import ConfigError
+    from tests.conftest import free_port
+
+    config = tmp_path / "hub.toml"
+    config.write_text(f'db = "{db_url}"\ntrusted_keys = ["{trusted_pub}"]\n')
+    from_file = settings(build_parser().parse_args(["serve", "--config", str(config)]))
+    assert from_file.web_settings()["HUB_TRUSTED_KEYS"] == [str(trusted_pub)]
+    assert len(from_file.load_trusted_keys()) == 1
+    flag = settings(build_parser().parse_args(["serve", "--config", str(config), "--trusted-key", "missing.pub"]))
+    assert flag.trusted_keys == ["missing.pub"]
+    with pytest.raises(ConfigError, match=r"trusted_keys: cannot load missing\.pub"):
+        flag.load_trusted_keys()
+    assert main(["serve", "--config", str(config), "--trusted-key", str(tmp_path / "missing.pub")]) == 2
+    with pytest.raises(ConfigError, match="allow_unsigned = true cannot go with trusted_keys"):
+        settings(build_parser().parse_args(["serve", "--config", str(config), "--allow-unsigned"]))
+
+    # the start-up log says which packages the hub takes
+    hub = subprocess.Popen([sys.executable, "-m", "hub", "serve", "--db", db_url, "--allow-unsigned",
+                            "--port", str(free_port()), "--broker", "mqtt://127.0.0.1:1", "--data-dir",
+                            str(tmp_path / "data")], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in hub.stderr:
+            lines.append(line)
+            if "dashboard on" in line:
+                break
+        assert any("allow_unsigned = true: UNSIGNED package uploads are accepted" in x for x in lines), lines
+    finally:
+        hub.terminate()
+        hub.wait(20)

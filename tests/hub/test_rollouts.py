@@ -73,14 +73,21 @@ class FakeStation:
     its self-test would.
     """
 
-    def __init__(self, broker: tuple[str, int], site: str, name: str, fail_version: str = "") -> None:
-        self.site, self.name, self.fail_version = site, name, fail_version
+    def __init__(self, broker: tuple[str, int], site: str, name: str, fail_version: str = "",
+                 running: str | None = None) -> None:
+        self.site, self.name, self.fail_version, self.running = site, name, fail_version, running
         self.desired: list[messages.ModelDesired] = []
         self.lock = threading.Lock()
+        # with `running`, a birth message naming that version on every connect, as an agent sends
         self.link = MqttLink(BrokerConfig(*broker), f"dev-{site}-{name}",
                              subscriptions=[(topics.topic(site, name, topics.MODEL_DESIRED), 1)],
-                             on_message=self.on_desired).start()
+                             on_message=self.on_desired, on_connect=self.birth if running else None).start()
         assert self.link.wait_connected(10) and self.link.subscribed.wait(10)
+
+    def birth(self) -> None:
+        status = messages.Status(device=self.name, online=True, ts=time.time(), site=self.site,
+                                 model_id="m", model_version=self.running or "")
+        self.link.publish(topics.topic(self.site, self.name, topics.STATUS), messages.encode(status), qos=1)
 
     def on_desired(self, topic: str, payload: bytes) -> None:
         want = messages.decode(payload, expect=messages.ModelDesired)
@@ -90,6 +97,8 @@ class FakeStation:
 
     def _update(self, want: messages.ModelDesired) -> None:
         final = "failed" if want.version == self.fail_version else "active"
+        if final == "active":
+            self.running = want.version
         for state in ("downloading", "verifying", "testing", final):
             msg = messages.ModelState(self.name, time.time(), state, want.model_id, want.version, want.rollout_id,
                                       reason="self-test scores out of tolerance" if state == "failed" else "")
@@ -264,3 +273,220 @@ def test_retraining_cycles_are_recorded_and_shown_with_their_reason(hub_db, sign
     assert listed[0]["reason"] == refused["reason"]
     page = admin.get("/models/").get_data(as_text=True)
     assert "Retraining" in page and refused["reason"] in page and f"m-{unique}" in page
+
+
+# -- devices that are away, stuck, or busy ---------------------------------------------------
+
+
+def test_a_wave_times_out_a_stuck_device_as_a_failure_and_leaves_an_offline_one_behind() -> None:
+    policy = Policy(soak_s=0, wave_timeout_s=600)
+    stuck = targets("active", "downloading", "pending", waves=(0, 1, 2), told_for_s=601, active_for_s=700)
+    stopped = decide("rolling", policy, stuck)
+    assert stopped.state == "failed" and stopped.timed_out == (1,)
+    assert "1 device update(s) failed (d1 timed out)" in stopped.note
+    away = [TargetStatus(0, "d0", 0, "active", active_for_s=700, told_for_s=700),
+            TargetStatus(1, "d1", 1, "desired", told_for_s=601, online=False),
+            TargetStatus(2, "d2", 1, "active", active_for_s=5, told_for_s=6)]
+    went_on = decide("rolling", policy, away)
+    assert went_on.state == "completed" and went_on.left_behind == (1,) and went_on.timed_out == ()
+    assert "1 offline when their wave timed out (d1)" in went_on.note
+    waiting = decide("rolling", policy, [*away[:1], TargetStatus(1, "d1", 1, "desired", told_for_s=599,
+                                                                 online=False)])
+    assert waiting.state == "rolling" and waiting.left_behind == ()   # not yet: the wave still waits for it
+
+
+def test_an_anomaly_rate_that_jumps_after_the_update_stops_the_rollout(
+        hub_db, site, unique, store, make_result) -> None:
+    """A threshold gone wrong: 10 % anomalies before, all after; the rise bound stops it, the rate bound not set."""
+    from datetime import UTC, datetime, timedelta
+
+    from hub.ingest import BatchWriter, Envelope
+
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    before = [make_result(site, "cam-0", seed=i, crops=0, model_version="1", verdict="anomaly" if i % 10 == 0
+                          else "ok") for i in range(40)]
+    BatchWriter(hub_db, store).write([Envelope(site, "cam-0", r, start) for r in before])
+    with hub_db.transaction() as s:
+        rid = rollouts.start_rollout(s, model_id(hub_db, unique, "2"),
+                                     Policy(canary=1, soak_s=600, max_anomaly_rise=0.2), site=site)
+        assert [o.device for o in rollouts.advance(s)] == ["cam-0"]
+        active = messages.ModelState("cam-0", time.time(), "active", f"m-{unique}", "2", rid)
+        assert rollouts.record_state(s, site, "cam-0", active)
+    after = [make_result(site, "cam-0", seed=i, crops=0, model_version="2", verdict="anomaly") for i in range(25)]
+    BatchWriter(hub_db, store).write([Envelope(site, "cam-0", r, datetime.now(UTC)) for r in after])
+    with hub_db.transaction() as s:
+        back = rollouts.advance(s)
+    d = detail(hub_db, rid)
+    assert d.state == "failed", d.note
+    assert "cam-0: anomaly rate 100.0% on the new model against 10.0% before it" in d.note
+    assert [(o.device, o.desired.version) for o in back] == [("cam-0", "1")]
+
+
+def test_resume_tells_the_devices_still_updating_again(hub_db, site, unique) -> None:
+    with hub_db.transaction() as s:
+        rid = rollouts.start_rollout(s, model_id(hub_db, unique, "2"), Policy(canary=2), site=site)
+        assert len(rollouts.advance(s)) == 2
+        rollouts.record_state(s, site, "cam-0", messages.ModelState("cam-0", time.time(), "downloading",
+                                                                   f"m-{unique}", "2", rid))
+        rollouts.pause(s, rid, "broker maintenance")
+        assert rollouts.advance(s) == []
+        rollouts.resume(s, rid)
+        again = rollouts.advance(s)
+    assert sorted(o.device for o in again) == ["cam-0", "cam-1"]
+    assert all(o.desired.version == "2" and o.desired.rollout_id == rid for o in again)
+    assert {t.device: t.state for t in detail(hub_db, rid).targets if t.wave == 0} == {"cam-0": "desired",
+                                                                                        "cam-1": "desired"}
+
+
+def test_a_rollout_of_busy_devices_waits_in_the_queue_and_starts_when_they_are_free(hub_db, site, unique) -> None:
+    with hub_db.transaction() as s:
+        s.add(Model(name=f"m-{unique}", version="3", method="stfpm", sha256="cd" * 32, size_bytes=1000,
+                    url="http://hub.invalid/api/models/3/package"))
+    with hub_db.transaction() as s:
+        first = rollouts.start_rollout(s, model_id(hub_db, unique, "2"), Policy(canary=1), site=site)
+        rollouts.advance(s)
+    with hub_db.transaction() as s, pytest.raises(QueryError, match=r"another live rollout .*queue"):
+        rollouts.start_rollout(s, model_id(hub_db, unique, "3"), Policy(), site=site)
+    with hub_db.transaction() as s:
+        second = rollouts.start_rollout(s, model_id(hub_db, unique, "3"), Policy(canary=1), site=site, queue=True)
+    assert detail(hub_db, second).state == "queued" and first in detail(hub_db, second).note
+    with hub_db.transaction() as s:
+        assert all(o.desired.version != "3" for o in rollouts.advance(s))   # still busy: it waits
+        s.execute(Device.__table__.update().where(Device.name == "cam-0", Device.site_id == select(Site.id)
+                                                  .where(Site.name == site).scalar_subquery())
+                  .values(model_version="2"))   # the canary did update before the first one was aborted
+        rollouts.abort(s, first, "superseded")
+    with hub_db.transaction() as s:
+        sent = rollouts.advance(s)
+    d = detail(hub_db, second)
+    assert d.state == "canary"
+    # the aborted rollout sends its canary back first; the queued one's canary then goes to version 3
+    assert [(o.device, o.desired.version, o.desired.rollout_id) for o in sent] == [
+        ("cam-0", "1", first), ("cam-0", "3", second)]
+    assert {t.device: t.previous for t in d.targets}["cam-0"] == f"m-{unique} 1"   # where it was sent back to
+
+
+def test_a_device_that_missed_its_update_is_told_when_it_reconnects(
+        hub_db, site, unique, private_broker, wait_for, caplog) -> None:
+    """cam-3 is away during the rollout: its wave times out, the rollout completes without it, the broker
+    restarts without persistence (the retained desire is gone); when cam-3 comes back it is told again."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    broker = private_broker()
+    with hub_db.transaction() as s:
+        s.execute(Device.__table__.update().where(Device.name == "cam-3").values(online=False))
+    controller = RolloutController(hub_db, BrokerConfig(broker.host, broker.port), interval_s=0.1,
+                                   client_id=f"rollouts-{unique}").start()
+    assert controller.wait_ready(10)
+    stations = [FakeStation((broker.host, broker.port), site, f"cam-{i}", running="1") for i in range(3)]
+    with hub_db.transaction() as s:
+        rid = rollouts.start_rollout(s, model_id(hub_db, unique, "2"),
+                                     Policy(canary=1, soak_s=0.2, wave_timeout_s=1.0), site=site)
+    wait_for(lambda: detail(hub_db, rid).state == "completed", 20, "the rollout to complete without cam-3")
+    d = detail(hub_db, rid)
+    assert {t.device: t.state for t in d.targets} == {"cam-0": "active", "cam-1": "active", "cam-2": "active",
+                                                      "cam-3": "offline"}
+    assert "cam-3" in d.note and "told again when it reconnects" in d.note
+    assert {t.device: t.connection for t in d.targets}["cam-3"] == "offline"
+    assert "is the hub running" not in caplog.text
+    assert f"{site}/cam-3: desired model m-{unique} 2 (rollout {rid}); the device is offline" in caplog.text
+
+    broker.stop()
+    broker.start()   # persistence false: the retained desired models are gone
+    assert controller.wait_ready(15)
+    late = FakeStation((broker.host, broker.port), site, "cam-3", running="1")
+    wait_for(lambda: late.versions() == ["2"], 15, "cam-3 told of version 2 on reconnecting")
+    wait_for(lambda: {t.device: t.state for t in detail(hub_db, rid).targets}["cam-3"] == "active", 10,
+             "cam-3 active on version 2")
+    assert controller.resent >= 1
+    time.sleep(0.5)
+    assert all(st.versions() == ["2"] for st in stations)   # the others, already on it, were not told again
+    for st in [*stations, late]:
+        st.link.stop()
+    controller.stop()
+
+
+def test_the_api_refuses_unknown_keys_and_reads_pauses_resumes_and_aborts(hub_db, site, unique, app) -> None:
+    with hub_db.transaction() as s:
+        admin = users.create_token(s, f"admin-{unique}", "admin")[1]
+        viewer = users.create_token(s, f"viewer-{unique}", "viewer")[1]
+    client = app.test_client()
+    as_admin, as_viewer = {"Authorization": f"Bearer {admin}"}, {"Authorization": f"Bearer {viewer}"}
+    mid = model_id(hub_db, unique, "2")
+    typo = client.post("/api/rollouts", json={"model_id": mid, "site": site, "soak": 15}, headers=as_admin)
+    detail_text = typo.get_json()["detail"]
+    assert typo.status_code == 400 and "unknown key(s) 'soak'" in detail_text and "soak_s" in detail_text
+    assert "wave_timeout_s" in detail_text and "queue" in detail_text
+    created = client.post("/api/rollouts", json={"model_id": mid, "site": site, "soak_s": 15, "canary": 2,
+                                                 "max_anomaly_rise": 0.2, "wave_timeout_s": 300}, headers=as_admin)
+    assert created.status_code == 201, created.get_json()
+    body = created.get_json()
+    rid = body["id"]
+    assert body["policy"]["soak_s"] == 15 and body["policy"]["max_anomaly_rise"] == 0.2
+    assert body["policy"]["wave_timeout_s"] == 300 and body["url"] == f"/models/rollouts/{rid}"
+
+    status = client.get(f"/api/rollouts/{rid}", headers=as_viewer)
+    assert status.status_code == 200 and status.get_json()["state"] == "canary"
+    assert status.get_json()["counts"] == {"pending": 4}
+    assert {t["connection"] for t in status.get_json()["targets"]} == {"silent"}   # online, never heard from
+    assert client.get("/api/rollouts/nope", headers=as_viewer).status_code == 404
+
+    assert client.post(f"/api/rollouts/{rid}/pause", headers=as_viewer).status_code == 403
+    paused = client.post(f"/api/rollouts/{rid}/pause", json={"note": "line 2 changeover"}, headers=as_admin)
+    assert paused.status_code == 200 and paused.get_json()["state"] == "paused"
+    assert paused.get_json()["note"] == "line 2 changeover"
+    again = client.post(f"/api/rollouts/{rid}/pause", headers=as_admin)
+    assert again.status_code == 409 and "only a canary or rolling rollout can be paused" in again.get_json()["detail"]
+    odd = client.post(f"/api/rollouts/{rid}/resume", json={"why": "x"}, headers=as_admin)
+    assert odd.status_code == 400 and "unknown key(s) 'why'" in odd.get_json()["detail"]
+    assert client.post(f"/api/rollouts/{rid}/resume", headers=as_admin).get_json()["state"] == "canary"
+    assert client.post(f"/api/rollouts/{rid}/restart", headers=as_admin).status_code == 404
+    aborted = client.post(f"/api/rollouts/{rid}/abort", json={"note": "wrong model"}, headers=as_admin)
+    assert aborted.status_code == 200 and aborted.get_json()["state"] == "rolled_back"
+    assert detail(hub_db, rid).state == "rolled_back"
+
+    queued = client.post("/api/rollouts", json={"model_id": mid, "site": site, "queue": "yes"}, headers=as_admin)
+    assert queued.status_code == 400 and "queue must be true or false" in queued.get_json()["detail"]
+
+
+def test_the_rollout_page_shows_each_device_s_connection_and_the_age_of_its_state(
+        hub_db, site, unique, sign_in) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    with hub_db.transaction() as s:
+        s.execute(Device.__table__.update().where(Device.name == "cam-1")
+                  .values(online=False, last_seen=datetime.now(UTC) - timedelta(minutes=7)))
+        rid = rollouts.start_rollout(s, model_id(hub_db, unique, "2"), Policy(canary=2), site=site)
+        rollouts.advance(s)
+    viewer, _ = sign_in("viewer")
+    page = viewer.get(f"/models/rollouts/{rid}").get_data(as_text=True)
+    row = page[page.index(f"{site}/cam-1"):]
+    row = row[:row.index("</tr>")]
+    assert "offline" in row and "last seen" in row and "7 min ago" in row
+    assert "desired" in row and "since" in row and "just now" in row
+    assert "a told device has 1800 s to finish" in page
+
+
+def test_the_rollout_command_reads_the_hub_config_and_never_creates_a_database(
+        hub_db, site, db_url, unique, tmp_path, monkeypatch, capsys) -> None:
+    from hub.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["rollout", "status", "01HZZZZZZZZZZZZZZZZZZZZZZZ"]) == 1
+    err = capsys.readouterr().err
+    assert "no hub database at var/hub/hub.db" in err and "--config" in err and "--db" in err
+    assert not (tmp_path / "var").exists(), "a read command made a database"
+
+    config = tmp_path / "hub.toml"
+    config.write_text(f'db = "{db_url}"\n')
+    assert main(["rollout", "start", str(model_id(hub_db, unique, "2")), "--site", site, "--config", str(config),
+                 "--wave-timeout", "120", "--max-anomaly-rise", "0.25"]) == 0
+    rid = capsys.readouterr().out.split()[1].rstrip(":")
+    assert detail(hub_db, rid).policy.wave_timeout_s == 120 and detail(hub_db, rid).policy.max_anomaly_rise == 0.25
+    assert main(["rollout", "status", rid, "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{site}/cam-0  pending since" in out and "(silent, last seen never)" in out
+    assert main(["rollout", "start", str(model_id(hub_db, unique, "2")), "--site", site, "--config", str(config),
+                 "--queue"]) == 1
+    assert f"rollout(s) {rid} ship m-{unique} 2 to these devices already" in capsys.readouterr().err

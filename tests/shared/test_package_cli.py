@@ -115,3 +115,13 @@ def test_inspect_summarises_the_manifest_and_names_the_signer(tmp_path, unsigned
     assert info["classes"] == ["plate"] and info["golden"] == 2 and info["size_bytes"] == signed.stat().st_size
     assert kdfleet(["package", "inspect", str(signed), "--trusted", str(keys[1].with_suffix(".pub"))]) == 0
     assert "signed by none of the given trusted keys" in capsys.readouterr().out
+
+
+def test_keys_new_help_names_the_public_key_file_it_writes(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        kdfleet(["keys", "new", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "OUT.pub" not in text and "keys/fleet.key -> keys/fleet.pub" in text
+    assert kdfleet(["keys", "new", str(tmp_path / "fleet.key")]) == 0
+    assert (tmp_path / "fleet.pub").exists() and not (tmp_path / "fleet.key.pub").exists()
+    assert str(tmp_path / "fleet.pub") in capsys.readouterr().out
