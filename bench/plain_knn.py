@@ -1,6 +1,6 @@
-"""The outside baseline the memory-bank method must match: a plain PatchCore-style kNN.
+"""The baseline the memory-bank method must match: a plain PatchCore-style kNN.
 
-As it was measured from outside the project, and nothing more: the frozen
+Exactly this, and nothing more: the frozen
 EfficientNet-Lite0 teacher's stride-8 and stride-16 features, each averaged
 over its 3 x 3 neighbourhood and joined at stride 8, images squashed to
 S x S, one bank per class of 16384 training patches drawn at random, each
