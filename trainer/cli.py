@@ -401,31 +401,33 @@ def evaluate_items(items: list[dict[str, Any]], data: Path, classes: list[str],
         it["result"] = evaluate(it["path"], data, chosen, None, progress=lambda s, tag=tag: log(f"  {tag}: {s}"),
                                 **kw)
     if not args.no_yardstick:
-        items += yardstick_items(items, data, args.seed, kw)
+        items += yardstick_items(items, data, args.seed, args.work or args.out / "runs", kw)
     return group_entries([{k: v for k, v in it.items() if k in ("method", "mode", "source", "result", "train_s")}
                           for it in items])
 
 
-def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int,
+def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int, work: Path,
                     kw: dict[str, Any]) -> list[dict[str, Any]]:
     """The PatchCore yardstick beside every mode present. Its banks are per class, so one fit on every
-    covered class is the unified and the one-class model at once: it is fitted and evaluated once."""
+    covered class is the unified and the one-class model at once: it is fitted (or reused from `work`)
+    and evaluated once."""
     from trainer.evaluate import evaluate
-    from trainer.yardstick import fit_yardstick
+    from trainer.train import TrainConfig, train
 
     size = items[0]["result"]["input_size"]
     covered = list(dict.fromkeys(c for it in items for c in it["result"]["classes"]))
     log(f"fitting the PatchCore yardstick on {', '.join(covered)} at {size} px")
     t0 = time.monotonic()
-    model = fit_yardstick(str(data), covered, size, seed=seed, threads=kw["threads"],
-                          progress=lambda p: log(f"  yardstick: {p.note}"))
+    cfg = TrainConfig(data=str(data), classes=tuple(covered), method="patchcore", size=size, seed=seed,
+                      threads=kw["threads"], out=str(work / "patchcore"))
+    path = train(cfg, progress=lambda p: log(f"  yardstick: {p.note}"), resume=True)
     fit_s = time.monotonic() - t0
-    r = evaluate(model, data, covered, size, seed=seed, progress=lambda s: log(f"  yardstick: {s}"), **kw)
+    r = evaluate(path, data, covered, size, seed=seed, progress=lambda s: log(f"  yardstick: {s}"), **kw)
     out = []
     for mode in dict.fromkeys(it["mode"] for it in items):
         mine = list(dict.fromkeys(c for it in items if it["mode"] == mode for c in it["result"]["classes"]))
-        out.append({"method": "patchcore", "mode": mode, "source": f"PatchCore yardstick on {', '.join(covered)}",
-                    "result": subset(r, mine), "train_s": fit_s})
+        out.append({"method": "patchcore", "mode": mode, "source": str(path), "result": subset(r, mine),
+                    "train_s": fit_s})
     return out
 
 

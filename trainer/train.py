@@ -254,6 +254,10 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_
     model = build_model(cfg.model)
     normalize = Normalize.for_model(model)
     if not method.trained:
+        if resume and (out / BEST).exists():   # a fitted model is done in one pass: reuse it when it matches
+            check_resumable(TrainConfig.from_dict(torch.load(out / BEST, map_location="cpu",
+                                                             weights_only=True)["config"]), cfg)
+            return out / BEST
         t0 = time.monotonic()
         fit_once(cfg, model, train_s, train_x, progress)
         save_checkpoint(out / BEST, cfg, model, 0, math.nan, None, [{"fit_s": time.monotonic() - t0}])
