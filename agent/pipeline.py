@@ -1,6 +1,7 @@
-"""The station pipeline: capture -> letterbox -> infer -> score/crops -> spool -> publish.
+"""The station pipeline: capture -> fit to the model's input -> infer -> score/crops -> spool -> publish.
 
-One thread per source captures and letterboxes; one thread runs inference in
+One thread per source captures and resizes each frame to the model's input
+(stretched or letterboxed, as the package says); one thread runs inference in
 batches; one scores, renders and spools; the publisher drains the spool. The
 queues are bounded: when inference cannot keep up, capture drops frames (and
 counts them); a result, once inferred, is never dropped. One stop event
@@ -42,7 +43,7 @@ from agent.sources import Frame, FolderSource, SourceError, SourceEvents, open_s
 from agent.spool import Spool, SpoolFull
 from shared import messages, topics
 from shared.ids import new_ulid
-from shared.imaging import Placement, letterbox
+from shared.imaging import Placement, fit_square
 from shared.mqtt import MqttLink, NotConnected
 from shared.package import Package, load_public_key
 
@@ -71,11 +72,20 @@ class ActiveModel:
     def size(self) -> int:
         return int(self.package.manifest["input_size"])
 
+    @property
+    def fitting(self) -> tuple[int, str]:
+        """How a frame becomes this model's input: (square side, "stretch" or "letterbox")."""
+        return self.size, self.package.manifest.get("resize", "letterbox")   # packages before `resize` letterbox
+
+    def fit(self, image: np.ndarray) -> tuple[np.ndarray, Placement]:
+        return fit_square(image, *self.fitting)
+
 
 @dataclass(slots=True)
 class Captured:
     image: np.ndarray       # the original frame, RGB
-    boxed: np.ndarray       # letterboxed to the model input
+    boxed: np.ndarray       # the model's square input (shared.imaging.fit_square)
+    fitting: tuple[int, str]   # the (side, resize mode) `boxed` was made for
     placement: Placement
     ts: float
     t0: float               # monotonic capture time, for latency
@@ -276,14 +286,17 @@ class Agent:
                 self.frames.put(_DONE)
 
     def _take(self, frame: Frame, src_cfg: SourceConfig, live: bool, monitor: _SourceMonitor) -> None:
-        """Letterbox a captured frame and queue it for inference (a live source's is dropped when full)."""
+        """Fit a captured frame to the model's input and queue it for inference (a live source's is dropped
+        when full)."""
+        model = self.active
         try:
-            boxed, placement = letterbox(frame.image, self.size)
+            boxed, placement = model.fit(frame.image)
         except Exception as exc:   # one frame OpenCV cannot resize: counted, the source goes on
-            log.error("%s: frame cannot be letterboxed (%s); skipped", frame.name, exc)
+            log.error("%s: frame cannot be resized to the model's input (%s); skipped", frame.name, exc)
             monitor.rejected(frame.name, str(exc))
             return
-        item = Captured(frame.image, boxed, placement, frame.ts, time.monotonic(), frame.name, src_cfg)
+        item = Captured(frame.image, boxed, model.fitting, placement, frame.ts, time.monotonic(), frame.name,
+                        src_cfg)
         self.counters.add(captured=1)
         if not live:
             self._put_waiting(item)
@@ -329,8 +342,7 @@ class Agent:
             model = self.active   # one model per batch, whatever an update does meanwhile
             t = time.perf_counter()
             try:
-                boxed = [b.boxed if b.boxed.shape[0] == model.size else letterbox(b.image, model.size)[0]
-                         for b in batch]
+                boxed = [b.boxed if b.fitting == model.fitting else model.fit(b.image)[0] for b in batch]
                 maps = model.runtime.infer(np.stack(boxed), [b.source.cls for b in batch])
             except Exception:
                 log.exception("inference failed on %d frame(s); skipped", len(batch))
@@ -375,8 +387,8 @@ class Agent:
     def _result(self, cap: Captured, amap: np.ndarray, model: ActiveModel) -> tuple[bytes | None, bool, str]:
         """The encoded result of one frame, whether it is an anomaly, and its id (None: not published)."""
         cls = cap.source.cls
-        if cap.boxed.shape[0] != model.size:   # letterboxed again for a model of another input size
-            _, placement = letterbox(cap.image, model.size)
+        if cap.fitting != model.fitting:   # fitted again for a model with another input
+            _, placement = model.fit(cap.image)
         else:
             placement = cap.placement
         scored = model.scorer.score(amap, cls, placement)   # the frame, not the letterbox border

@@ -129,7 +129,7 @@ def int8_variant(entry: dict[str, Any], data: Path, out: Path, threads: int) -> 
     res = quantize_ptq(fp32, out / "int8" / "ptq_holdout-normal.onnx", frames)
     log(f"evaluating {entry['label']} INT8 (PTQ, held-out normal calibration)")
     result = evaluate(res.path, data, list(tcfg.classes), tcfg.size, val_fraction=tcfg.val_fraction, seed=tcfg.seed,
-                      threads=threads, latency_runs=20, progress=lambda s: log(f"  INT8: {s}"))
+                      threads=threads, latency_runs=20, resize=tcfg.resize, progress=lambda s: log(f"  INT8: {s}"))
     result["model_classes"] = list(tcfg.classes)
     return {"label": f"{entry['label']} INT8", "source": str(res.path), "result": result}
 

@@ -5,10 +5,10 @@ header claims (`shared.image_header`), against `ImageLimits`, so one file
 cannot make a decoder allocate gigabytes. Whatever goes wrong while reading
 or decoding is an `ImageError` naming the file and the reason.
 
-Frames are resized to the model's square input keeping their aspect ratio
-(letterbox with reflected borders), so images of any size or shape reach the
-network undistorted. `Placement` remembers where the frame landed, so a map can
-be cut back to the frame's own region.
+Frames are resized to the model's square input (`fit_square`): stretched to
+fill it, or letterboxed (aspect kept, reflected borders), as the model
+package says. `Placement` remembers where the frame landed, so a map can be
+cut back to the frame's own region and shape.
 """
 from __future__ import annotations
 
@@ -143,6 +143,27 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:g} MiB"
 
 
+RESIZE_MODES = ("stretch", "letterbox")
+
+
+def fit_square(img: np.ndarray, size: int, mode: str = "letterbox") -> tuple[np.ndarray, Placement]:
+    """The frame as a model's size x size input, and where it landed there.
+
+    "stretch" resizes it to fill the square: a station's frames share one
+    aspect ratio, so the network always sees the same distortion and every
+    input pixel shows the part (a 512 x 208 frame keeps 2.5x the pixels it
+    would letterboxed). "letterbox" keeps the aspect ratio (`letterbox`),
+    for frames whose shapes vary.
+    """
+    if mode == "letterbox":
+        return letterbox(img, size)
+    if mode != "stretch":
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {mode!r}")
+    h, w = img.shape[:2]
+    interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp), Placement(0, 0, size, size)
+
+
 def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
     """Resize `img` (H, W[, C]) to fit a size x size square keeping its aspect ratio.
 
@@ -164,7 +185,8 @@ def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, Placement]:
 
 
 def unletterbox(amap: np.ndarray, placement: Placement, size: int, out_hw: tuple[int, int]) -> np.ndarray:
-    """Cut a map (h, w) computed on the letterboxed square back to the frame, at `out_hw`."""
+    """Cut a map (h, w) computed on the model's square back to the frame's own region and shape, at `out_hw`
+    (for a stretched frame the region is the whole square, resized back to the frame's aspect)."""
     mh, mw = amap.shape[:2]
     sy, sx = mh / size, mw / size
     y0, y1 = round(placement.y0 * sy), round((placement.y0 + placement.h) * sy)

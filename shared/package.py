@@ -46,7 +46,7 @@ class PackageError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GoldenImage:
-    """A self-test image (PNG of the letterboxed input) and the image score it must give."""
+    """A self-test image (PNG of the model's square input) and the image score it must give."""
 
     name: str
     png: bytes
@@ -113,6 +113,8 @@ def validate_manifest(m: Any) -> dict[str, Any]:
                 PositionReference.from_dict(cal["reference"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise PackageError(f"calibration of {c!r} has a malformed position reference: {exc}") from exc
+    if m.get("resize", "letterbox") not in ("stretch", "letterbox"):   # shared.imaging.RESIZE_MODES
+        raise PackageError(f"manifest 'resize' must be 'stretch' or 'letterbox', got {m['resize']!r}")
     if m.get("class_input") is not None and not isinstance(m["class_input"], str):
         raise PackageError("manifest 'class_input' must be the name of the graph's class-index input, or null")
     if MODEL not in m["files"]:

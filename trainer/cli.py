@@ -133,6 +133,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default=None, help="comma-separated classes (default: the model's)")
     ap.add_argument("--size", type=int, default=None, help="input side (default: the model's)")
     ap.add_argument("--yardstick", action="store_true", help="also evaluate the PatchCore yardstick")
+    ap.add_argument("--resize", choices=("stretch", "letterbox"), default=None,
+                    help="how frames become the input of an .onnx file (checkpoints and packages say it themselves; "
+                         "default for .onnx: letterbox)")
     ap.add_argument("--json", type=Path, default=None, help="write the full results as JSON here")
     ap.add_argument("--report", type=Path, default=None, metavar="DIR",
                     help="also write a report folder (results.json, report.md, ROC / histogram / worst-miss "
@@ -151,6 +154,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     classes = list(parse_classes(args.classes)) if args.classes else None
     extra: dict[str, Any] = {"details": True, "worst": WORST} if args.report else {}
     extra["reference"] = args.reference
+    if args.resize:
+        extra["resize"] = args.resize
     results: dict[str, Any] = {}
     items: list[dict[str, Any]] = []
     try:
@@ -171,7 +176,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
                 log(f"fitting the PatchCore yardstick on {', '.join(r['classes'])} at {r['input_size']} px")
                 yard = yardstick_report(str(data), list(r["classes"]), r["input_size"], threads=args.threads or 2,
-                                        progress=lambda s: log(f"  yardstick: {s}"), **extra)
+                                        progress=lambda s: log(f"  yardstick: {s}"),
+                                        **{**extra, "resize": r["resize"]})
                 results[f"{m} (yardstick)"] = yard
                 items.append({"method": "patchcore", "mode": mode_of(r["classes"]),
                               "source": f"PatchCore yardstick for {m}", "result": yard})
@@ -419,7 +425,7 @@ def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int, work: Pa
     log(f"fitting the PatchCore yardstick on {', '.join(covered)} at {size} px")
     t0 = time.monotonic()
     cfg = TrainConfig(data=str(data), classes=tuple(covered), method="patchcore", size=size, seed=seed,
-                      threads=kw["threads"], out=str(work / "patchcore"))
+                      resize=items[0]["result"]["resize"], threads=kw["threads"], out=str(work / "patchcore"))
     path = train(cfg, progress=lambda p: log(f"  yardstick: {p.note}"), resume=True)
     fit_s = time.monotonic() - t0
     r = evaluate(path, data, covered, size, seed=seed, progress=lambda s: log(f"  yardstick: {s}"), **kw)

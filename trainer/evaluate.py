@@ -66,6 +66,12 @@ class Runner:
     meta: dict[str, Any]  # what the source says about itself (checkpoint config, manifest)
     class_conditional: bool = False
 
+    @property
+    def resize(self) -> str:
+        """How frames become its square input: the checkpoint's or package's setting (older packages letterbox)."""
+        return self.meta.get("config", {}).get("resize") or self.meta.get("manifest", {}).get("resize") \
+            or self.meta.get("resize", "letterbox")
+
     def __call__(self, images: np.ndarray, class_index: int | np.ndarray = 0) -> np.ndarray:
         index = np.array(np.broadcast_to(np.asarray(class_index, np.int32), (len(images),)))   # a writable copy
         return self.run(images, index)
@@ -185,11 +191,11 @@ def standardise(amap: np.ndarray, reference: PositionReference | None) -> np.nda
 def infer(runner: Runner, paths: list[str], batch_size: int = 8, threads: int = 2, class_index: int = 0,
           keep_frames: bool = False) -> Inferred:
     """Raw maps of the images at `paths`, read in chunks so memory stays bounded for large sets."""
-    from trainer.train import load_frames
+    from trainer.data.frames import load_frames
 
     maps, places, shapes, frames = [], [], [], []
     for i in range(0, len(paths), 32):
-        images, p, sh = load_frames(paths[i:i + 32], runner.size, threads)
+        images, p, sh = load_frames(paths[i:i + 32], runner.size, threads, runner.resize)
         maps.append(run_batched(runner, images, batch_size, class_index))
         places += p
         shapes += sh
@@ -314,11 +320,12 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
              size: int | None = None, *, sigma: float = DEFAULT_SIGMA, val_fraction: float | None = None,
              seed: int | None = None, pixel_side: int = 256, batch_size: int = 8, latency_runs: int = 20,
              threads: int = 2, details: bool = False, worst: int = 0, reference: str = "auto",
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+             resize: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Metrics per class and mean, calibration per class, latency and size.
 
     model_or_onnx: an InferenceGraph or method model (give `size`), a checkpoint
-    path (.pt), an ONNX file or a .kdpkg. The validation split (`val_fraction`,
+    path (.pt), an ONNX file or a .kdpkg; `resize` how frames become its square
+    input, for a module or ONNX file (checkpoints and packages say it themselves). The validation split (`val_fraction`,
     `seed`) defaults to the checkpoint's, else 0.2 and 0. `reference`: "auto"
     puts each class's position reference on trial (`reference_trial`), "on" and
     "off" decide for every class; each class reports the test metrics both
@@ -332,6 +339,8 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
     from trainer.train import split_normal
 
     runner = make_runner(model_or_onnx, size, threads)
+    if resize is not None:
+        runner.meta.setdefault("resize", resize)
     cfg = runner.meta.get("config", {})
     manifest = runner.meta.get("manifest", {})
     if manifest:
@@ -393,6 +402,7 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
         "size_mb": runner.size_bytes / 2**20,
         "runtime": runner.runtime,
         "input_size": runner.size,
+        "resize": runner.resize,
         "sigma": sigma,
     }
 

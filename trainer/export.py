@@ -28,7 +28,8 @@ from trainer.evaluate import DEFAULT_SIGMA, evaluate, onnx_runner, torch_runner
 from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, OUTPUT_NAME, InferenceGraph
 from trainer.models import get_method
 from trainer.models.backbone import input_normalization
-from trainer.train import Progress, TrainConfig, load_checkpoint, load_letterboxed, train
+from trainer.data.frames import load_square
+from trainer.train import Progress, TrainConfig, load_checkpoint, train
 
 OPSET = 17
 
@@ -113,7 +114,7 @@ def golden_images(runner, data: str | Path, manifest: dict[str, Any], per_class:
         normal = [s for s in test if s.label == 0][: (per_class + 1) // 2]
         anomalous = [s for s in test if s.label == 1][: per_class // 2]
         picks += normal + anomalous
-    images, _ = load_letterboxed([s.path for s in picks], runner.size)
+    images, _ = load_square([s.path for s in picks], runner.size, resize=manifest["resize"])
     out = []
     for s, img in zip(picks, images, strict=True):
         amap = runner(img[None], manifest["classes"].index(s.cls))[0, 0]
@@ -140,7 +141,7 @@ def export_package(checkpoint: str | Path, out: str | Path, data: str | Path | N
     check_onnx(onnx_path, model, cfg.size)
 
     result = evaluate(onnx_path, data, list(cfg.classes), cfg.size, sigma=sigma, val_fraction=cfg.val_fraction,
-                      seed=cfg.seed, latency_runs=latency_runs, reference=reference)
+                      seed=cfg.seed, latency_runs=latency_runs, reference=reference, resize=cfg.resize)
     manifest = build_manifest(cfg, result, sigma, version, model_id, parent, ckpt)
     golden = golden_images(onnx_runner(onnx_path), data, manifest, golden_per_class)
     path = write_package(out, manifest, onnx_path, golden, key=key)
@@ -166,6 +167,7 @@ def build_manifest(cfg: TrainConfig, result: dict[str, Any], sigma: float, versi
         "backbone": cfg.model.backbone,
         "classes": list(cfg.classes),
         "input_size": cfg.size,
+        "resize": cfg.resize,
         "map_size": cfg.size // MAP_STRIDE,
         "sigma": sigma,
         "mean": list(input_normalization(cfg.model.backbone)[0]),

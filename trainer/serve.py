@@ -562,7 +562,8 @@ def _cycle(cfg: ServeConfig, hub: Hub, state: dict[str, Any]) -> Outcome:
         cur_result = scored(cur_runner, cur_data, classes, cur_cfg.val_fraction, cur_cfg.seed,
                             collected, sigma, cfg.latency_runs, shipped)
         log.info("evaluating the candidate")
-        cand_result = scored(onnx_runner(onnx_path), data, classes, cand_cfg.val_fraction, cand_cfg.seed,
+        cand_result = scored(onnx_runner(onnx_path, {"config": cand_cfg.to_dict()}), data, classes,
+                             cand_cfg.val_fraction, cand_cfg.seed,
                              collected, sigma, cfg.latency_runs)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ServeError(f"retraining failed: {exc}") from exc

@@ -17,7 +17,6 @@ import dataclasses
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.imaging import Placement, letterbox, read_image
+from shared.imaging import RESIZE_MODES
+from trainer.data.frames import load_square
 from trainer.inference_graph import Normalize, to_float_nchw
 from trainer.models import build_model, get_method, model_config
 
@@ -46,7 +46,8 @@ class TrainConfig:
     classes: tuple[str, ...] = ()               # empty: every class found under `data`
     method: str = "stfpm"
     model: Any = None                           # the method's config (dataclass or dict); None: its defaults
-    size: int = 256                             # letterboxed input side; a multiple of 32 for the backbones
+    size: int = 256                             # the model's square input side; a multiple of 32 for the backbones
+    resize: str = "stretch"                     # frames to the square: "stretch" or "letterbox" (shared.imaging)
     # None: the method's own recipe (`Method.recipe`, e.g. trainer/models/stfpm/__init__.py), else RECIPE
     epochs: int | None = None
     batch_size: int = 8                         # BatchNorm needs a few; 16 halved the updates (30 for 48 images x 10)
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"model config is for {type(self.model).method!r}, not {self.method!r}")
         if self.size < 64 or self.size % 32:
             raise ValueError(f"size must be a multiple of 32 and at least 64, got {self.size}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -126,26 +129,6 @@ def print_progress(p: Progress) -> None:
 
 
 # -- data ----------------------------------------------------------------------
-
-def load_frames(paths: list[str | Path], size: int, threads: int = 2
-                ) -> tuple[np.ndarray, list[Placement], list[tuple[int, int]]]:
-    """Read and letterbox images: uint8 (N, size, size, 3), where each frame landed, each frame's (H, W)."""
-    def one(p: str | Path) -> tuple[np.ndarray, Placement, tuple[int, int]]:
-        img = read_image(p)
-        return (*letterbox(img, size), img.shape[:2])
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:   # decoding releases the GIL
-        done = list(pool.map(one, paths))
-    if not done:
-        return np.zeros((0, size, size, 3), np.uint8), [], []
-    return np.stack([d[0] for d in done]), [d[1] for d in done], [d[2] for d in done]
-
-
-def load_letterboxed(paths: list[str | Path], size: int, threads: int = 2) -> tuple[np.ndarray, list[Placement]]:
-    """Read and letterbox images: uint8 (N, size, size, 3) and where each frame landed."""
-    images, places, _ = load_frames(paths, size, threads)
-    return images, places
-
 
 def split_normal(data: str | Path, classes: list[str], val_fraction: float, seed: int) -> tuple[list, list]:
     """The normal training images of `classes`, split into (train, validation) samples."""
@@ -245,8 +228,8 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_
 
     train_s, val_s = split_normal(cfg.data, classes, cfg.val_fraction, cfg.seed)
     threads = cfg.threads or torch.get_num_threads()
-    train_x, _ = load_letterboxed([s.path for s in train_s], cfg.size, threads)   # (N, S, S, 3) uint8
-    val_x, _ = load_letterboxed([s.path for s in val_s], cfg.size, threads)
+    train_x, _ = load_square([s.path for s in train_s], cfg.size, threads, cfg.resize)   # (N, S, S, 3) uint8
+    val_x, _ = load_square([s.path for s in val_s], cfg.size, threads, cfg.resize)
     if len(train_x) < 2:
         raise ValueError(f"need at least 2 normal training images, found {len(train_x)}")
 
@@ -318,7 +301,7 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_
 def fit_once(cfg: TrainConfig, model: torch.nn.Module, samples: list, images: np.ndarray,
              progress: Callable[[Progress], None] | None = None) -> torch.nn.Module:
     """Fit a method that has no loss and no epochs: one pass per class over its normal training images
-    (`samples` and their letterboxed `images`, uint8 NHWC). Returns the model, fitted, in eval mode."""
+    (`samples` and their square `images`, uint8 NHWC). Returns the model, fitted, in eval mode."""
     method = get_method(cfg.method)
     normalize = Normalize.for_model(model)
     bs = max(1, cfg.batch_size)

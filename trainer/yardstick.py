@@ -14,30 +14,33 @@ from collections.abc import Callable
 from typing import Any
 
 from trainer.models.patchcore import PatchCore, PatchCoreConfig
-from trainer.train import Progress, TrainConfig, fit_once, load_letterboxed, split_normal
+from trainer.data.frames import load_square
+from trainer.train import Progress, TrainConfig, fit_once, split_normal
 
 
 def fit_yardstick(data: str, classes: list[str], size: int, cfg: PatchCoreConfig | None = None,
                   val_fraction: float = 0.2, seed: int = 0, threads: int = 2,
-                  progress: Callable[[Progress], None] | None = None) -> PatchCore:
+                  progress: Callable[[Progress], None] | None = None, resize: str = "stretch") -> PatchCore:
     """PatchCore fitted on the normal training images of `classes` (the same split the methods train on)."""
-    tcfg = TrainConfig(data=str(data), classes=tuple(classes), method="patchcore", size=size,
+    tcfg = TrainConfig(data=str(data), classes=tuple(classes), method="patchcore", size=size, resize=resize,
                        model=dataclasses.asdict(cfg) if cfg else None, val_fraction=val_fraction, seed=seed,
                        threads=threads)
     from trainer.models import build_model
 
     train_s, _ = split_normal(data, list(classes), val_fraction, seed)
-    images, _ = load_letterboxed([s.path for s in train_s], size, threads)
+    images, _ = load_square([s.path for s in train_s], size, threads, resize)
     return fit_once(tcfg, build_model(tcfg.model), train_s, images, progress)
 
 
 def yardstick_report(data: str, classes: list[str], size: int, cfg: PatchCoreConfig | None = None,
-                     val_fraction: float = 0.2, seed: int = 0, threads: int = 2, **eval_kw: Any) -> dict:
+                     val_fraction: float = 0.2, seed: int = 0, threads: int = 2, resize: str = "stretch",
+                     **eval_kw: Any) -> dict:
     """Fit the yardstick on `classes` and evaluate it with the methods' evaluation code (`fit_s` added)."""
     from trainer.evaluate import evaluate
 
     t0 = time.monotonic()
-    model = fit_yardstick(data, classes, size, cfg, val_fraction, seed, threads)
+    model = fit_yardstick(data, classes, size, cfg, val_fraction, seed, threads, resize=resize)
     fit_s = time.monotonic() - t0
-    result = evaluate(model, data, classes, size, val_fraction=val_fraction, seed=seed, threads=threads, **eval_kw)
+    result = evaluate(model, data, classes, size, val_fraction=val_fraction, seed=seed, threads=threads,
+                      resize=resize, **eval_kw)
     return {**result, "fit_s": fit_s}

@@ -9,7 +9,8 @@ import numpy as np
 from shared.metrics import auroc
 from shared.scoring import calibrate, image_score
 from trainer.evaluate import make_runner
-from trainer.train import load_checkpoint, load_letterboxed, split_normal
+from trainer.data.frames import load_square
+from trainer.train import load_checkpoint, split_normal
 
 
 def paste_spot(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -27,8 +28,8 @@ def assert_detects_obvious_defect(trained: Path, data: Path, cls: str, size: int
     cfg, _, _ = load_checkpoint(trained)
     runner = make_runner(trained)
     _, val = split_normal(data, list(cfg.classes), cfg.val_fraction, cfg.seed)
-    val_x, _ = load_letterboxed([s.path for s in val], size)
-    good_x, _ = load_letterboxed(sorted((data / cls / "test" / "good").glob("*.png")), size)
+    val_x, _ = load_square([s.path for s in val], size, resize=cfg.resize)
+    good_x, _ = load_square(sorted((data / cls / "test" / "good").glob("*.png")), size, resize=cfg.resize)
     rng = np.random.default_rng(0)
     bad_x = np.stack([paste_spot(img, rng) for img in good_x])
 

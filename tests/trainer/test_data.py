@@ -242,7 +242,7 @@ def test_unreadable_images_are_all_listed(tmp_path: Path):
 
 def test_hostile_images_are_named_by_the_dataset_check_and_by_training_s_loader(tmp_path: Path):
     from tests.hostile_images import png_claiming, truncated_jpeg
-    from trainer.train import load_frames
+    from trainer.data.frames import load_frames
 
     make_class(tmp_path, train=3)
     bomb = tmp_path / "part/train/good/001.png"

@@ -54,14 +54,14 @@ def test_graph_contract(tmp_path: Path, combine: str) -> None:
         frames = np.random.default_rng(n).integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)
         (amap,) = sess.run(None, {"image": frames})
         assert amap.shape == (n, 1, 24, 24) and amap.dtype == np.float32
-    assert check_onnx(path, model, 96, batch=3) < 1e-3
+    check_onnx(path, model, 96, batch=3)   # raises ExportError beyond 1e-3 of the map's range
 
 
 def test_onnx_and_torch_evaluate_alike(checkpoint: Path, tiny: Path, tmp_path: Path) -> None:
     cfg, model, _ = load_checkpoint(checkpoint)
     path = export_onnx(model, cfg.size, tmp_path / "m.onnx")
     a = evaluate(checkpoint, tiny, latency_runs=1, details=True)
-    b = evaluate(path, tiny, latency_runs=1, details=True)
+    b = evaluate(path, tiny, latency_runs=1, details=True, resize=cfg.resize)   # a bare ONNX file does not say
     assert (a["runtime"], b["runtime"]) == ("torch", "onnxruntime")
     for cls in a["classes"]:
         np.testing.assert_allclose(a["classes"][cls]["scores"], b["classes"][cls]["scores"], rtol=1e-4, atol=1e-6)

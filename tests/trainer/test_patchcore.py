@@ -17,7 +17,8 @@ from trainer.export import check_onnx, export_onnx, export_package
 from trainer.inference_graph import CLASS_INPUT_NAME, InferenceGraph
 from trainer.models import build_model, get_method, model_config
 from trainer.models.patchcore import PatchCore, PatchCoreConfig, greedy_coreset
-from trainer.train import TrainConfig, load_checkpoint, load_letterboxed, train
+from trainer.data.frames import load_square
+from trainer.train import TrainConfig, load_checkpoint, train
 
 torch.set_num_threads(1)
 
@@ -107,7 +108,7 @@ def test_the_package_runs_on_the_agent_s_runtime_per_class(fitted: Path, data: P
     for g in pkg.golden:   # the golden self-test an agent runs before it swaps a package in
         assert package_score(rt.infer(decode_image(g.png)[None], [g.cls])[0], m, g.cls) == pytest.approx(
             g.score, rel=1e-4, abs=1e-4)
-    frames, _ = load_letterboxed(sorted((data / "washer" / "test" / "good").glob("*.png"))[:2], SIZE)
+    frames, _ = load_square(sorted((data / "washer" / "test" / "good").glob("*.png"))[:2], SIZE, resize=m["resize"])
     mixed = rt.infer(frames, ["washer", "brick"])
     np.testing.assert_allclose(mixed[0], rt.infer(frames[:1], ["washer"])[0], rtol=1e-5)
     assert mixed[1].mean() > mixed[0].mean()     # a washer scored against the brick bank

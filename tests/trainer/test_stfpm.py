@@ -115,6 +115,7 @@ def test_the_paper_s_recipe_is_one_config_away() -> None:
              "combine": "product"}
     model = build_model(model_config("stfpm", paper), pretrained=False).eval()
     t, s = model(torch.randn(2, 3, 64, 64))
+    assert [f.shape for f in s] == [f.shape for f in t]
     assert [f.shape[1] for f in t] == [24, 40, 112]
     loss = get_method("stfpm").training_loss(model, torch.randn(2, 3, 64, 64))
     assert 0 < loss.item() <= 3 * 2      # unit-length distances, at most 2 per level
@@ -224,12 +225,16 @@ def test_yardstick_beats_chance(tiny: Path) -> None:
     assert r["mean"]["image_auroc"] >= 0.75 and r["fit_s"] > 0, r["mean"]
 
 
-def test_training_images_are_letterboxed(tiny: Path) -> None:
-    from trainer.train import load_letterboxed
+def test_training_images_are_stretched_or_letterboxed(tiny: Path) -> None:
+    from trainer.data.frames import load_square
 
-    images, places = load_letterboxed(sorted((tiny / "disc" / "train" / "good").glob("*.png"))[:2], 64)
+    paths = sorted((tiny / "disc" / "train" / "good").glob("*.png"))[:2]
+    images, places = load_square(paths, 64, resize="letterbox")
     assert images.shape == (2, 64, 64, 3) and images.dtype == np.uint8
     assert places[0].w == 64 and places[0].h == 51   # 80x64 frames keep their aspect ratio
+    images, places = load_square(paths, 64, resize="stretch")
+    assert images.shape == (2, 64, 64, 3) and (places[0].h, places[0].w) == (64, 64)   # they fill the square
+    assert TrainConfig(data=str(tiny)).resize == "stretch"
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ from trainer.models import build_model, get_method, model_config
 from trainer.models.backbone import build_backbone, input_normalization
 from trainer.models.us import (DescriptorTeacher, UninformedStudents, USConfig, error_and_variance,
                                standardised_sum, us_loss)
-from trainer.train import TrainConfig, load_checkpoint, load_letterboxed, split_normal, train
+from trainer.data.frames import load_square
+from trainer.train import TrainConfig, load_checkpoint, split_normal, train
 
 torch.set_num_threads(2)
 
@@ -111,7 +112,7 @@ def test_training_runs_prepare_and_finalize(trained: Path, data: Path) -> None:
     assert not torch.equal(model.teacher.std, torch.ones_like(model.teacher.std))   # prepare ran
     assert not torch.equal(model.score_stats, torch.tensor([0.0, 1.0, 0.0, 1.0]))   # finalize ran on best.pt
     train_s, _ = split_normal(data, list(cfg.classes), cfg.val_fraction, cfg.seed)
-    images, _ = load_letterboxed([s.path for s in train_s], SIZE)
+    images, _ = load_square([s.path for s in train_s], SIZE, resize="stretch")
     with torch.no_grad():
         error, variance = error_and_variance(*model(normalised(images)))
         amap = model.anomaly_map(normalised(images))

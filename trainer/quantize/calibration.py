@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.anomalies import paint_anomaly
+from trainer.data.frames import load_square
 from trainer.inference_graph import INPUT_NAME
 from trainer.models.backbone import input_normalization
 
@@ -46,12 +47,13 @@ class DataSpec:
     backbone: str                 # its input normalisation shapes the random-normal frames
     val_fraction: float = 0.2
     split_seed: int = 0
+    resize: str = "stretch"       # how frames become the square input (shared.imaging.fit_square)
 
     @classmethod
     def of(cls, tcfg, data: str | None = None) -> DataSpec:
         """The spec of a training config (`trainer.train.TrainConfig`), optionally on other data."""
         return cls(str(data or tcfg.data), tuple(tcfg.classes), tcfg.size, tcfg.model.backbone,
-                   tcfg.val_fraction, tcfg.seed)
+                   tcfg.val_fraction, tcfg.seed, tcfg.resize)
 
 
 def calibration_images(strategy: str, spec: DataSpec, n: int = 32, seed: int = 0) -> np.ndarray:
@@ -65,8 +67,8 @@ def calibration_images(strategy: str, spec: DataSpec, n: int = 32, seed: int = 0
         return random_normal_images(n, spec.size, spec.backbone, rng)
     train, val = normal_paths(spec)
     if strategy == "holdout-normal":
-        return load_frames(spread(val, n, rng), spec.size)
-    frames = load_frames(spread(train, n, rng), spec.size)
+        return load_square(spread(val, n, rng), spec.size, resize=spec.resize)[0]
+    frames = load_square(spread(train, n, rng), spec.size, resize=spec.resize)[0]
     if strategy == "mixed":
         frames = mixed_images(frames, rng)
     return frames
@@ -88,13 +90,6 @@ def spread(paths: list[Path], n: int, rng: np.random.Generator) -> list[Path]:
         return [paths[i % len(paths)] for i in range(n)]
     edges = np.linspace(0, len(paths), n + 1)
     return [paths[int(rng.integers(int(a), max(int(a) + 1, int(b))))] for a, b in itertools.pairwise(edges)]
-
-
-def load_frames(paths: list[Path], size: int) -> np.ndarray:
-    from trainer.train import load_letterboxed
-
-    frames, _ = load_letterboxed(paths, size)
-    return frames
 
 
 def random_normal_images(n: int, size: int, backbone: str, rng: np.random.Generator) -> np.ndarray:

@@ -361,7 +361,8 @@ def fine_tune(checkpoint: str | Path, cfg: QATConfig = QATConfig(), progress: Ca
     """The checkpoint's model fake-quantised, calibrated and fine-tuned: (model, input size, history)."""
     from trainer.inference_graph import Normalize, to_float_nchw
     from trainer.models import get_method
-    from trainer.train import (augment, load_checkpoint, load_letterboxed, make_optimizer, run_hook, split_normal,
+    from trainer.data.frames import load_square
+    from trainer.train import (augment, load_checkpoint, make_optimizer, run_hook, split_normal,
                                validation_loss)
 
     if cfg.threads:
@@ -372,8 +373,8 @@ def fine_tune(checkpoint: str | Path, cfg: QATConfig = QATConfig(), progress: Ca
         raise ValueError(f"QAT fine-tunes a trained network; {tcfg.method} is fitted, not trained, so it has "
                          f"nothing to fine-tune: use PTQ (e.g. ptq:holdout-normal) for its INT8 variant")
     train_s, val_s = split_normal(tcfg.data, list(tcfg.classes), tcfg.val_fraction, tcfg.seed)
-    train_x, _ = load_letterboxed([s.path for s in train_s], tcfg.size)
-    val_x, _ = load_letterboxed([s.path for s in val_s], tcfg.size)
+    train_x, _ = load_square([s.path for s in train_s], tcfg.size, resize=tcfg.resize)
+    val_x, _ = load_square([s.path for s in val_s], tcfg.size, resize=tcfg.resize)
     bs = min(cfg.batch_size or tcfg.batch_size, len(train_x))
 
     torch.manual_seed(cfg.seed)

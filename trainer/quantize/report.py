@@ -111,7 +111,7 @@ def build_variant(recipe: Recipe, fp32: Path, cfg: ReportConfig, spec: DataSpec,
         float_path = folder / "qat_weights_fp32.onnx"
         res = run_qat(cfg.checkpoint, path, replace(cfg.qat, target=cfg.target), progress=say, float_out=float_path)
         ev = evaluate_variant(float_path, spec.data, list(spec.classes), spec.size, spec.val_fraction,
-                              spec.split_seed, cfg.sigma, cfg.threads)
+                              spec.split_seed, cfg.sigma, cfg.threads, spec.resize)
         float_path.unlink()
         detail = {**res.recipe(), "history": res.history,
                   "fine_tuned_fp32": {k: ev["mean"][k] for k in METRICS}}
@@ -128,12 +128,12 @@ def sensitivity_frames(spec: DataSpec, cfg: ReportConfig, cache: dict[str, Any])
 
 
 def evaluate_variant(path: Path, data: str, classes: list[str], size: int, val_fraction: float, seed: int,
-                     sigma: float | None, threads: int) -> dict[str, Any]:
+                     sigma: float | None, threads: int, resize: str) -> dict[str, Any]:
     """`trainer.evaluate.evaluate` on the ONNX file: it takes ONNX paths as they are, no adapter needed."""
     from trainer.evaluate import DEFAULT_SIGMA, evaluate
 
     return evaluate(path, data, classes, size, sigma=DEFAULT_SIGMA if sigma is None else sigma,
-                    val_fraction=val_fraction, seed=seed, latency_runs=1, threads=threads)
+                    val_fraction=val_fraction, seed=seed, latency_runs=1, threads=threads, resize=resize)
 
 
 def time_all(fns: dict[str, Callable[[], Callable[[np.ndarray], Any]]], size: int, runs: int, rounds: int
@@ -192,7 +192,7 @@ def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = 
         v = build_variant(r, fp32, cfg, spec, folder, cache, say)
         say(f"{tcfg.method}: evaluating {r.name}")
         v.evaluation = evaluate_variant(v.path, data, list(tcfg.classes), tcfg.size, tcfg.val_fraction, tcfg.seed,
-                                        cfg.sigma, cfg.threads)
+                                        cfg.sigma, cfg.threads, tcfg.resize)
         v.metrics = {k: v.evaluation["mean"][k] for k in METRICS}
         variants.append(v)
 
@@ -234,7 +234,7 @@ def mixed_tradeoff(cfg: ReportConfig, cache: dict[str, Any], fp32: Path, spec: D
         path = folder / f"tradeoff_keep{keep}.onnx"
         quantize_mixed(fp32, path, cache["train"], keep, sens, PTQConfig(observer=cfg.observer, target=cfg.target))
         ev = evaluate_variant(path, spec.data, list(spec.classes), spec.size, spec.val_fraction, spec.split_seed,
-                              cfg.sigma, cfg.threads)
+                              cfg.sigma, cfg.threads, spec.resize)
         lat = measure(onnx_map_fn(path, cfg.threads), spec.size, runs=cfg.latency_runs)
         rows.append({"keep": keep, "kept": [s.node for s in sens[:keep]],
                      "fp32_param_share": sum(s.params for s in sens[:keep]) / total,
