@@ -70,11 +70,12 @@ def history() -> ResponseReturnValue:
     return render_template("review/history.html", page=page, label=label, labels=REVIEW_LABELS)
 
 
-def _back(result_id: str) -> str:
+def _back(result_id: str | None) -> str:
+    """The form's `next` page (on this site only), else the result's page, else the queue."""
     target = request.form.get("next", "")
     if target.startswith("/") and not target.startswith("//"):
         return target
-    return url_for("results.detail", result_id=result_id)
+    return url_for("results.detail", result_id=result_id) if result_id else url_for("review.index")
 
 
 def _scope() -> ResultFilter:
@@ -127,7 +128,7 @@ def bulk() -> ResponseReturnValue:
     chosen = [checked_result_id(rid) for rid in request.form.getlist("result")]
     if not chosen:
         flash("Select the entries to mark first (the box beside each).", "error")
-        return redirect(_back(""))
+        return redirect(_back(None))
     ids = list(dict.fromkeys(chosen + results.repeats_of(get_session(), chosen, _scope())))
     return _record(ids, f"{len(chosen)} selected entr{'y' if len(chosen) == 1 else 'ies'}")
 
@@ -155,8 +156,9 @@ def training_export() -> ResponseReturnValue:
         if page.next_before is None:
             break
         before = page.next_before
+    items = items[:MAX_EXPORT]
     body = json.dumps({"label": query["label"], "cls": query["cls"], "exported_at": plain(now_utc()),
-                       "count": len(items), "items": items[:MAX_EXPORT]}, indent=2)
+                       "count": len(items), "items": items}, indent=2)
     name = f"training-data-{query['label']}{'-' + query['cls'] if query['cls'] else ''}.json"
     return Response(body, mimetype="application/json",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
