@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from agent.config import AgentConfig, load
+from agent.runtimes import KINDS
 from shared.config import ConfigError
 from shared.logs import add_log_arguments, setup_logging
 
@@ -27,7 +28,7 @@ def _add_quick_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--fps", type=float, default=0.0, help="pace of --source (0: as fast as possible)")
     ap.add_argument("--loop", action="store_true", help="replay --source forever")
     ap.add_argument("--watch", action="store_true", help="keep watching the --source folder for new files")
-    ap.add_argument("--runtime", choices=("auto", "onnxruntime", "tensorrt"))
+    ap.add_argument("--runtime", choices=KINDS)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--spool", help="spool database path")
     ap.add_argument("--trusted-key", dest="trusted_keys", metavar="PUB", action="append",

@@ -141,7 +141,7 @@ class AgentConfig:
     cert_file: str | None = None        # client certificate (PEM), for a broker that asks for one
     key_file: str | None = None         # its private key (PEM)
     keepalive_s: int = 30               # the broker declares the agent offline after 1.5x this without a word
-    runtime: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
+    runtime: Literal["auto", "onnxruntime", "openvino", "tensorrt"] = "auto"
     threads: int = 0                    # inference threads; 0: one per core
     batch_size: int = 1                 # frames per inference call
     queue_size: int = 8                 # frames waiting for inference before capture drops

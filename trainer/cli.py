@@ -68,13 +68,13 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="MVTec-layout data root")
     ap.add_argument("--classes", default="all", help="'all' or a comma-separated list (default all)")
     ap.add_argument("--mode", choices=("unified", "one-class"), default="unified", help="default unified")
-    ap.add_argument("--epochs", type=int, default=d["epochs"].default, help="default %(default)s")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the method's recipe (" + ", ".join(
+        f"{m} {recipe_of(m)['epochs']}" for m in METHOD_NAMES if recipe_of(m).get("epochs")) + ")")
     ap.add_argument("--size", type=int, default=d["size"].default,
                     help="letterboxed input side, a multiple of 32 (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="default %(default)s")
-    ap.add_argument("--optimizer", choices=("sgd", "adam"), default=d["optimizer"].default,
-                    help="default %(default)s")
-    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the optimizer's)")
+    ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="default: the method's recipe")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's recipe)")
     ap.add_argument("--backbone", default=None, help="teacher: efficientnet_lite0|1|2, resnet18, wide_resnet50")
     ap.add_argument("--weights", default=None, help="local teacher weights file (required for the ResNets)")
     ap.add_argument("--hflip", action="store_true", help="random horizontal flips (only where orientation "
@@ -93,17 +93,12 @@ def train_main(argv: list[str] | None = None) -> int:
         model["backbone"] = args.backbone
     if args.weights:
         model["weights"] = args.weights
-    kw: dict[str, Any] = {}
-    if args.lr is not None:
-        kw["lr"] = args.lr
-    elif args.optimizer == "adam":
-        kw["lr"] = ADAM_LR
     try:
         cfg = TrainConfig(
             data=str(args.data), classes=parse_classes(args.classes), method=args.method, model=model,
-            size=args.size, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+            size=args.size, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
             seed=args.seed, hflip=args.hflip, vflip=args.vflip, brightness=args.brightness,
-            out=str(args.out or Path("runs") / f"{args.method}-{args.mode}"), threads=args.threads, **kw)
+            out=str(args.out or Path("runs") / f"{args.method}-{args.mode}"), threads=args.threads)
         configs = one_class_configs(cfg) if args.mode == "one-class" else [cfg]
         for c in configs:
             print(f"training {c.method} on {', '.join(c.classes) or 'all classes'} -> {c.out}", file=sys.stderr)
@@ -113,13 +108,20 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-ADAM_LR = 1e-3
+def recipe_of(method: str) -> dict[str, Any]:
+    """A method's training recipe, the general defaults filled in (`trainer.train.RECIPE`)."""
+    from trainer.models import get_method
+    from trainer.train import RECIPE
+
+    return {**RECIPE, **get_method(method).recipe} if get_method(method).trained else {}
+
+
 ETA_AFTER_STEPS = 3   # steps timed before the whole run is estimated (the first ones run slow while warming up)
 
 
 def expected_time_first() -> Any:
-    """Progress lines, the first of them the run's expected time once its first steps are timed: the
-    default 60 epochs at 256 px take hours on a small CPU, which nobody should find out at the end."""
+    """Progress lines, the first of them the run's expected time once its first steps are timed: a full
+    recipe at 256 px takes hours on a small CPU, which nobody should find out at the end."""
     from trainer.train import print_progress
 
     told = False
@@ -304,12 +306,6 @@ def model_data(path: Path) -> str | None:
 # -- compare --------------------------------------------------------------------
 
 WORST = 3   # worst misses per class and kind (normal, anomalous) in the overlay grids
-# training settings per method for `compare --train`: the ones the method tests and docs/results.md use
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "stfpm": {},                                                    # SGD, lr 0.4: the paper's
-    "rd": {"optimizer": "adam", "lr": 0.005, "momentum": 0.5},      # the RD paper's Adam
-    "us": {"optimizer": "adam", "lr": 0.002},
-}
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -320,18 +316,18 @@ def compare_main(argv: list[str] | None = None) -> int:
                     "tables) and PNG figures (ROC curves, score histograms, worst-miss heat maps).",
         epilog="Checkpoints trained on several classes count as unified, on one class as one-class; give one "
                "one-class checkpoint per class. With --train, the models are trained first (under --work; a "
-               "finished run there is reused) with each method's preset: "
-               + "; ".join(f"{m}: " + (", ".join(f"{k} {v}" for k, v in p.items()) or "sgd, lr 0.4")
-                           for m, p in METHOD_PRESETS.items()) + ".")
+               "finished run there is reused) with each method's own recipe (`kdfleet train --help`); "
+               "patchcore is fitted, not trained.")
     ap.add_argument("models", nargs="*", type=Path, help="checkpoints (.pt) or packages (.kdpkg)")
     ap.add_argument("--out", type=Path, required=True, help="report folder")
     ap.add_argument("--train", action="store_true", help="train the models instead of taking checkpoints")
-    ap.add_argument("--methods", default=",".join(METHOD_NAMES), help="with --train: default %(default)s")
+    ap.add_argument("--methods", default=",".join(m for m in METHOD_NAMES if m != "patchcore"),
+                    help="with --train: default %(default)s (PatchCore is the yardstick beside them)")
     ap.add_argument("--modes", default="unified,one-class", help="with --train: default %(default)s")
     ap.add_argument("--data", type=Path, default=None, help="MVTec-layout root (default: the checkpoints')")
     ap.add_argument("--classes", default="all", help="'all' or a comma-separated list (default all)")
     ap.add_argument("--size", type=int, default=256, help="with --train: input side (default %(default)s)")
-    ap.add_argument("--epochs", type=int, default=20, help="with --train: default %(default)s")
+    ap.add_argument("--epochs", type=int, default=None, help="with --train: default the method's recipe")
     ap.add_argument("--seed", type=int, default=0, help="training seed and the yardstick's split (default 0)")
     ap.add_argument("--work", type=Path, default=None, help="with --train: runs folder (default OUT/runs)")
     ap.add_argument("--no-yardstick", action="store_true", help="leave out the PatchCore yardstick")
@@ -379,14 +375,14 @@ def train_for_compare(args: argparse.Namespace, classes: list[str]) -> list[dict
     work = args.work or args.out / "runs"
     items = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if method not in METHOD_PRESETS:
-            raise ValueError(f"--methods: unknown method {method!r}; choose from {', '.join(METHOD_PRESETS)}")
+        if method not in METHOD_NAMES:
+            raise ValueError(f"--methods: unknown method {method!r}; choose from {', '.join(METHOD_NAMES)}")
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             if mode not in ("unified", "one-class"):
                 raise ValueError(f"--modes: unknown mode {mode!r}; choose from unified, one-class")
             cfg = TrainConfig(data=str(args.data), classes=tuple(classes), method=method, size=args.size,
                               epochs=args.epochs, seed=args.seed, threads=args.threads,
-                              out=str(work / f"{method}-{mode}"), **METHOD_PRESETS[method])
+                              out=str(work / f"{method}-{mode}"))
             for c in one_class_configs(cfg) if mode == "one-class" else [cfg]:
                 tag = f"{method} {mode} ({', '.join(c.classes) or 'all classes'})"
                 log(f"training {tag}: {c.epochs} epochs at {c.size} px -> {c.out}")
@@ -436,31 +432,33 @@ def evaluate_items(items: list[dict[str, Any]], data: Path, classes: list[str],
         it["result"] = evaluate(it["path"], data, chosen, None, progress=lambda s, tag=tag: log(f"  {tag}: {s}"),
                                 **kw)
     if not args.no_yardstick:
-        items += yardstick_items(items, data, args.seed, kw)
+        items += yardstick_items(items, data, args.seed, args.work or args.out / "runs", kw)
     return group_entries([{k: v for k, v in it.items() if k in ("method", "mode", "source", "result", "train_s")}
                           for it in items])
 
 
-def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int,
+def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int, work: Path,
                     kw: dict[str, Any]) -> list[dict[str, Any]]:
     """The PatchCore yardstick beside every mode present. Its banks are per class, so one fit on every
-    covered class is the unified and the one-class model at once: it is fitted and evaluated once."""
+    covered class is the unified and the one-class model at once: it is fitted (or reused from `work`)
+    and evaluated once."""
     from trainer.evaluate import evaluate
-    from trainer.yardstick import fit_yardstick
+    from trainer.train import TrainConfig, train
 
     size = items[0]["result"]["input_size"]
     covered = list(dict.fromkeys(c for it in items for c in it["result"]["classes"]))
     log(f"fitting the PatchCore yardstick on {', '.join(covered)} at {size} px")
     t0 = time.monotonic()
-    model = fit_yardstick(str(data), covered, size, seed=seed, threads=kw["threads"],
-                          progress=lambda p: log(f"  yardstick: {p.note}"))
+    cfg = TrainConfig(data=str(data), classes=tuple(covered), method="patchcore", size=size, seed=seed,
+                      threads=kw["threads"], out=str(work / "patchcore"))
+    path = train(cfg, progress=lambda p: log(f"  yardstick: {p.note}"), resume=True)
     fit_s = time.monotonic() - t0
-    r = evaluate(model, data, covered, size, seed=seed, progress=lambda s: log(f"  yardstick: {s}"), **kw)
+    r = evaluate(path, data, covered, size, seed=seed, progress=lambda s: log(f"  yardstick: {s}"), **kw)
     out = []
     for mode in dict.fromkeys(it["mode"] for it in items):
         mine = list(dict.fromkeys(c for it in items if it["mode"] == mode for c in it["result"]["classes"]))
-        out.append({"method": "patchcore", "mode": mode, "source": f"PatchCore yardstick on {', '.join(covered)}",
-                    "result": subset(r, mine), "train_s": fit_s})
+        out.append({"method": "patchcore", "mode": mode, "source": str(path), "result": subset(r, mine),
+                    "train_s": fit_s})
     return out
 
 

@@ -32,6 +32,8 @@ from trainer.inference_graph import Normalize, to_float_nchw
 from trainer.models import build_model, get_method, model_config
 
 BEST, LAST = "best.pt", "last.pt"
+# what a method's recipe (`Method.recipe`) does not set: SGD as in the STFPM paper
+RECIPE: dict[str, Any] = {"epochs": 10, "optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}
 # keys that may differ when resuming: where things are, and how long to go on
 RESUMABLE_CHANGES = {"data", "out", "epochs", "threads"}
 
@@ -45,12 +47,13 @@ class TrainConfig:
     method: str = "stfpm"
     model: Any = None                           # the method's config (dataclass or dict); None: its defaults
     size: int = 256                             # letterboxed input side; a multiple of 32 for the backbones
-    epochs: int = 60                            # ~4.5k student updates on 600 images: enough to pass the kNN yardstick
+    # None: the method's own recipe (`Method.recipe`, e.g. trainer/models/stfpm/__init__.py), else RECIPE
+    epochs: int | None = None
     batch_size: int = 8                         # BatchNorm needs a few; 16 halved the updates (30 for 48 images x 10)
-    optimizer: str = "sgd"                      # "sgd" (the paper's) or "adam"
-    lr: float = 0.4                             # SGD, the paper's; lower rates left the student far from the teacher
-    momentum: float = 0.9                       # SGD momentum / Adam beta1
-    weight_decay: float = 1e-4                  # the STFPM paper's
+    optimizer: str | None = None                # "sgd" or "adam"
+    lr: float | None = None                     # the peak learning rate
+    momentum: float | None = None               # SGD momentum / Adam beta1
+    weight_decay: float | None = None
     warmup_epochs: float = 1.0                  # linear warm-up, then cosine decay to lr_min_ratio * lr
     lr_min_ratio: float = 0.01
     val_fraction: float = 0.2                   # held-out normal images: best checkpoint and calibration
@@ -63,7 +66,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)
-        get_method(self.method)   # refuses unknown or unavailable methods early
+        recipe = {**RECIPE, **get_method(self.method).recipe}   # refuses unknown methods early
+        for name, value in recipe.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.model is None or isinstance(self.model, dict):
             self.model = model_config(self.method, self.model)
         if type(self.model).method != self.method:
@@ -248,6 +254,10 @@ def train(cfg: TrainConfig, progress: Callable[[Progress], None] | None = print_
     model = build_model(cfg.model)
     normalize = Normalize.for_model(model)
     if not method.trained:
+        if resume and (out / BEST).exists():   # a fitted model is done in one pass: reuse it when it matches
+            check_resumable(TrainConfig.from_dict(torch.load(out / BEST, map_location="cpu",
+                                                             weights_only=True)["config"]), cfg)
+            return out / BEST
         t0 = time.monotonic()
         fit_once(cfg, model, train_s, train_x, progress)
         save_checkpoint(out / BEST, cfg, model, 0, math.nan, None, [{"fit_s": time.monotonic() - t0}])
@@ -339,7 +349,7 @@ def validation_loss(model: torch.nn.Module, method, normalize: Normalize, images
     total = 0.0
     for i in range(0, len(images), bs):
         x = normalize(to_float_nchw(torch.from_numpy(images[i:i + bs])))
-        total += method.training_loss(model, x).item() * len(x)
+        total += method.training_loss(model, x, validation=True).item() * len(x)
     return total / len(images)
 
 

@@ -1,4 +1,4 @@
-"""Inference runtimes: ONNX Runtime on a CPU, TensorRT on an NVIDIA GPU.
+"""Inference runtimes: ONNX Runtime or OpenVINO on a CPU, TensorRT on an NVIDIA GPU.
 
 A runtime takes a batch of letterboxed frames, uint8 (N, S, S, 3) RGB, and
 returns the raw anomaly maps, float32 (N, m, m). A package whose graph is
@@ -16,7 +16,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "onnxruntime", "tensorrt")
+KINDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -60,7 +60,11 @@ def tensorrt_available() -> bool:
 
 def open_runtime(kind: str, model: bytes, manifest: dict[str, Any], threads: int = 0,
                  cache_dir: str | None = None) -> Runtime:
-    """Open `kind`; "auto" picks TensorRT when a GPU and tensorrt are present, else ONNX Runtime."""
+    """Open `kind`; "auto" picks TensorRT when a GPU and tensorrt are present, else ONNX Runtime.
+
+    OpenVINO is chosen by name only: it is faster than ONNX Runtime on many x86 CPUs but not on all
+    (measure with `python -m bench.quantization`), and it is an optional install.
+    """
     if kind not in KINDS:
         raise RuntimeUnavailable(f"unknown runtime {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "auto":
@@ -69,6 +73,10 @@ def open_runtime(kind: str, model: bytes, manifest: dict[str, Any], threads: int
         from agent.runtimes.tensorrt import TensorRTRuntime
 
         return TensorRTRuntime(model, manifest, cache_dir=cache_dir)
+    if kind == "openvino":
+        from agent.runtimes.openvino import OpenVinoRuntime
+
+        return OpenVinoRuntime(model, manifest, threads=threads)
     from agent.runtimes.onnx import OnnxRuntime
 
     return OnnxRuntime(model, manifest, threads=threads)

@@ -19,11 +19,21 @@ def test_auto_picks_onnxruntime_without_a_gpu(tiny_package):
 def test_unknown_runtime_and_missing_tensorrt_are_explained(tiny_package):
     pkg = read_package(tiny_package)
     with pytest.raises(RuntimeUnavailable, match="unknown runtime"):
-        open_runtime("openvino", pkg.model, pkg.manifest)
+        open_runtime("tflite", pkg.model, pkg.manifest)
     if tensorrt_available():
         pytest.skip("TensorRT is present here; its own test below runs instead")
     with pytest.raises(RuntimeUnavailable, match=r"tensorrt|CUDA"):
         open_runtime("tensorrt", pkg.model, pkg.manifest)
+
+
+def test_openvino_runs_the_same_package_with_the_same_maps(tiny_package):
+    pkg = read_package(tiny_package)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    ref = open_runtime("onnxruntime", pkg.model, pkg.manifest, threads=1).infer(frames)
+    ov = open_runtime("openvino", pkg.model, pkg.manifest, threads=1)
+    assert ov.name == "openvino"
+    np.testing.assert_allclose(ov.infer(frames), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ov.infer(frames[:1]), ref[:1], rtol=1e-5, atol=1e-6)   # any batch size
 
 
 def test_engine_cache_key_names_everything_that_makes_engines_incompatible():

@@ -111,6 +111,8 @@ def test_the_package_runs_on_the_agent_s_runtime_per_class(fitted: Path, data: P
     mixed = rt.infer(frames, ["washer", "brick"])
     np.testing.assert_allclose(mixed[0], rt.infer(frames[:1], ["washer"])[0], rtol=1e-5)
     assert mixed[1].mean() > mixed[0].mean()     # a washer scored against the brick bank
+    ov = open_runtime("openvino", pkg.model, m, threads=1)      # the same package, per class, on OpenVINO
+    np.testing.assert_allclose(ov.infer(frames, ["washer", "brick"]), mixed, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="not in this model"):
         rt.infer(frames[:1], ["bottle"])
     with pytest.raises(ValueError, match="its own class"):

@@ -49,7 +49,7 @@ def test_model_contract() -> None:
     assert model.decoder.training and model.bottleneck.training and not model.encoder.training
     x = torch.randn(2, 3, SIZE, SIZE)
     t, s = model(x)
-    assert [f.shape for f in t] == [f.shape for f in s] == [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4)]
+    assert [f.shape for f in t] == [f.shape for f in s] == [(2, 40, 8, 8), (2, 112, 4, 4)]
     assert model.bottleneck(t).shape == (2, 256, 2, 2)   # the one-class embedding, one octave below the deepest
     assert not t[0].requires_grad and s[0].requires_grad
     assert model.eval().anomaly_map(x).shape == (2, 1, SIZE // 4, SIZE // 4)
@@ -64,8 +64,9 @@ def test_decoder_uses_only_edge_friendly_ops() -> None:
 
 def test_loss_and_map() -> None:
     t = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
-    assert rd_loss(t, [3 * f for f in t]).item() == pytest.approx(0, abs=1e-6)    # scale-free
-    assert rd_loss(t, [-f for f in t]).item() == pytest.approx(4.0)               # 2 per opposite level
+    assert rd_loss(t, [3 * f for f in t], "unit").item() == pytest.approx(0, abs=1e-6)    # cosine: scale-free
+    assert rd_loss(t, [-f for f in t], "unit").item() == pytest.approx(4.0)               # 2 per opposite level
+    assert rd_loss(t, [f + 1 for f in t]).item() == pytest.approx(2.0)                    # standardised: 1 per level
     other = torch.randn(2, 8, 8, 8)
     d = cosine_distance(t[0], other)
     assert d.shape == (2, 1, 8, 8) and d.min() >= 0 and d.max() <= 2
@@ -75,11 +76,12 @@ def test_loss_and_map() -> None:
     assert total.shape == (2, 1, 8, 8)
     flat = sum_maps([torch.ones(1, 1, 8, 8), torch.full((1, 1, 4, 4), 0.5)], [4, 8])
     torch.testing.assert_close(flat, torch.full((1, 1, 8, 8), 1.5))   # upsampled, then added
+    assert sum_maps([torch.ones(1, 1, 4, 4), torch.ones(1, 1, 2, 2)], [8, 16]).shape == (1, 1, 8, 8)   # to stride 4
 
 
 def test_config_is_validated() -> None:
-    for bad in ({"strides": (8, 16)}, {"strides": (4, 32)}, {"upsample": "transposed"}, {"backbone": "vgg"},
-                {"embed_channels": 0}):
+    for bad in ({"strides": (16, 8)}, {"strides": (4, 32)}, {"upsample": "transposed"}, {"backbone": "vgg"},
+                {"embed_channels": 0}, {"pool": 4}, {"target": "l1"}):
         with pytest.raises(ValueError):
             model_config("rd", bad)
     assert model_config("rd", {"strides": [4, 8]}).strides == (4, 8)

@@ -12,12 +12,13 @@ from tests.trainer.tiny_data import make_tiny_set
 from trainer.inference_graph import InferenceGraph, Normalize
 from trainer.models import METHOD_NAMES, UnknownMethod, build_model, get_method, model_config
 from trainer.models.backbone import BackboneError, build_backbone, lite_key, resnet_key
-from trainer.models.stfpm import STFPM, STFPMConfig, combine_maps, feature_distance, level_maps, stfpm_loss
+from trainer.models.stfpm import (STFPM, StemStudent, STFPMConfig, combine_maps, feature_distance, hardest_mean,
+                                  level_maps, stfpm_loss)
 from trainer.train import LAST, TrainConfig, load_checkpoint, one_class_configs, train
 
 torch.set_num_threads(1)   # one thread: robust when other processes share the cores (quick_threads)
 
-TINY = dict(size=64, epochs=6, batch_size=8, threads=1)
+TINY = dict(size=64, epochs=30, batch_size=8, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -94,28 +95,60 @@ def test_each_backbone_gets_the_input_statistics_it_was_trained_with() -> None:
 
 # -- model, loss, map ----------------------------------------------------------
 
-def test_model_contract() -> None:
-    model = build_model(model_config("stfpm"))
+@pytest.mark.parametrize("student", ["stem", "backbone"])
+def test_model_contract(student: str) -> None:
+    model = build_model(model_config("stfpm", {"student": student}))
     assert isinstance(model, STFPM)
     assert not any(p.requires_grad for p in model.teacher.parameters())
     trainable = {id(p) for p in model.trainable_parameters()}
     assert trainable == {id(p) for p in model.student.parameters()}
+    assert isinstance(model.student, StemStudent) == (student == "stem")
     model.train()
     assert model.student.training and not model.teacher.training
     t, s = model(torch.randn(2, 3, 64, 64))
-    assert [f.shape for f in t] == [f.shape for f in s] == [(2, 24, 16, 16), (2, 40, 8, 8), (2, 112, 4, 4)]
+    assert [f.shape for f in t] == [f.shape for f in s] == [(2, 40, 8, 8), (2, 112, 4, 4)]
     assert model.anomaly_map(torch.randn(2, 3, 64, 64)).shape == (2, 1, 16, 16)
+
+
+def test_the_paper_s_recipe_is_one_config_away() -> None:
+    paper = {"student": "backbone", "strides": (4, 8, 16), "pool": 1, "target": "unit", "hard": 0.0,
+             "combine": "product"}
+    model = build_model(model_config("stfpm", paper), pretrained=False).eval()
+    t, s = model(torch.randn(2, 3, 64, 64))
+    assert [f.shape[1] for f in t] == [24, 40, 112]
+    loss = get_method("stfpm").training_loss(model, torch.randn(2, 3, 64, 64))
+    assert 0 < loss.item() <= 3 * 2      # unit-length distances, at most 2 per level
+
+
+def test_teacher_targets_are_standardised_on_the_training_images() -> None:
+    model = build_model(model_config("stfpm")).eval()
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.randn(4, 3, 64, 64, generator=gen) for _ in range(3)]
+    get_method("stfpm").prepare(model, images)
+    with torch.no_grad():
+        _, levels = model.teacher(torch.cat(images))
+    for f in levels:   # over every training position, each channel has mean 0 and spread 1
+        torch.testing.assert_close(f.mean((0, 2, 3)), torch.zeros(f.shape[1]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(f.std((0, 2, 3)), torch.ones(f.shape[1]), atol=1e-2, rtol=0)
 
 
 def test_loss_and_map() -> None:
     t = [torch.randn(2, 8, 8, 8), torch.randn(2, 8, 4, 4)]
-    assert stfpm_loss(t, [2 * f for f in t]).item() == pytest.approx(0, abs=1e-6)   # scale-free
-    assert stfpm_loss(t, [-f for f in t]).item() == pytest.approx(4.0)               # 2 per opposite level
+    assert stfpm_loss(t, t).item() == pytest.approx(0, abs=1e-6)
+    assert stfpm_loss(t, [f + 1 for f in t]).item() == pytest.approx(2.0)           # 1 per level
+    assert stfpm_loss(t, [2 * f for f in t], target="unit").item() == pytest.approx(0, abs=1e-6)   # scale-free
+    assert stfpm_loss(t, [-f for f in t], target="unit").item() == pytest.approx(4.0)
     d = feature_distance(t[0], torch.randn(2, 8, 8, 8))
     assert d.shape == (2, 1, 8, 8) and d.min() >= 0 and d.max() <= 2
+    errors = torch.arange(1000, dtype=torch.float32)
+    assert hardest_mean(errors, 0.0).item() == pytest.approx(499.5)
+    assert hardest_mean(errors, 0.99).item() == pytest.approx(994.5, abs=0.6)        # the top 1 % only
     maps = level_maps(t, [torch.randn_like(f) for f in t])
+    assert maps[0].shape == (2, 1, 8, 8)
     for combine in ("product", "sum"):
-        assert combine_maps(maps, [4, 8], combine).shape == (2, 1, 8, 8)
+        assert combine_maps(maps, [8, 16], combine).shape == (2, 1, 16, 16)   # both brought to stride 4
+    flat = combine_maps([torch.ones(1, 1, 4, 4), torch.full((1, 1, 2, 2), 0.5)], [8, 16], "sum")
+    torch.testing.assert_close(flat, torch.full((1, 1, 8, 8), 1.5))
 
 
 def test_registry() -> None:
@@ -172,10 +205,14 @@ def test_one_class_configs(tiny: Path, tmp_path: Path) -> None:
 def test_config_is_validated(tiny: Path) -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         TrainConfig(data=str(tiny), size=100)
-    with pytest.raises(ValueError):
-        TrainConfig(data=str(tiny), model={"combine": "max"})
-    cfg = TrainConfig(data=str(tiny), model={"combine": "sum"})
+    for bad in ({"combine": "max"}, {"student": "vit"}, {"strides": (4, 8)}, {"strides": (8, 32)},
+                {"target": "cosine"}, {"hard": 1.0}, {"pool": 2}):
+        with pytest.raises(ValueError):
+            TrainConfig(data=str(tiny), model=bad)
+    cfg = TrainConfig(data=str(tiny), model={"combine": "product"})
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert (cfg.optimizer, cfg.lr, cfg.epochs) == ("adam", 1e-3, 10)                    # the method's recipe
+    assert TrainConfig(data=str(tiny), method="rd").lr == 0.005 and TrainConfig(data=str(tiny), lr=0.1).lr == 0.1
 
 
 def test_yardstick_beats_chance(tiny: Path) -> None:

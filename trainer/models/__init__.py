@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ class Method:
     finalize: Callable[[nn.Module, Iterable[Tensor]], None] | None = None
     # a method without a loss: fit(model, {class: () -> normalised batches}, seed, progress) instead of training
     fit: Callable[..., None] | None = None
+    # the method's training settings (`trainer.train.TrainConfig` fields: epochs, optimizer, lr, ...), measured
+    # for it; what it leaves out comes from `trainer.train.RECIPE`, and any can be overridden per run
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     @property
     def class_conditional(self) -> bool:
@@ -51,10 +54,13 @@ class Method:
         """True for methods trained by gradient steps, False for those fitted in one pass."""
         return self.loss is not None
 
-    def training_loss(self, model: nn.Module, x: Tensor) -> Tensor:
+    def training_loss(self, model: nn.Module, x: Tensor, validation: bool = False) -> Tensor:
+        """The loss on a normalised batch; `validation`: the loss that picks the best checkpoint (a model
+        may define `loss_options(validation)`, e.g. STFPM averages every error there, not the hardest)."""
         if self.loss is None:
             raise TypeError(f"{self.name} is fitted, not trained: it has no training loss")
-        return self.loss(*model(x))
+        options = model.loss_options(validation) if hasattr(model, "loss_options") else {}
+        return self.loss(*model(x), **options)
 
 
 def get_method(name: str) -> Method:

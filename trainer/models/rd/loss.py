@@ -1,4 +1,8 @@
-"""Reverse Distillation's loss: 1 - cosine similarity between encoder and decoder features."""
+"""Reverse Distillation's loss: how far the decoder's levels are from the encoder's.
+
+For standardised levels the mean squared error over channels; for raw levels
+the paper's 1 - cosine similarity.
+"""
 from __future__ import annotations
 
 from torch import Tensor
@@ -14,6 +18,17 @@ def cosine_distance(t: Tensor, s: Tensor) -> Tensor:
     return 1 - (t * s).sum(dim=1, keepdim=True)
 
 
-def rd_loss(encoder_feats: list[Tensor], decoder_feats: list[Tensor]) -> Tensor:
-    """Per level the mean cosine distance over batch and positions, summed over levels (a scalar)."""
-    return sum(cosine_distance(t, s).mean() for t, s in zip(encoder_feats, decoder_feats, strict=True))
+def squared_error(t: Tensor, s: Tensor) -> Tensor:
+    """Mean over channels of (t - s)^2 per position: (B, C, h, w) x2 -> (B, 1, h, w)."""
+    return (t - s).pow(2).mean(dim=1, keepdim=True)
+
+
+def distance(target: str):
+    """The per-position distance for a target kind: "standardised" or "unit" (cosine)."""
+    return squared_error if target == "standardised" else cosine_distance
+
+
+def rd_loss(encoder_feats: list[Tensor], decoder_feats: list[Tensor], target: str = "standardised") -> Tensor:
+    """Per level the mean distance over batch and positions, summed over levels (a scalar)."""
+    dist = distance(target)
+    return sum(dist(t, s).mean() for t, s in zip(encoder_feats, decoder_feats, strict=True))

@@ -10,9 +10,15 @@ Edge choices: the decoder upsamples with Resize (nearest or bilinear) then
 convolves, never ConvTranspose2d (which quantizes badly and falls back to
 FP32 on edge runtimes); BatchNorm (folded into the convolutions on export)
 and ReLU only.
+
+The encoder's levels come from `trainer.models.teacher`: locally averaged
+and standardised per channel, the same targets STFPM's student learns. The
+paper's recipe (raw levels at strides 4, 8, 16, cosine distance) is one
+config away: strides (4, 8, 16), pool 1, target "unit".
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.models.backbone import BACKBONES, STRIDES, build_backbone, init_random
+from trainer.models.backbone import BACKBONES, STRIDES, init_random
 from trainer.models.rd.anomaly_map import level_maps, sum_maps
+from trainer.models.teacher import Teacher
 
 UPSAMPLE = ("nearest", "bilinear")
+TARGETS = ("standardised", "unit")
 
 
 @dataclass
@@ -31,7 +39,9 @@ class RDConfig:
     method: ClassVar[str] = "rd"
 
     backbone: str = "efficientnet_lite0"   # ReLU6, no SE: the edge encoder that quantizes well
-    strides: tuple[int, ...] = (4, 8, 16)  # the paper's three levels; the embedding sits one step deeper (32)
+    strides: tuple[int, ...] = (8, 16)     # mid levels (the paper's add 4); the embedding sits one step deeper (32)
+    pool: int = 3                          # local aggregation of the encoder's levels: a patch, not a pixel
+    target: str = "standardised"           # levels standardised per channel, squared error; "unit": the paper's cosine
     embed_channels: int = 256              # compact embedding, ~2x the deepest level as the paper's 2048 for 1024
     min_width: int = 64                    # decoder width floor: Lite0's shallow levels (24, 40 ch) are too narrow
     upsample: str = "nearest"              # copies values, exact under INT8; measured no worse than bilinear here
@@ -42,9 +52,13 @@ class RDConfig:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         ok = [s for s in STRIDES if s <= 16]   # the embedding is at twice the deepest stride, inputs are /32
-        if (len(self.strides) < 1 or self.strides[0] != 4 or any(s not in ok for s in self.strides)
+        if (len(self.strides) < 1 or any(s not in ok for s in self.strides)
                 or list(self.strides) != sorted(set(self.strides))):
-            raise ValueError(f"strides must start at 4 and increase through {tuple(ok)}, got {self.strides}")
+            raise ValueError(f"strides must increase through {tuple(ok)}, got {self.strides}")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"pool must be a positive odd size, got {self.pool}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.embed_channels < 1 or self.min_width < 1:
             raise ValueError("embed_channels and min_width must be positive")
         if self.upsample not in UPSAMPLE:
@@ -135,10 +149,7 @@ class ReverseDistillation(nn.Module):
     def __init__(self, cfg: RDConfig, pretrained: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = build_backbone(cfg.backbone, cfg.strides, pretrained=pretrained, weights=cfg.weights)
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
-        self.encoder.eval()
+        self.encoder = Teacher(cfg.backbone, cfg.strides, cfg.pool, pretrained=pretrained, weights=cfg.weights)
         channels, strides = self.encoder.channels, list(cfg.strides)
         self.bottleneck = Bottleneck(channels, strides, cfg.embed_channels)
         self.decoder = Decoder(channels, cfg.embed_channels, cfg.min_width, cfg.upsample)
@@ -153,13 +164,21 @@ class ReverseDistillation(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.bottleneck.parameters(), *self.decoder.parameters()]
 
+    def loss_options(self, validation: bool = False) -> dict[str, str]:
+        return {"target": self.cfg.target}
+
     def forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """x: normalised (B, 3, H, W) -> per level (B, C_i, H/s_i, W/s_i) for encoder and decoder."""
         with torch.no_grad():
-            t = self.encoder(x)
+            t = self.encoder(x)[1] if self.cfg.target == "standardised" else self.encoder.raw(x)[1]
         return t, self.decoder(self.bottleneck(t))
 
     def anomaly_map(self, x: Tensor) -> Tensor:
         """x: normalised (B, 3, H, W) -> raw, unsmoothed map (B, 1, H/4, W/4)."""
         t, s = self(x)
-        return sum_maps(level_maps(t, s), list(self.cfg.strides))
+        return sum_maps(level_maps(t, s, self.cfg.target), list(self.cfg.strides))
+
+
+def prepare(model: ReverseDistillation, batches: Iterable[Tensor]) -> None:
+    """Before training: the encoder's per-channel statistics over the training images."""
+    model.encoder.fit(batches)

@@ -5,7 +5,7 @@ from trainer.models.us.loss import us_loss
 from trainer.models.us.model import DescriptorTeacher, Student, UninformedStudents, USConfig, finalize, prepare
 
 METHOD = Method(name="us", config=USConfig, model=UninformedStudents, loss=us_loss, prepare=prepare,
-                finalize=finalize)
+                finalize=finalize, recipe={"epochs": 20, "optimizer": "adam", "lr": 0.002})
 
 __all__ = ["METHOD", "DescriptorTeacher", "Student", "USConfig", "UninformedStudents", "error_and_variance",
            "standardised_sum", "us_loss"]
