@@ -13,7 +13,7 @@ APT_PACKAGES := mosquitto postgresql chromium docker-compose
 .PHONY: demo test test-all bench lint system venv clean
 
 demo: venv
-	$(VENV)/bin/kdfleet demo
+	$(VENV)/bin/kdfleet demo $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from agent.config import AgentConfig, load
 from agent.runtimes import KINDS
 from shared.config import ConfigError
 from shared.logs import add_log_arguments, setup_logging
+
+log = logging.getLogger("agent")
 
 
 def _add_quick_flags(ap: argparse.ArgumentParser) -> None:
@@ -64,7 +67,21 @@ def run_main(argv: list[str]) -> int:
     except (ConfigError, ValueError, OSError) as exc:
         print(f"kdfleet agent: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    except KeyboardInterrupt:
+        return 0   # stopped while loading: nothing was made yet
+
+    def on_stop(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if agent.stop.is_set():   # a second Ctrl-C must not cut the shutdown short and lose the drain
+            log.info("stopping already (%s again): queued frames first, then the hub's receipts for a few "
+                     "seconds at most; the spool keeps what it has not confirmed", name)
+        else:
+            log.info("stopping (%s)", name)
+        agent.stop.set()
+
+    # both end in the same orderly shutdown; a KeyboardInterrupt could strike in the middle of it
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     agent.run(until_drained=args.until_drained)
     if agent.link.fatal:
         print(f"kdfleet agent: {agent.link.fatal}", file=sys.stderr)

@@ -19,6 +19,7 @@ import dataclasses
 import getpass
 import json
 import logging
+import shlex
 import signal
 import ssl
 import sys
@@ -98,11 +99,11 @@ def _broker(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hub",
+        prog="kdfleet hub",
         description="kdfleet hub: ingest inspection results from MQTT into SQL "
-        "and serve the dashboard.",
-        epilog="First run: `python -m hub init-db`, `python -m hub create-admin NAME`, "
-        "`python -m hub serve`.",
+        "and serve the dashboard (also `python -m hub`).",
+        epilog="First run: `kdfleet hub init-db`, `kdfleet hub create-admin NAME`, "
+        "`kdfleet hub serve`.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -399,7 +400,7 @@ def cmd_add_user(
                 if users.has_admin(session):
                     raise CliError(
                         "an admin exists already; add further users with "
-                        "`python -m hub add-user NAME --role ROLE`"
+                        "`kdfleet hub add-user NAME --role ROLE`"
                     )
         password = _read_password(password_stdin)
         with db.transaction() as session:
@@ -516,7 +517,27 @@ def _retention_loop(cfg: HubConfig, db: Database, stop: threading.Event) -> None
             log.exception("retention run failed; trying again in %d min", cfg.retention.interval_min)
 
 
-def cmd_serve(cfg: HubConfig) -> int:
+def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
+    """The flags that point other `kdfleet hub` commands (a rollout the Models page suggests) at this
+    hub's database: its config file, made absolute, and --db when given or when there is no config;
+    a relative SQLite path made absolute, a password in the URL masked."""
+    from sqlalchemy.engine import make_url
+
+    from hub.db.session import normalise_url
+
+    parts = []
+    if args.config:
+        parts += ["--config", str(Path(args.config).resolve())]
+    if args.db or not args.config:
+        url = make_url(normalise_url(cfg.db))
+        path = _sqlite_file(cfg.db)
+        if path is not None:
+            url = url.set(database=str(path.resolve()))
+        parts += ["--db", url.render_as_string(hide_password=True)]
+    return shlex.join(parts)
+
+
+def cmd_serve(cfg: HubConfig, target: str = "") -> int:
     stop = _stop_on_signals()
     # imported here: an ingest-only process needs no web stack
     from werkzeug.serving import make_server
@@ -525,7 +546,7 @@ def cmd_serve(cfg: HubConfig) -> int:
 
     cfg.load_trusted_keys()  # a missing or unreadable key file stops the start, naming it
     db = _open_db(cfg)
-    app = create_app(cfg.web_settings())
+    app = create_app(cfg.web_settings() | {"HUB_CLI_TARGET": target})
     tls = (cfg.web.cert_file, cfg.web.key_file) if cfg.web.cert_file else None
     try:
         server = make_server(cfg.web.host, cfg.web.port, app, threaded=True, ssl_context=tls)
@@ -830,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_ingest(cfg)
         if command == "rollout":
             return cmd_rollout(cfg, args)
-        return cmd_serve(cfg)
+        return cmd_serve(cfg, cli_target(args, cfg))
     except ConfigError as exc:
         print(f"hub: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -41,10 +41,10 @@ from typing import Any
 
 from shared.demo import (
     Fleet,
-    Process,
     broker_argv,
     demo_login,
     pick_port,
+    prepare,
     register_package,
     signed_by_site,
     site_key,
@@ -162,50 +162,16 @@ def mosquitto_conf(workdir: Path, port: int, hub_port: int, auth: Path) -> Path:
 
 def start(fleet: Fleet, name: str, argv: list[str], env: dict[str, str] | None = None) -> ProcessRecord:
     """Start a child in its own session (Ctrl-C reaches only `up`, which stops them in order)."""
-    path = fleet.workdir / "logs" / f"{name}.log"
-    with open(path, "ab") as logfile:
-        proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-    fleet.procs.append(Process(name, argv, proc))
+    proc = fleet.start(name, argv, {**os.environ, **(env or {})}).proc
+    assert proc is not None
     ticks = start_ticks(proc.pid)
-    return ProcessRecord(name, proc.pid, ticks if ticks is not None else -1, str(path))
-
-
-def stop_in_order(fleet: Fleet, timeout: float = 20.0) -> None:
-    """SIGTERM in reverse start order, one kind at a time: the agents (which hand their last
-    results to the broker), then the hub's processes, then the broker; SIGKILL after `timeout`."""
-    groups: list[list[Process]] = []
-    for p in reversed(fleet.procs):
-        kind = p.name.split("-")[0]
-        if groups and groups[-1][0].name.split("-")[0] == kind:
-            groups[-1].append(p)
-        else:
-            groups.append([p])
-    for group in groups:
-        running = [p.proc for p in group if p.proc is not None and p.proc.poll() is None]
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in running:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop within %.0f s of SIGTERM: killed", proc.pid, timeout)
-                proc.kill()
-                proc.wait()
+    return ProcessRecord(name, proc.pid, ticks if ticks is not None else -1,
+                         str(fleet.workdir / "logs" / f"{name}.log"))
 
 
 def demo_model(py: str, cache: Path) -> tuple[Path, Path]:
     """The demo's data set and model (generated and trained once, cached in `cache`)."""
-    data = cache / "data"
-    if not (data / ".complete").exists():
-        log.info("generating the synthetic data set in %s", data)
-        subprocess.run([py, "-m", "trainer", "data", "synth", str(data), "--seed", "0"], check=True)
-        (data / ".complete").touch()
-    log.info("preparing the demo model (trained once, then cached in %s)", cache / "models")
-    out = subprocess.run([py, "-m", "trainer", "demo-model", str(data), str(cache / "models")],
-                         check=True, stdout=subprocess.PIPE, text=True)
-    return data, Path(out.stdout.strip().splitlines()[-1])
+    return prepare(py, cache, None, None)
 
 
 def sources(data: Path, cls: str | None, n: int) -> list[tuple[Path, str]]:
@@ -300,7 +266,7 @@ def up(args: argparse.Namespace) -> int:
     broker = f"mqtt://{HUB_USER}:{hub_password}@127.0.0.1:{hub_port}"
     common = ["--config", str(config), "--db", db_url]
     run_hub(py, ["init-db", *common])
-    user, password = demo_login(py, db_url, workdir)
+    user, password = demo_login(py, workdir, *common)
     token_name = f"fleet-{os.getpid()}"
     token = run_hub(py, ["add-token", token_name, "--role", "viewer", *common]).strip().splitlines()[-1]
 
@@ -394,7 +360,7 @@ def up(args: argparse.Namespace) -> int:
         log.info("stopping (%s)", "SIGTERM" if stop_requested else "Ctrl-C")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second `down` cannot cut the shutdown short
-        stop_in_order(fleet)
+        fleet.stop()
         run_hub(py, ["revoke-token", token_name, *common], check=False)
         (workdir / STATE_FILE).unlink(missing_ok=True)
         log.info("fleet stopped")

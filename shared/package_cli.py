@@ -145,9 +145,57 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     for key, value in info.items():
         if key == "metrics":
-            value = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in sorted(value.items())) or "none"
-        elif key == "classes":
+            continue
+        if key == "classes":
             value = ", ".join(value)
         print(f"{key.replace('_', ' '):<11} {value}")
+    print("\n".join(metrics_table(info["metrics"])))
     return 0
+
+
+# the columns of the metrics table, in this order, with their headings; other figures follow as they are named
+COLUMNS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "f1_max": "F1 max",
+           "tpr_at_threshold": "defects caught", "fpr_at_threshold": "false alarms"}
+RATES = ("tpr_at_threshold", "fpr_at_threshold")
+
+
+def _figure(key: str, value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-" if value is None else str(value)
+    if value != value:   # NaN: the data could not tell
+        return "-"
+    if key in RATES:
+        return f"{100 * value:.1f} %"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def metrics_table(metrics: dict[str, Any]) -> list[str]:
+    """The manifest's metrics as people read them: a row per class and the mean, a column per figure,
+    then the single figures (latency, size, ...) and any group of them (drop vs FP32) on a line each."""
+    rows = {c: m for c, m in (metrics.get("classes") or {}).items() if isinstance(m, dict)}
+    if isinstance(metrics.get("mean"), dict):
+        rows["mean"] = metrics["mean"]
+    keys = list(dict.fromkeys(k for m in rows.values() for k, v in m.items() if not isinstance(v, dict)))
+    keys = [k for k in COLUMNS if k in keys] + [k for k in keys if k not in COLUMNS]
+    lines = ["metrics" if rows or metrics else "metrics     none"]
+    if rows:
+        table = [["class", *(COLUMNS.get(k, k.replace("_", " ")) for k in keys)]]
+        table += [[name, *(_figure(k, m.get(k)) for k in keys)] for name, m in rows.items()]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True)]
+            lines.append("  " + "  ".join(cells).rstrip())
+    for key, value in metrics.items():
+        if key in ("classes", "mean"):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{_name(k)} {_figure(k, v)}" for k, v in value.items())
+        else:
+            value = _figure(key, value) + {"_ms": " ms", "_mb": " MB"}.get(key[-3:], "")
+        lines.append(f"  {_name(key)}: {value}")
+    return lines
+
+
+def _name(key: str) -> str:
+    """latency_ms -> latency, image_auroc -> image AUROC, val_loss -> val loss."""
+    return COLUMNS.get(key) or key.removesuffix("_ms").removesuffix("_mb").replace("_", " ")

@@ -133,17 +133,21 @@ def unique() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def _pg_admin_url() -> str | None:
-    url = os.environ.get("KDFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    return url if port_open("127.0.0.1", 5432) else None
+def _pg_admin_url() -> str:
+    """An account that may create databases: KDFLEET_TEST_PG, else postgres without a password on 127.0.0.1."""
+    return os.environ.get("KDFLEET_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """URL of a fresh PostgreSQL database for this test session, dropped afterwards."""
+    from sqlalchemy.engine import make_url
+
     admin = _pg_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (.ci/run starts it)")
+    where = make_url(admin)
+    if not port_open(where.host or "127.0.0.1", where.port or 5432):
+        pytest.skip(f"PostgreSQL is not reachable on {where.host}:{where.port or 5432} (passwordless postgres on "
+                    "127.0.0.1:5432, or KDFLEET_TEST_PG; see the README)")
     from sqlalchemy import create_engine, text
 
     name = f"kdfleet_test_{uuid.uuid4().hex[:8]}"

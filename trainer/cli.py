@@ -102,7 +102,7 @@ def train_main(argv: list[str] | None = None) -> int:
         configs = one_class_configs(cfg) if args.mode == "one-class" else [cfg]
         for c in configs:
             print(f"training {c.method} on {', '.join(c.classes) or 'all classes'} -> {c.out}", file=sys.stderr)
-            print(train(c, resume=args.resume), flush=True)
+            print(train(c, progress=expected_time_first(), resume=args.resume), flush=True)
     except (ValueError, FileNotFoundError) as exc:   # UnknownMethod, DatasetError, BackboneError: ValueErrors
         return fail("kdfleet train", str(exc))
     return 0
@@ -114,6 +114,37 @@ def recipe_of(method: str) -> dict[str, Any]:
     from trainer.train import RECIPE
 
     return {**RECIPE, **get_method(method).recipe} if get_method(method).trained else {}
+
+
+ETA_AFTER_STEPS = 3   # steps timed before the whole run is estimated (the first ones run slow while warming up)
+
+
+def expected_time_first() -> Any:
+    """Progress lines, the first of them the run's expected time once its first steps are timed: a full
+    recipe at 256 px takes hours on a small CPU, which nobody should find out at the end."""
+    from trainer.train import print_progress
+
+    told = False
+
+    def progress(p: Any) -> None:
+        nonlocal told
+        if not told and (p.note or p.val_loss is not None or p.step >= ETA_AFTER_STEPS):
+            told = True
+            what = "fitting" if p.note else f"{p.epochs} epochs of {p.steps} steps"
+            print(f"{chr(10) if sys.stderr.isatty() else ''}expected time: about {duration(p.eta_s)} more "
+                  f"({what}); fewer --epochs or a smaller --size shorten it (a first look: --epochs 8 --size 128)",
+                  file=sys.stderr, flush=True)
+        print_progress(p)
+
+    return progress
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '12 min', '1 h 55 min'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 # -- evaluate -------------------------------------------------------------------

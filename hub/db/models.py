@@ -204,6 +204,8 @@ class Result(Base):
         # anomalies only (a few percent of rows): the gallery, the review queue, the verdict filter
         Index("ix_results_anomaly_id", "id", **_ANOMALY_ONLY),
         Index("ix_results_anomaly_score_id", "score", "id", **_ANOMALY_ONLY),
+        # repeats of one frame, folded into one card (hub.services.results.grouped_results)
+        Index("ix_results_anomaly_thumbnail_score_id", "thumbnail_sha", "score", "id", **_ANOMALY_ONLY),
     )
 
     id: Mapped[str] = mapped_column(String(ULID_LEN), primary_key=True)
@@ -328,7 +330,7 @@ class Model(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(TEXT_LEN))  # the package's model id, as devices report it
     version: Mapped[str] = mapped_column(String(TEXT_LEN))
-    method: Mapped[str] = mapped_column(String(32), default="")  # stfpm | rd | us
+    method: Mapped[str] = mapped_column(String(32), default="")  # shared.package.METHODS
     classes: Mapped[str] = mapped_column(Text, default="")  # product classes it scores, comma-separated
     precision: Mapped[str] = mapped_column(String(16), default="")  # fp32 | fp16 | int8
     sha256: Mapped[str] = mapped_column(String(SHA_LEN))  # of the .kdpkg file

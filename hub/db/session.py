@@ -165,5 +165,5 @@ def check_schema(db: Database) -> None:
         state = "has no kdfleet schema" if current is None else f"is at revision {current}"
         raise SchemaError(
             f"database {db.display_url} {state}, this hub needs {head}: "
-            f"run `python -m hub init-db --db URL` first"
+            f"run `kdfleet hub init-db --db URL` (or --config FILE) first"
         )

@@ -27,7 +27,9 @@ from hub.services.common import WINDOWS, NotFound, QueryError, epoch_seconds, no
 BINS = 30
 PSI_GROUPS = 10  # the PSI compares 10 groups of 3 bins: with fewer results per group it is less noisy
 MAX_STATIONS = 8  # lines on the rate chart; the busiest stations are shown
-BUCKET_S = {"15m": 60, "1h": 300, "8h": 900, "24h": 3600, "7d": 6 * 3600, "30d": 86400}
+# about 30 points per window, so a station's rate reads as a line in any of them
+BUCKET_S = {"15m": 30, "1h": 120, "8h": 900, "24h": 3600, "7d": 6 * 3600, "30d": 86400}
+DEFAULT_WINDOW = "24h"
 PSI_STABLE, PSI_SHIFTED = 0.1, 0.25
 _PRIOR = 0.5  # added to every group's count, so an empty group does not make the PSI infinite
 
@@ -45,11 +47,31 @@ class Window:
 
 def window(name: str | None, now: datetime | None = None) -> Window:
     """The named time window (default 24h) ending now; raises QueryError for an unknown name."""
-    name = name or "24h"
+    name = name or DEFAULT_WINDOW
     if name not in WINDOWS:
         raise QueryError(f"window must be one of {', '.join(WINDOWS)}, not {name!r}")
     end = now or now_utc()
     return Window(name, end - WINDOWS[name], end)
+
+
+def data_window(
+    session: Session, *, site: str | None = None, device: str | None = None, now: datetime | None = None
+) -> Window:
+    """The shortest named window that holds the results of the last day (with none, the newest result),
+    so a site that started minutes ago shows its minutes, not a few dots at the end of an empty day;
+    the default window when there is no result in the longest."""
+    end = now or now_utc()
+    conds = _site_condition(session, site, device)
+    oldest = session.scalar(
+        select(func.min(Result.ts)).where(Result.ts >= end - WINDOWS[DEFAULT_WINDOW], Result.ts <= end, *conds)
+    )
+    if oldest is None:
+        oldest = session.scalar(select(func.max(Result.ts)).where(Result.ts <= end, *conds))
+    if oldest is None:
+        return window(DEFAULT_WINDOW, end)
+    span = end - oldest
+    name = next((n for n, length in WINDOWS.items() if length >= span), DEFAULT_WINDOW)
+    return window(name, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +91,7 @@ class RateSeries:
     points: list[RatePoint]  # one per bucket that has results, in time order
     results: int
     anomalies: int
+    rank: int = 0  # the station's place among all stations (by when the hub first heard of it): its colour
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +136,7 @@ class Drift:
 
     @property
     def state(self) -> str:
+        """stable, watch, shift; "unknown" while the reference holds no result (nothing to compare with)."""
         if self.psi is None:
             return "unknown"
         return "stable" if self.psi < PSI_STABLE else "shift" if self.psi > PSI_SHIFTED else "watch"
@@ -157,6 +181,8 @@ def anomaly_rate(
             .where(Station.id.in_(list(by_station) or [-1]))
         )
     }
+    # a station keeps its place (and so its colour) whatever the window, site or device shown
+    ranks = {sid: n for n, sid in enumerate(session.scalars(select(Station.id).order_by(Station.id)))}
     several_sites = len({s for s, _ in names.values()}) > 1
     series = [
         RateSeries(
@@ -164,6 +190,7 @@ def anomaly_rate(
             sorted(points, key=lambda p: p.start),
             sum(p.results for p in points),
             sum(p.anomalies for p in points),
+            ranks.get(sid, 0),
         )
         for sid, points in by_station.items()
     ]

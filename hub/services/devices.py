@@ -146,15 +146,21 @@ def list_devices(
     session: Session,
     *,
     site: str | None = None,
+    model: tuple[str, str | None] | None = None,
     now: datetime | None = None,
     silent_after: timedelta = SILENT_AFTER,
 ) -> list[DeviceView]:
-    """Every device (of one site, if given), sorted by site and name, with its online state."""
+    """Every device (of one site; running one model, (name, version) or (name, None) for any of its
+    versions, if given), sorted by site and name, with its online state."""
     now = now or now_utc()
     stmt, _ = _devices_query()
     stmt = stmt.order_by(Site.name, Device.name)
     if site:
         stmt = stmt.where(Site.name == site)
+    if model:
+        stmt = stmt.where(Device.model_id == model[0])
+        if model[1] is not None:
+            stmt = stmt.where(Device.model_version == model[1])
     return [_view(s, st, d, now, silent_after) for s, st, d in session.execute(stmt)]
 
 

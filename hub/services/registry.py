@@ -17,9 +17,8 @@ from hub.db.models import TEXT_LEN, URL_LEN, Device, Model, Rollout, Site
 from hub.services.common import NotFound, QueryError
 from hub.services.packages import StoredPackage
 from hub.store import is_sha
+from shared.package import METHODS, PRECISIONS
 
-METHODS = ("stfpm", "rd", "us")
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 _VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
@@ -128,6 +127,25 @@ def model_detail(session: Session, model_id: int) -> ModelView:
     if model is None:
         raise NotFound(f"no model with id {model_id}")
     return _views(session, [model])[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """A model's family by `parent_version` among the versions of its name."""
+
+    ancestors: list[ModelView]  # the oldest first, ending with its parent
+    children: list[ModelView]  # versions made from it, the newest first
+
+
+def lineage(session: Session, model: ModelView) -> Lineage:
+    versions = {m.version: m for m in list_models(session, name=model.name)}
+    ancestors: list[ModelView] = []
+    parent = versions.get(model.parent_version)
+    while parent is not None and parent.version != model.version and parent not in ancestors:
+        ancestors.insert(0, parent)
+        parent = versions.get(parent.parent_version)
+    children = [m for m in versions.values() if m.parent_version == model.version and m.id != model.id]
+    return Lineage(ancestors, children)
 
 
 def summary_metrics(manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, String, bindparam, exists, func, select, tuple_
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import Select, String, bindparam, exists, func, or_, select, tuple_
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from hub.db.models import REVIEW_LABELS, VERDICTS, Device, ProductClass, Result, Review, Site, Station
 from hub.services.common import (
@@ -35,6 +35,7 @@ SORTS = ("newest", "score")
 REVIEW_STATES = ("unreviewed", "reviewed", *REVIEW_LABELS)
 ID_AFTER_CAPTURE = timedelta(minutes=10)  # longest an agent takes from capture to making the id
 LIVE_OVERLAP = timedelta(seconds=10)  # transactions commit out of order; look back this far
+MAX_REPEATS = 5000  # results one review of a frame's repeats may cover
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,22 @@ class ResultPage:
 
 
 @dataclass(frozen=True, slots=True)
+class ResultGroup:
+    """The results that show one frame: the one shown, how many match, when the first and last were made."""
+
+    result: ResultView
+    count: int
+    first_ts: datetime
+    last_ts: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPage:
+    items: list[ResultGroup]
+    next_before: str | None  # as ResultPage's
+
+
+@dataclass(frozen=True, slots=True)
 class ResultFilter:
     """Which results to list and in which order; `limit` per page, further pages via `before`."""
 
@@ -87,6 +104,7 @@ class ResultFilter:
     cls: str | None = None
     verdict: str | None = None
     review: str | None = None  # REVIEW_STATES
+    image: str | None = None  # a thumbnail's sha256: every result of that frame
     since: datetime | None = None  # capture time, inclusive
     until: datetime | None = None  # capture time, exclusive
     sort: str = "newest"  # SORTS
@@ -94,7 +112,7 @@ class ResultFilter:
     limit: int = DEFAULT_PAGE
 
     FIELDS = (
-        "site", "device", "station", "cls", "verdict", "review", "since", "until", "sort",
+        "site", "device", "station", "cls", "verdict", "review", "image", "since", "until", "sort",
         "before", "limit",
     )  # fmt: skip
 
@@ -110,6 +128,8 @@ class ResultFilter:
             raise QueryError(
                 f"review must be one of {', '.join(REVIEW_STATES)}, not {v['review']!r}"
             )
+        if v["image"] is not None and not is_sha(v["image"]):
+            raise QueryError(f"image must be a sha256 (64 hexadecimal digits), not {v['image']!r}")
         sort = v["sort"] or default_sort
         if sort not in SORTS:
             raise QueryError(f"sort must be one of {', '.join(SORTS)}, not {sort!r}")
@@ -141,7 +161,7 @@ class ResultFilter:
     @property
     def filtered(self) -> bool:
         """True when any filter narrows the list (paging and sorting aside)."""
-        return any(getattr(self, k) is not None for k in self.FIELDS[:8])
+        return any(getattr(self, k) is not None for k in self.FIELDS[:9])
 
 
 def _parse_cursor(cursor: str, sort: str) -> tuple[float, str] | str:
@@ -194,8 +214,9 @@ def _match(column: Any, ids: list[int]) -> Any:
     return column == ids[0] if len(ids) == 1 else column.in_(ids)
 
 
-def conditions(session: Session, f: ResultFilter) -> list[Any] | None:
-    """WHERE clauses for `f` (names resolved to ids); None when no result can match."""
+def conditions(session: Session, f: ResultFilter, R: Any = Result) -> list[Any] | None:
+    """WHERE clauses for `f` (names resolved to ids) on `R`, the results table or an alias of it;
+    None when no result can match."""
     conds: list[Any] = []
     if f.site or f.device:
         q = select(Device.id).join(Device.site)
@@ -206,7 +227,7 @@ def conditions(session: Session, f: ResultFilter) -> list[Any] | None:
         ids = _ids(session, q)
         if not ids:
             return None
-        conds.append(_match(Result.device_id, ids))
+        conds.append(_match(R.device_id, ids))
     if f.station:
         q = select(Station.id).where(Station.name == f.station)
         if f.site:
@@ -214,27 +235,29 @@ def conditions(session: Session, f: ResultFilter) -> list[Any] | None:
         ids = _ids(session, q)
         if not ids:
             return None
-        conds.append(_match(Result.station_id, ids))
+        conds.append(_match(R.station_id, ids))
     if f.cls:
         ids = _ids(session, select(ProductClass.id).where(ProductClass.name == f.cls))
         if not ids:
             return None
-        conds.append(_match(Result.class_id, ids))
+        conds.append(_match(R.class_id, ids))
     if f.verdict:
         # inlined, not bound: a generic plan must still match the partial index on anomalies
-        conds.append(Result.verdict == bindparam(None, f.verdict, String, literal_execute=True))
+        conds.append(R.verdict == bindparam(None, f.verdict, String, literal_execute=True))
+    if f.image:
+        conds.append(R.thumbnail_sha == f.image)
     if f.since:
-        conds += [Result.ts >= f.since, Result.id >= ulid_floor(f.since)]
+        conds += [R.ts >= f.since, R.id >= ulid_floor(f.since)]
     if f.until:
-        conds += [Result.ts < f.until, Result.id < ulid_floor(f.until + ID_AFTER_CAPTURE)]
+        conds += [R.ts < f.until, R.id < ulid_floor(f.until + ID_AFTER_CAPTURE)]
     if f.review == "unreviewed":
-        conds.append(~exists().where(Review.result_id == Result.id))
+        conds.append(~exists().where(Review.result_id == R.id))
     elif f.review == "reviewed":
-        conds.append(exists().where(Review.result_id == Result.id))
+        conds.append(exists().where(Review.result_id == R.id))
     elif f.review in REVIEW_LABELS:
         latest = select(func.max(Review.id)).group_by(Review.result_id)
         conds.append(
-            Result.id.in_(
+            R.id.in_(
                 select(Review.result_id).where(Review.id.in_(latest), Review.label == f.review)
             )
         )
@@ -274,6 +297,10 @@ def latest_results(session: Session, f: ResultFilter = ResultFilter()) -> Result
     conds = conditions(session, f)
     if conds is None:
         return ResultPage([], None)
+    return _page(session, f, conds)
+
+
+def _page(session: Session, f: ResultFilter, conds: list[Any]) -> ResultPage:
     stmt = _base().where(*conds)
     if f.sort == "score":
         if f.before:
@@ -288,6 +315,54 @@ def latest_results(session: Session, f: ResultFilter = ResultFilter()) -> Result
     items = [_view(row) for row in rows[: f.limit]]
     more = len(rows) > f.limit
     return ResultPage(items, _cursor(items[-1], f.sort) if more else None)
+
+
+def grouped_results(session: Session, f: ResultFilter = ResultFilter()) -> GroupPage:
+    """Like `latest_results`, with the repeats of a frame folded into one entry.
+
+    A frame is the same when its thumbnail is (the same sha256: a replayed file, a part left in
+    front of the camera); each group shows its first row in the page's order (the newest, or the
+    highest score) and counts every result of that frame that matches `f`. Results without a
+    thumbnail stay alone.
+    """
+    conds = conditions(session, f)
+    if conds is None:
+        return GroupPage([], None)
+    other = aliased(Result)
+    other_conds = conditions(session, f, other)
+    assert other_conds is not None  # the same names resolved a moment ago
+    ahead = (
+        tuple_(other.score, other.id) > tuple_(Result.score, Result.id)
+        if f.sort == "score"
+        else other.id > Result.id
+    )
+    shown_first = ~exists().where(other.thumbnail_sha == Result.thumbnail_sha, ahead, *other_conds)
+    page = _page(session, f, [*conds, or_(Result.thumbnail_sha.is_(None), shown_first)])
+    shas = [r.thumbnail_sha for r in page.items if r.thumbnail_sha]
+    seen: dict[str, tuple[int, datetime, datetime]] = {}
+    if shas:
+        rows = session.execute(
+            select(Result.thumbnail_sha, func.count(), func.min(Result.ts), func.max(Result.ts))
+            .where(*conds, Result.thumbnail_sha.in_(shas))
+            .group_by(Result.thumbnail_sha)
+        )
+        seen = {sha: (n, first, last) for sha, n, first, last in rows}
+    groups = [
+        ResultGroup(r, *seen.get(r.thumbnail_sha or "", (1, r.ts, r.ts))) for r in page.items
+    ]
+    return GroupPage(groups, page.next_before)
+
+
+def repeats_of(session: Session, result_ids: list[str], f: ResultFilter) -> list[str]:
+    """The ids of every result matching `f` that shows the same frame as one of `result_ids` (those
+    included, when they match), oldest first; at most MAX_REPEATS."""
+    conds = conditions(session, f)
+    if conds is None or not result_ids:
+        return []
+    shas = select(Result.thumbnail_sha).where(Result.id.in_(result_ids), Result.thumbnail_sha.is_not(None))
+    same = or_(Result.id.in_(result_ids), Result.thumbnail_sha.in_(shas))
+    stmt = select(Result.id).where(*conds, same).order_by(Result.id).limit(MAX_REPEATS)
+    return list(session.scalars(stmt))
 
 
 def result_detail(session: Session, result_id: str) -> ResultView | None:

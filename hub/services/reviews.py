@@ -54,20 +54,37 @@ def check_label(label: str) -> str:
     return label
 
 
-def add_review(
-    session: Session, result_id: str, label: str, note: str = "", *, user_id: int | None
-) -> int:
-    """Record a judgement of a result; returns the review's id. The caller commits."""
+def _checked_note(label: str, note: str) -> str:
     check_label(label)
     note = note.strip()
     if len(note) > MAX_NOTE:
         raise QueryError(f"the note has {len(note)} characters; keep it under {MAX_NOTE}")
+    return note
+
+
+def add_review(
+    session: Session, result_id: str, label: str, note: str = "", *, user_id: int | None
+) -> int:
+    """Record a judgement of a result; returns the review's id. The caller commits."""
+    note = _checked_note(label, note)
     if session.get(Result, result_id) is None:
         raise NotFound(f"no result with id {result_id!r}")
     review = Review(result_id=result_id, label=label, comment=note, user_id=user_id)
     session.add(review)
     session.flush()
     return review.id
+
+
+def add_reviews(
+    session: Session, result_ids: list[str], label: str, note: str = "", *, user_id: int | None
+) -> int:
+    """The same judgement of several results at once (one frame's repeats, a selection); returns how
+    many were recorded. Ids of results that are gone (pruned meanwhile) are passed over. The caller commits."""
+    note = _checked_note(label, note)
+    found = list(session.scalars(select(Result.id).where(Result.id.in_(result_ids)))) if result_ids else []
+    session.add_all(Review(result_id=rid, label=label, comment=note, user_id=user_id) for rid in found)
+    session.flush()
+    return len(found)
 
 
 def _query() -> object:

@@ -53,24 +53,33 @@
     return cell;
   }
 
+  function picture(url, alt) {
+    if (!url) {
+      return element("span", "no image", "noimage");
+    }
+    const img = element("img", null, "thumb");
+    img.src = url;
+    img.alt = alt;
+    return img;
+  }
+
   function row(r) {
     const tr = element("tr", null, r.verdict + " fresh");
     tr.dataset.id = r.id;
     tr.appendChild(td(link(r.url, r.verdict, "verdict " + r.verdict)));
-    let frame = element("span", "no image", "noimage");
-    if (r.thumbnail_url) {
-      frame = element("img", null, "thumb");
-      frame.src = r.thumbnail_url;
-      frame.alt = "frame of " + r.id;
-    }
-    tr.appendChild(td(frame));
+    tr.appendChild(td(picture(r.thumbnail_url, "frame of " + r.id)));
+    tr.appendChild(td(picture(r.heatmap_url, "heat map of " + r.id)));
     tr.appendChild(td(link(r.url, utc(r.ts))));
     const where = td(r.device + " \u00b7 " + r.station);
     where.appendChild(element("div", r.site, "muted"));
     tr.appendChild(where);
-    tr.appendChild(td(r.cls));
-    tr.appendChild(td(r.score.toFixed(3), "n"));
-    tr.appendChild(td(r.norm_score.toFixed(2), "n strong"));
+    const what = td(r.cls);
+    if (r.source) {
+      what.appendChild(element("div", r.source, "muted source"));
+    }
+    tr.appendChild(what);
+    tr.appendChild(td(r.score.toFixed(3), "n strong"));
+    tr.appendChild(td(r.norm_score.toFixed(2), "n"));
     tr.appendChild(td(r.threshold.toFixed(3), "n"));
     tr.appendChild(td(r.review ? element("span", r.review.replace("_", " "), "badge review " + r.review) : null));
     return tr;

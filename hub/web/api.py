@@ -57,7 +57,8 @@ def _result(r: results.ResultView) -> dict[str, Any]:
     return out
 
 
-def _review(v: reviews.ReviewView) -> dict[str, Any]:
+def review_json(v: reviews.ReviewView) -> dict[str, Any]:
+    """A review as the API gives it, with its result's image URLs."""
     out = plain(v)
     out["result_url"] = url_for("api.result", result_id=v.result_id)
     for name in ("heatmap", "thumbnail", "frame"):
@@ -137,7 +138,7 @@ def result_reviews(result_id: str) -> ResponseReturnValue:
     session = get_session()
     if results.result_detail(session, checked_result_id(result_id)) is None:
         abort(404, f"no result with id {result_id!r}")
-    return jsonify(reviews=[_review(v) for v in reviews.reviews_of(session, result_id)])
+    return jsonify(reviews=[review_json(v) for v in reviews.reviews_of(session, result_id)])
 
 
 @bp.post("/results/<result_id>/reviews")
@@ -165,7 +166,7 @@ def review_create(result_id: str) -> ResponseReturnValue:
         abort(400, str(exc))
     session.commit()
     created = next(v for v in reviews.reviews_of(session, result_id) if v.id == review_id)
-    return jsonify(_review(created)), 201
+    return jsonify(review_json(created)), 201
 
 
 def _review_query() -> dict[str, Any]:
@@ -186,10 +187,17 @@ def _review_query() -> dict[str, Any]:
         abort(400, str(exc))
 
 
+def training_query() -> dict[str, Any]:
+    """The training data's query string (label, by default false_alarm, cls, since, before, limit); 400 if bad."""
+    query = _review_query()
+    query["label"] = query["label"] or "false_alarm"
+    return query
+
+
 def _review_page(endpoint: str, page: reviews.ReviewPage, query: dict[str, Any]) -> dict[str, Any]:
     args = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in query.items() if v}
     next_url = url_for(endpoint, **(args | {"before": page.next_before})) if page.next_before else None
-    return {"next": next_url, "items": [_review(v) for v in page.items]}
+    return {"next": next_url, "items": [review_json(v) for v in page.items]}
 
 
 @bp.get("/reviews")
@@ -203,8 +211,7 @@ def review_list() -> ResponseReturnValue:
 @bp.get("/training-data")
 def training_data() -> ResponseReturnValue:
     """Results whose latest review is `label` (default false_alarm): new normal images."""
-    query = _review_query()
-    query["label"] = query["label"] or "false_alarm"
+    query = training_query()
     page = reviews.training_data(get_session(), **query)
     body = _review_page("api.training_data", page, query)
     return jsonify(items=body["items"], next=body["next"])

@@ -20,28 +20,24 @@ def index() -> ResponseReturnValue:
     session = get_session()
     site = request.args.get("site") or None
     try:
-        w = charts.window(request.args.get("window"))
+        chosen = request.args.get("window")
+        w = charts.window(chosen) if chosen else charts.data_window(session, site=site)
     except QueryError as exc:
         abort(400, str(exc))
     rate = charts.anomaly_rate(session, w, site=site)
-    lines = [
-        Line(
-            s.station,
-            [(p.start, p.rate, f"{p.rate:.1%} ({p.anomalies} of {p.results})") for p in s.points],
-        )
-        for s in rate.series
-    ]
+    lines = rate_lines(rate)
     hists = charts.score_histograms(session, w, site=site)
     drifts = charts.drift(session, w, site=site)
     return render_template(
         "charts/index.html",
         w=w,
         windows=list(WINDOWS),
+        chosen=bool(chosen),
         site=site,
         sites=devices.site_names(session),
         rate=rate,
         rate_chart=line_chart(lines, w.start, w.end, y_label="anomaly rate", percent=True),
-        rate_legend=legend([s.station for s in rate.series]),
+        rate_legend=legend(lines),
         histograms=[
             (h, histogram(h.lo, h.width, h.ok, h.anomaly, h.threshold, label=f"scores of {h.cls}"))
             for h in hists
@@ -51,6 +47,18 @@ def index() -> ResponseReturnValue:
             for d in drifts
         ],
     )
+
+
+def rate_lines(rate: charts.RateChart) -> list[Line]:
+    """One line per station, in the station's own colour."""
+    return [
+        Line(
+            s.station,
+            [(p.start, p.rate, f"{p.rate:.1%} ({p.anomalies} of {p.results})") for p in s.points],
+            s.rank,
+        )
+        for s in rate.series
+    ]
 
 
 @bp.post("/reference")

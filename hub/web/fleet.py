@@ -9,8 +9,9 @@ from flask import Blueprint, abort, current_app, render_template, request
 from flask.typing import ResponseReturnValue
 
 from hub.services import charts, devices, results
+from hub.web.charts import rate_lines
 from hub.web.db import get_session
-from hub.web.svg import Box, Line, line_chart
+from hub.web.svg import Box, legend, line_chart
 
 bp = Blueprint("fleet", __name__)
 
@@ -41,19 +42,15 @@ def device(site: str, name: str) -> ResponseReturnValue:
         abort(404, f"no device {name!r} at site {site!r}; it appears once it sends a message")
     activity = devices.device_activity(session, site, name)
     recent = results.latest_results(session, results.ResultFilter(site=site, device=name, limit=12))
-    day = charts.window("24h")
-    rate = charts.anomaly_rate(session, day, site=site, device=name)
-    lines = [
-        Line(s.station, [(p.start, p.rate, f"{p.anomalies} of {p.results}") for p in s.points])
-        for s in rate.series
-    ]
+    w = charts.data_window(session, site=site, device=name)
+    rate = charts.anomaly_rate(session, w, site=site, device=name)
+    lines = rate_lines(rate)
     return render_template(
         "fleet/device.html",
         d=found,
         activity=activity,
         recent=recent.items,
-        chart=line_chart(
-            lines, day.start, day.end, y_label="anomaly rate", percent=True, box=Box(640, 280)
-        ),
-        stations=[s.station for s in rate.series],
+        window=w,
+        chart=line_chart(lines, w.start, w.end, y_label="anomaly rate", percent=True, box=Box(640, 280)),
+        legend=legend(lines) if len(lines) > 1 else None,
     )

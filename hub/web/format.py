@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 from flask import Flask
@@ -29,15 +30,20 @@ def utc(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _missing(value: object) -> bool:
+    """No number to show: none, not a number (an absent key in a template), or NaN."""
+    return not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value)
+
+
 def num(value: float | None, digits: int = 2) -> str:
     """A number with `digits` decimals, or a dash when there is none."""
-    if value is None:
+    if _missing(value):
         return DASH
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def percent(value: float | None) -> str:
-    return DASH if value is None else f"{100 * value:.1f} %"
+    return DASH if _missing(value) else f"{100 * value:.1f} %"  # type: ignore[operator]
 
 
 def size(value: int | None) -> str:

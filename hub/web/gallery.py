@@ -1,5 +1,6 @@
 """Defect gallery: anomalies as cards, the heat map laid over the frame, crops beneath,
-highest scores first (or newest first), filterable like the results."""
+highest scores first (or newest first), filterable like the results; a frame seen again and
+again is one card with its count."""
 
 from __future__ import annotations
 
@@ -25,6 +26,6 @@ def index() -> ResponseReturnValue:
         error = None
     except QueryError as exc:
         f, error = ResultFilter(verdict="anomaly", sort="score", limit=PAGE), str(exc)
-    page = results.latest_results(get_session(), f) if error is None else None
+    page = results.grouped_results(get_session(), f) if error is None else None
     body = render_template("gallery/index.html", page=page, f=f, error=error, **filter_choices())
     return body, 400 if error else 200

@@ -11,6 +11,7 @@ from typing import Any
 from hub.db.models import REVIEW_LABELS, ROLES, VERDICTS
 from hub.services.charts import WINDOWS
 from hub.services.results import REVIEW_STATES, SORTS
+from shared.package import METHODS
 
 TIME = {"type": "string", "format": "date-time"}
 MODEL_METRICS = {
@@ -256,7 +257,7 @@ SCHEMAS: dict[str, Any] = {
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
             "size_bytes": {"type": "integer", "minimum": 1},
             "url": {"type": "string"},
-            "method": {"type": "string", "enum": ["stfpm", "rd", "us"]},
+            "method": {"type": "string", "enum": list(METHODS)},
             "classes": {"type": "array", "items": {"type": "string"}},
             "precision": {"type": "string", "enum": ["fp32", "fp16", "int8", "mixed"]},
             "notes": {"type": "string"},

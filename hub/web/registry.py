@@ -1,11 +1,14 @@
-"""Models: the registry of model packages, which devices run them, and their rollouts."""
+"""Models: the registry of model packages, a page per model (its metrics, lineage, versions and the
+devices running it), and their rollouts."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from typing import Any
+
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
-from hub.services import registry, retraining, rollouts
+from hub.services import devices, registry, retraining, rollouts
 from hub.services.common import NotFound, QueryError
 from hub.web.auth import requires
 from hub.web.db import get_session
@@ -15,11 +18,63 @@ bp = Blueprint("registry", __name__, url_prefix="/models")
 ACTIONS = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}
 
 
+def cli_target() -> str:
+    """The flags that point `kdfleet hub` commands at this hub's database (HUB_CLI_TARGET, which
+    `hub serve` sets from its own --config and --db); a placeholder when unknown."""
+    return current_app.config.get("HUB_CLI_TARGET") or "--config HUB.TOML"
+
+
 @bp.get("/")
 def index() -> ResponseReturnValue:
     session = get_session()
     return render_template("registry/index.html", models=registry.list_models(session),
-                           cycles=retraining.recent_cycles(session))
+                           cycles=retraining.recent_cycles(session), cli_target=cli_target(),
+                           sites=devices.site_names(session))
+
+
+def hosted_manifest(sha: str) -> tuple[dict[str, Any], str | None] | None:
+    """The manifest and signer of the package this hub hosts under `sha`, or None. Read once per
+    package: the file is content-addressed, so what it says never changes."""
+    from hub.web.api import package_store
+    from shared.package import PackageError, read_package
+
+    cache = current_app.extensions.setdefault("hub.manifests", {})
+    if sha not in cache:
+        store = package_store()
+        path = store.find(sha)
+        if path is None:
+            return None
+        try:
+            package = read_package(path, trusted_keys=store.trusted or None)
+        except PackageError:
+            return None   # no longer trusted, or damaged on disk: the page shows the registry's summary
+        cache[sha] = (package.manifest, package.signed_by)
+    return cache[sha]
+
+
+@bp.get("/<int:model_id>")
+def model(model_id: int) -> ResponseReturnValue:
+    session = get_session()
+    try:
+        found = registry.model_detail(session, model_id)
+    except NotFound as exc:
+        abort(404, str(exc))
+    hosted = hosted_manifest(found.sha256)
+    running = devices.list_devices(session, model=(found.name, found.version), silent_after=silent_after())
+    # where a version of it runs is where it would be rolled out
+    sites = sorted({d.site for d in devices.list_devices(session, model=(found.name, None))}) \
+        or devices.site_names(session)
+    return render_template(
+        "registry/model.html",
+        m=found,
+        manifest=hosted[0] if hosted else None,
+        signed_by=hosted[1] if hosted else None,
+        lineage=registry.lineage(session, found),
+        versions=registry.list_models(session, name=found.name),
+        running=running,
+        cli_target=cli_target(),
+        site=sites[0] if len(sites) == 1 else None,
+    )
 
 
 @bp.get("/rollouts/<rollout_id>")

@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 
 from markupsafe import Markup, escape
 
-PALETTE = ("#2459c4", "#c0362c", "#1f8a4c", "#a86400", "#7b3fb5", "#0e8a8a", "#c2417f", "#55606e")
+# series colours: none of them red, which means "anomaly" on every page
+PALETTE = ("#2459c4", "#1f8a4c", "#a86400", "#7b3fb5", "#0e8a8a", "#55606e", "#3a8fd6", "#8c5a2b",
+           "#6b7d1a", "#4b3fa8")
 OK_COLOUR, ANOMALY_COLOUR, THRESHOLD_COLOUR = "#9fb3d9", "#c0362c", "#1d2430"
 REFERENCE_COLOUR, CURRENT_COLOUR = "#b9c1cf", "#2459c4"
 
@@ -46,6 +48,11 @@ SMALL = Box(520, 240)  # one of a grid of charts
 class Line:
     label: str
     points: Sequence[tuple[datetime, float, str]]  # (time, value, tooltip)
+    rank: int = 0  # picks its colour: give a thing the same rank on every chart and it keeps its colour
+
+    @property
+    def colour(self) -> str:
+        return PALETTE[self.rank % len(PALETTE)]
 
 
 def _fmt(value: float) -> str:
@@ -125,8 +132,8 @@ def line_chart(
         f'transform="rotate(-90 12 {M_TOP + plot_h / 2:.0f})" text-anchor="middle">'
         f"{escape(y_label)}</text>"
     )
-    for i, line in enumerate(lines):
-        colour = PALETTE[i % len(PALETTE)]
+    for line in lines:
+        colour = line.colour
         pts = [(x(t.timestamp()), y(v), tip) for t, v, tip in line.points]
         if len(pts) > 1:
             path = " ".join(f"{'M' if j == 0 else 'L'}{px:.1f},{py:.1f}" for j, (px, py, _) in enumerate(pts))
@@ -144,12 +151,12 @@ def line_chart(
     return _svg(box, body, y_label, "lines")
 
 
-def legend(labels: Sequence[str]) -> Markup:
+def legend(lines: Sequence[Line]) -> Markup:
     """An HTML legend matching `line_chart`'s colours."""
     items = "".join(
         f'<li><svg width="14" height="14" aria-hidden="true"><rect width="14" height="14" rx="3" '
-        f'fill="{PALETTE[i % len(PALETTE)]}"/></svg>{escape(label)}</li>'
-        for i, label in enumerate(labels)
+        f'fill="{line.colour}"/></svg>{escape(line.label)}</li>'
+        for line in lines
     )
     return Markup(f'<ul class="legend">{items}</ul>')
 

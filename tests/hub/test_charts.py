@@ -76,3 +76,32 @@ def test_svg_is_escaped_and_self_contained() -> None:
     bars = histogram(0.0, 0.1, [1, 2, 0], [0, 1, 3], 0.15, label="h")
     assert bars.count('class="bar ok"') == 2 and bars.count('class="bar anomaly"') == 2
     assert 'class="threshold"' in bars
+
+
+def test_the_window_fits_the_data_there_is_and_a_station_keeps_its_colour(
+        hub_db: Database, store: ImageStore, unique: str, make_result) -> None:
+    from hub.web.svg import ANOMALY_COLOUR, PALETTE
+
+    site, old_site = f"fresh-{unique}", f"idle-{unique}"
+    now = time.time()
+    # a site that started four minutes ago, three stations; another whose last result is three days old
+    made = [make_result(site, "cam-f", seed=i, crops=0, station=f"st-{i % 3}", verdict="ok", score=0.2,
+                        ts=now - 240 + i * 10) for i in range(24)]
+    _write(hub_db, store, made, site)
+    _write(hub_db, store, [make_result(old_site, "cam-o", seed=99, crops=0, verdict="ok", score=0.2,
+                                       ts=now - 3 * 86400)], old_site)
+
+    with hub_db.session() as session:
+        w = charts.data_window(session, site=site)
+        assert w.name == "15m" and charts.data_window(session, site=site, device="cam-f").name == "15m"
+        assert charts.data_window(session, site=old_site).name == "7d"
+        assert charts.data_window(session, site=f"none-{unique}").name == charts.DEFAULT_WINDOW
+        rate = charts.anomaly_rate(session, w, site=site)
+        assert len(rate.series) == 3 and all(len(s.points) >= 4 for s in rate.series), "lines, not lone dots"
+        ranks = {s.station: s.rank for s in rate.series}
+        assert len(set(ranks.values())) == 3
+        for name in ("1h", "24h", "7d"):   # the busiest station first or not, each keeps its place
+            assert {s.station: s.rank for s in charts.anomaly_rate(session, charts.window(name), site=site).series} \
+                == ranks
+    assert ANOMALY_COLOUR not in PALETTE   # red says "anomaly", never "a station"
+    assert len({Line(st, [], rank).colour for st, rank in ranks.items()}) == 3

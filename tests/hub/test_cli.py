@@ -146,3 +146,15 @@ def test_bridge_config_is_what_the_operations_guide_shows(
     assert printed.replace("remote_password s3cret", "remote_password ...") == shown
     assert main(["bridge-config", "central", "x:1", "--site", "plant1", "--acl"]) == 1
     assert "--acl needs --username" in capsys.readouterr().err
+
+
+def test_help_names_the_command_as_the_readme_does(capsys) -> None:
+    from shared.cli import main as kdfleet
+
+    with pytest.raises(SystemExit):
+        kdfleet(["hub", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: kdfleet hub ") and "`kdfleet hub init-db`" in text
+    with pytest.raises(SystemExit):
+        kdfleet(["hub", "rollout", "--help"])
+    assert capsys.readouterr().out.startswith("usage: kdfleet hub rollout ")

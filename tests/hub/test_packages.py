@@ -256,3 +256,52 @@ def test_trusted_keys_come_from_hub_toml_or_the_command_line(tmp_path, trusted_p
     finally:
         hub.terminate()
         hub.wait(20)
+
+
+def test_a_model_page_shows_its_metrics_lineage_versions_and_the_devices_running_it(
+        app: Flask, tmp_path, unique, tokens, sign_in, signing_key, hub_db, store, make_result) -> None:
+    import re
+    import time
+    from datetime import UTC, datetime
+
+    from hub.ingest import BatchWriter, Envelope
+
+    def evaluated(tpr: float) -> dict:
+        figures = {"image_auroc": 0.93, "pixel_auroc": 0.9, "aupro": 0.7, "f1_max": 0.88,
+                   "fpr_at_threshold": 0.0625, "tpr_at_threshold": tpr}
+        return {"mean": figures, "classes": {"plate": {**figures, "reference_used": True}}, "latency_ms": 3.2,
+                "size_mb": 0.1}
+
+    name = f"page-{unique}"
+    client = app.test_client()
+    first = upload(client, build_package(tmp_path / "a.kdpkg", model_id=name, version="1.0.0",
+                                         metrics=evaluated(0.75), key=signing_key), tokens["admin"]).get_json()
+    second = upload(client, build_package(tmp_path / "b.kdpkg", model_id=name, version="1.1.0", parent="1.0.0",
+                                          metrics=evaluated(0.875), key=signing_key), tokens["admin"]).get_json()
+    site = f"models-{unique}"
+    status = messages.Status(device="cam-m", online=True, ts=time.time(), station="press", model_id=name,
+                             model_version="1.0.0", runtime="onnxruntime")
+    BatchWriter(hub_db, store).write([Envelope(site, "cam-m", status, datetime.now(UTC))])
+
+    viewer, _ = sign_in("viewer")
+    listing = viewer.get("/models/").get_data(as_text=True)
+    assert f'<a href="/models/{first["id"]}">{name}</a>' in listing   # the name leads to its page
+
+    page = viewer.get(f"/models/{first['id']}").get_data(as_text=True)
+    plate = re.search(r"<tr><td>plate</td>(.*?)</tr>", page, re.DOTALL).group(1)
+    assert re.findall(r'<td class="n">([^<]+)</td>', plate) == ["0.930", "0.900", "0.700", "0.880", "75.0 %", "6.2 %"]
+    assert f'href="/api/models/{first["id"]}/package">download</a>' in page
+    assert f"signed by {pkg.key_fingerprint(signing_key.public_key())}" in page
+    lineage = re.search(r'<ol class="lineage">(.*?)</ol>', page, re.DOTALL).group(1)
+    assert "<strong>1.0.0</strong>" in lineage and f'<a href="/models/{second["id"]}">1.1.0</a>' in lineage
+    running = page[page.index("Devices running it (1)"):page.index("Versions of")]
+    assert f'href="/devices/{site}/cam-m">cam-m</a>' in running and "online" in running
+    versions = page[page.index("Versions of"):]
+    assert f'href="/models/{first["id"]}">1.0.0' in versions and f'href="/models/{second["id"]}">1.1.0' in versions
+    assert f"kdfleet hub rollout start {first['id']} --site {site}" in page
+
+    newer = viewer.get(f"/models/{second['id']}").get_data(as_text=True)
+    lineage = re.search(r'<ol class="lineage">(.*?)</ol>', newer, re.DOTALL).group(1)
+    assert f'<a href="/models/{first["id"]}">1.0.0</a>' in lineage and "<strong>1.1.0</strong>" in lineage
+    assert "Devices running it (0)" in newer and "87.5 %" in newer
+    assert viewer.get("/models/999999").status_code == 404

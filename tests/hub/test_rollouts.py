@@ -490,3 +490,51 @@ def test_the_rollout_command_reads_the_hub_config_and_never_creates_a_database(
     assert main(["rollout", "start", str(model_id(hub_db, unique, "2")), "--site", site, "--config", str(config),
                  "--queue"]) == 1
     assert f"rollout(s) {rid} ship m-{unique} 2 to these devices already" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("started_with", ["--config", "--db"])
+def test_the_rollout_command_the_models_page_shows_works_as_shown_from_anywhere(
+        hub_db, site, db_url, unique, tmp_path, monkeypatch, app, sign_in, started_with) -> None:
+    import html
+    import re
+    import shlex
+
+    from hub.cli import build_parser, cli_target, main, settings
+    from hub.db.models import Rollout
+
+    (tmp_path / "hub.toml").write_text(f'db = "{db_url}"\n')
+    monkeypatch.chdir(tmp_path)   # the hub starts with paths relative to its own folder
+    args = build_parser().parse_args(["serve", *(["--config", "hub.toml"] if started_with == "--config"
+                                                 else ["--db", db_url])])
+    app.config["HUB_CLI_TARGET"] = cli_target(args, settings(args))   # as `hub serve` sets it
+    viewer, _ = sign_in("viewer")
+    new = model_id(hub_db, unique, "2")
+    page = viewer.get(f"/models/{new}").get_data(as_text=True)
+    argv = shlex.split(html.unescape(re.search(r'<code class="command">([^<]+)</code>', page).group(1)))
+    assert argv[:5] == ["kdfleet", "hub", "rollout", "start", str(new)]
+    assert argv[argv.index("--site") + 1] == site, "the site whose devices run a version of the model"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)   # an admin's shell, anywhere
+    assert main(argv[2:]) == 0
+    assert not (elsewhere / "var").exists(), "the command made a database of its own"
+    with hub_db.session() as s:
+        assert s.scalar(select(Rollout.id).where(Rollout.model_id == new)) is not None
+
+
+def test_cli_target_masks_a_database_password_and_makes_sqlite_paths_absolute(tmp_path, monkeypatch) -> None:
+    from hub.cli import build_parser, cli_target, settings
+
+    monkeypatch.chdir(tmp_path)
+
+    def target(*flags: str) -> str:
+        args = build_parser().parse_args(["serve", *flags])
+        return cli_target(args, settings(args))
+
+    assert target() == f"--db sqlite:///{tmp_path}/var/hub/hub.db"
+    assert target("--db", "sqlite:///data/hub.db") == f"--db sqlite:///{tmp_path}/data/hub.db"
+    assert target("--db", "postgresql+psycopg://kd:s3cret@db/kdfleet") == \
+        "--db 'postgresql+psycopg://kd:***@db/kdfleet'"
+    (tmp_path / "hub.toml").write_text('db = "postgresql+psycopg://kd:s3cret@db/kdfleet"\n')
+    assert target("--config", "hub.toml") == f"--config {tmp_path}/hub.toml"

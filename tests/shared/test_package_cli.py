@@ -101,7 +101,7 @@ def test_inspect_summarises_the_manifest_and_names_the_signer(tmp_path, unsigned
     assert kdfleet(["package", "inspect", str(unsigned)]) == 0
     text = capsys.readouterr().out
     for expected in ("model id    darkness", "version     1.0.0", "method      stfpm", "precision   fp32",
-                     "classes     plate", "image_auroc 0.9875", "signer      unsigned"):
+                     "classes     plate", "image AUROC: 0.9875", "signer      unsigned"):
         assert expected in text, text
     signed = tmp_path / "signed.kdpkg"
     signed.write_bytes(unsigned.read_bytes())
@@ -115,6 +115,25 @@ def test_inspect_summarises_the_manifest_and_names_the_signer(tmp_path, unsigned
     assert info["classes"] == ["plate"] and info["golden"] == 2 and info["size_bytes"] == signed.stat().st_size
     assert kdfleet(["package", "inspect", str(signed), "--trusted", str(keys[1].with_suffix(".pub"))]) == 0
     assert "signed by none of the given trusted keys" in capsys.readouterr().out
+
+
+def test_inspect_prints_an_evaluated_package_s_metrics_as_a_table(tmp_path, capsys) -> None:
+    """The metrics `kdfleet export` writes: a row per class and the mean, a column per figure."""
+    figures = {"image_auroc": 0.9375, "pixel_auroc": float("nan"), "aupro": 0.71, "f1_max": 0.9,
+               "fpr_at_threshold": 0.0625, "tpr_at_threshold": 0.875}
+    metrics = {"mean": figures, "classes": {"plate": {**figures, "reference_used": True}}, "latency_ms": 3.2,
+               "size_mb": 0.1, "runtime": "onnxruntime", "drop_vs_fp32": {"image_auroc": 0.004}}
+    path = build_package(tmp_path / "evaluated.kdpkg", metrics=metrics)
+    assert kdfleet(["package", "inspect", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("metrics") + 1:]
+    assert table[0].split() == ["class", "image", "AUROC", "pixel", "AUROC", "AUPRO", "F1", "max", "defects",
+                                "caught", "false", "alarms", "reference", "used"]
+    assert table[1].split() == ["plate", "0.9375", "-", "0.71", "0.9", "87.5", "%", "6.2", "%", "True"]
+    assert table[2].split()[:2] == ["mean", "0.9375"]
+    assert "  latency: 3.2 ms" in table and "  size: 0.1 MB" in table and "  runtime: onnxruntime" in table
+    assert "  drop vs fp32: image AUROC 0.004" in table
+    assert not any("{" in line for line in lines), "no raw dict"
 
 
 def test_keys_new_help_names_the_public_key_file_it_writes(tmp_path, capsys) -> None:
