@@ -4,7 +4,7 @@ The gallery and the review queue show a frame seen again and again (a replayed
 folder, a part that sits in front of the camera) once, with a count: each row
 looks for a better row of the same image, which this index answers at once.
 
-Revision ID: 0013
+Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-04
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0013"
+revision: str = "0012"
 down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
