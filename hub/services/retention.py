@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from hub.db.models import Crop, Result, Review
 from hub.db.session import Database
 from hub.services.common import now_utc
-from hub.store import KEEP_RECENT_S, ImageStore
+from hub.store import KEEP_RECENT_S, Images
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def reviewed_images(session: Session) -> set[str]:
 
 
 def _images(
-    db: Database, store: ImageStore, policy: Policy, now: datetime, dry_run: bool
+    db: Database, store: Images, policy: Policy, now: datetime, dry_run: bool
 ) -> tuple[int, int]:
     """(images, bytes) deleted by the age and size limits."""
     with db.session() as session:
@@ -117,9 +117,7 @@ def _images(
             continue
         remaining.append(f)
     if policy.images_max_bytes:
-        total = sum(f.size for f in remaining) + sum(
-            p.stat().st_size for p in (store.find(s) for s in protected) if p is not None
-        )
+        total = sum(f.size for f in remaining) + sum(store.size(s) or 0 for s in protected)
         spare_after = now.timestamp() - KEEP_RECENT_S  # ingest may skip touching these (hub.store)
         for f in sorted(remaining, key=lambda f: f.mtime):
             if total <= policy.images_max_bytes or f.mtime >= spare_after:
@@ -132,7 +130,7 @@ def _images(
 
 def prune(
     db: Database,
-    store: ImageStore,
+    store: Images,
     policy: Policy,
     *,
     now: datetime | None = None,
