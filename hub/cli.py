@@ -584,7 +584,7 @@ def cmd_serve(cfg: HubConfig, target: str = "") -> int:
     ingest = _make_ingest(cfg, db, store).start()
     app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
     # `serve` processes drive rollouts and prune, the one holding the lease (extra `ingest` workers do not)
-    leadership = Leadership(db, default_holder(cfg.ingest.resolved_client_id()))
+    leadership = Leadership(db, default_holder(cfg.ingest.resolved_client_id()), ttl_s=cfg.leader_lease_s)
     controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id(),
                                    leadership=leadership).start()
     web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)

@@ -257,6 +257,9 @@ class HubConfig:
     # none: every upload is refused, unless allow_unsigned
     trusted_keys: list[str] = field(default_factory=list)
     allow_unsigned: bool = False  # take unsigned packages when no key is trusted (development only)
+    # several `serve` processes on one database: the one holding the lease drives rollouts and prunes;
+    # another takes over this long after it died (hub.leader)
+    leader_lease_s: float = 30.0
     ingest: IngestConfig = field(default_factory=IngestConfig)
     web: WebConfig = field(default_factory=WebConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
@@ -266,6 +269,8 @@ class HubConfig:
     def validate(self) -> None:
         # the URL alone: a file's [broker_tls] may wait for the --broker the command line gives
         BrokerConfig.from_url(self.broker)
+        if not 3 <= self.leader_lease_s <= 600:
+            raise ConfigError(f"leader_lease_s: {self.leader_lease_s} is not within 3..600")
         self.ingest.validate()
         self.web.validate()
         self.images.validate()
