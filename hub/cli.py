@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from hub import mosquitto
 from hub.config import HubConfig, load
@@ -581,6 +581,10 @@ def cmd_serve(cfg: HubConfig, target: str = "") -> int:
             f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
             "choose another --port or stop what holds it"
         ) from None
+    try:
+        retention.ensure_partitions(db)  # the months ahead (also done by every retention run)
+    except SQLAlchemyError as exc:  # another hub process creating them at the same moment, say
+        log.warning("results partitions not checked now: %s", str(exc).splitlines()[0])
     ingest = _make_ingest(cfg, db, store).start()
     app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
     # `serve` processes drive rollouts and prune, the one holding the lease (extra `ingest` workers do not)

@@ -83,8 +83,9 @@ class Leadership:
                 return True
             inserted = session.execute(
                 insert_ignoring_duplicates(session, Lease).values(name=self.name, holder=self.holder, expires_at=until)
-            ).rowcount
-            return bool(inserted)
+                .returning(Lease.name)
+            ).first()
+            return inserted is not None
 
     def release(self) -> None:
         """Give the lease up (a clean stop), so another process takes over at once."""

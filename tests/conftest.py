@@ -215,7 +215,8 @@ class SeaweedFS:
                 f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
                 "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}",
                 f"-s3.port.iceberg={p['iceberg']}", f"-s3.port.lance={p['lance']}", f"-iam.port={p['iam']}",
-                f"-s3.config={self.config}", "-metricsPort=0", "-volume.max=1000", "-master.volumeSizeLimitMB=64"]
+                f"-s3.config={self.config}", "-metricsPort=0", "-volume.max=1000", "-master.volumeSizeLimitMB=64",
+                "-volume.preStopSeconds=0"]
         with open(self.dir / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
         deadline = time.monotonic() + timeout

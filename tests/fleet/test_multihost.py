@@ -170,6 +170,8 @@ def test_two_hub_hosts_share_the_work_and_the_survivor_carries_on(
         wait_for(lambda: leader() is not None, 20, "a leader among the two hubs")
         first = leader()
         assert sum(h.name in first for h in hubs) == 1, first
+        time.sleep(2)  # both step rollouts every second: only one may lead
+        assert [h.name in first for h in hubs] == ["took the 'hub' lease" in h.log() for h in hubs]
         sent: list[messages.Result] = []
         for i in range(RESULTS):
             r = _make_result(site, f"cam-{i % 2}", seed=1000 + i, crops=i % 3,

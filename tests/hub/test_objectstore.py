@@ -67,7 +67,7 @@ def test_wrong_credentials_and_a_missing_bucket_are_named_at_start(seaweedfs, tm
     store = HubConfig(images=_replace(images, create_bucket=True)).open_images()
     assert isinstance(store, ObjectImageStore) and store.client.bucket_exists()
     (tmp_path / "bad").write_text("[default]\naws_access_key_id = nobody\naws_secret_access_key = wrong\n")
-    with pytest.raises(ConfigError, match="403.*access key"):
+    with pytest.raises(ConfigError, match=r"403.*access key"):
         HubConfig(images=_replace(images, credentials_file=str(tmp_path / "bad"))).open_images()
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
