@@ -21,7 +21,7 @@ import pytest
 import torch
 from sqlalchemy import create_engine, text
 
-from shared.imaging import letterbox, read_image
+from shared.imaging import fit_square, read_image
 from shared.package import read_package
 from shared.scoring import ClassCalibration, image_score
 from tests.trainer.tiny_data import make_tiny_set
@@ -109,7 +109,7 @@ def test_results_travel_from_model_to_database(trained, hub, broker, unique, tmp
     by_source = {r.source: r for r in rows}
     assert sorted(by_source) == sorted(str(p.relative_to(folder)) for p in files)
     for p in files:
-        boxed, placement = letterbox(read_image(p), size)
+        boxed, placement = fit_square(read_image(p), size, pkg.manifest["resize"])
         amap = session.run(None, {"image": boxed[None]})[0][0, 0]
         expected = image_score(cal.standardise(amap), sigma, placement, size)   # the frame, as the agent does
         row = by_source[str(p.relative_to(folder))]
@@ -159,7 +159,7 @@ def test_a_failing_source_and_hostile_files_reach_the_dashboard_and_the_station_
     agent = subprocess.Popen(
         [sys.executable, "-m", "agent", "run", "--package", str(package), "--broker", f"mqtt://{broker[0]}:{broker[1]}",
          "--site", site, "--device", device, "--station", "line-b", "--source", str(folder), "--cls", "plate",
-         "--loop", "--fps", "5", "--spool", str(tmp_path / "spool.db")],
+         "--loop", "--fps", "5", "--spool", str(tmp_path / "spool.db"), "--allow-unsigned"],
         env={**os.environ, "KDFLEET_AGENT_METRICS_INTERVAL_S": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

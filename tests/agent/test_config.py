@@ -73,7 +73,8 @@ def test_an_unknown_key_with_no_near_match_lists_the_allowed_ones(tmp_path):
      "agent.toml:9: spool.max_results = 0: must be >= 1"),
     ("threads = 2", "threads = -3", "agent.toml:4: threads = -3: must be >= 0 (0: one per core)"),
     ('site = "plant-a"', 'site = "plant/a"', "agent.toml:2: site: invalid site 'plant/a': use 1-64 letters"),
-    ("threads = 2", 'threads = 2\nruntime = "cuda"', "runtime: 'cuda' is not one of 'auto', 'onnxruntime', 'tensorrt'"),
+    ("threads = 2", 'threads = 2\nruntime = "cuda"',
+     "runtime: 'cuda' is not one of 'auto', 'onnxruntime', 'openvino', 'tensorrt'"),
     ("threads = 2", 'threads = 2\nca_file = "ca.crt"', "ca_file set, but the broker URL mqtt://127.0.0.1:1883"),
     ("threads = 2", 'threads = 2\nbroker = "mqtts://b"\ncert_file = "c.crt"', "needs both cert_file and key_file"),
     ('path = "var/spool.db"', 'path = "var/spool.db"\n[delivery]\nreceipt_window = 10',
@@ -88,8 +89,9 @@ def test_image_limits_default_to_a_jetson_s_budget_and_are_checked(tmp_path):
     assert (cfg.image.max_pixels, cfg.image.max_bytes) == (50_000_000, 50 * 1024 * 1024)
     cfg = load(write(tmp_path, GOOD + "\n[image]\nmax_pixels = 20_000_000\nmax_bytes = 10_000_000\n"), environ={})
     assert (cfg.image.limits().max_pixels, cfg.image.limits().max_bytes) == (20_000_000, 10_000_000)
-    assert "agent.toml:19: image.max_pixels = 0: must be >= 1" in error(
-        write(tmp_path, GOOD + "\n[image]\nmax_pixels = 0\n"))
+    text = GOOD + "\n[image]\nmax_pixels = 0\n"
+    line = text.splitlines().index("max_pixels = 0") + 1
+    assert f"agent.toml:{line}: image.max_pixels = 0: must be >= 1" in error(write(tmp_path, text))
     assert "image.max_pixel: unknown key; did you mean image.max_pixels?" in error(
         write(tmp_path, GOOD + "\n[image]\nmax_pixel = 10\n"))
 
@@ -135,7 +137,8 @@ def test_environment_overrides_the_file_and_explicit_flags_override_both(tmp_pat
 @pytest.mark.parametrize("var, value, expected", [
     ("KDFLEET_AGENT_THREADS", "two", "KDFLEET_AGENT_THREADS='two': expected an integer, e.g. 4"),
     ("KDFLEET_AGENT_METRICS_INTERVAL_S", "10s", "KDFLEET_AGENT_METRICS_INTERVAL_S='10s': expected a number"),
-    ("KDFLEET_AGENT_RUNTIME", "cuda", "KDFLEET_AGENT_RUNTIME='cuda': must be one of auto, onnxruntime, tensorrt"),
+    ("KDFLEET_AGENT_RUNTIME", "cuda",
+     "KDFLEET_AGENT_RUNTIME='cuda': must be one of auto, onnxruntime, openvino, tensorrt"),
     ("KDFLEET_AGENT_THREADS", "-1", "threads = -1: must be >= 0 (0: one per core) (set by KDFLEET_AGENT_THREADS)"),
     ("KDFLEET_AGENT_BATCHSIZE", "2",
      "KDFLEET_AGENT_BATCHSIZE: not an agent setting; did you mean KDFLEET_AGENT_BATCH_SIZE? (or unset it)"),

@@ -74,6 +74,7 @@ def test_a_failing_source_is_reported_at_once_and_opened_again_until_it_works(
     folder = tmp_path / "frames"   # not there yet: an unmounted share, a camera folder not made
     cfg = load(None, {"device": "cam-1", "site": site, "station": "line-a", "package": str(tiny_package),
                       "broker": f"mqtt://{broker[0]}:{broker[1]}", "runtime": "onnxruntime", "threads": 1,
+                      "allow_unsigned": True,
                       "sources": [{"uri": str(folder), "cls": "plate", "loop": True}],
                       "spool": {"path": str(tmp_path / "spool.db")},
                       "metrics_interval_s": 600},   # so every metrics message seen here was sent on a change

@@ -104,7 +104,7 @@ def test_a_device_under_another_device_s_id_does_not_knock_it_off(
     cfg = load(None, {"device": "cam-1", "site": s.site, "package": str(tiny_package), "runtime": "onnxruntime",
                       "broker": s.broker.url, "username": s.user("cam-1"), "password": s.passwords["cam-1"],
                       "threads": 1, "sources": [{"uri": str(plate_folder), "cls": "plate", "fps": 10.0}],
-                      "spool": {"path": str(tmp_path / "spool.db")}})
+                      "spool": {"path": str(tmp_path / "spool.db")}, "allow_unsigned": True})
     victim = Agent(cfg)
     runner = threading.Thread(target=victim.run, kwargs={"until_drained": True})
     runner.start()

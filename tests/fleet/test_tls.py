@@ -160,7 +160,8 @@ def test_agent_and_hub_over_tls_with_provisioned_accounts(pki, hub_db: Database,
                                              tls=True, ca_file=str(pki["ca"])),
                  client_id=f"hub-{unique}", site=site, flush_ms=20, persistent=False).start()
     cfg = load(None, {"device": "cam-1", "site": site, "package": str(tiny_package), "runtime": "onnxruntime",
-                      "threads": 1, "broker": f"mqtts://127.0.0.1:{broker.port}", "ca_file": str(pki["ca"]),
+                      "allow_unsigned": True, "threads": 1, "broker": f"mqtts://127.0.0.1:{broker.port}",
+                      "ca_file": str(pki["ca"]),
                       "username": f"cam-1@{site}", "password": password,
                       "sources": [{"uri": str(plate_folder), "cls": "plate"}],
                       "spool": {"path": str(tmp_path / "spool.db")}})
@@ -233,7 +234,8 @@ def test_a_site_bridge_over_tls_with_its_own_account(pki, hub_db: Database, stor
                                              password=HUB_PASSWORD),
                  client_id=f"hub-{unique}", site=site, flush_ms=20, persistent=True).start()
     cfg = load(None, {"device": "cam-1", "site": site, "package": str(tiny_package), "runtime": "onnxruntime",
-                      "threads": 1, "broker": local.url, "sources": [{"uri": str(plate_folder), "cls": "plate"}],
+                      "allow_unsigned": True, "threads": 1, "broker": local.url,
+                      "sources": [{"uri": str(plate_folder), "cls": "plate"}],
                       "spool": {"path": str(tmp_path / "spool.db")}})
     agent = drained(Agent(cfg), hub)
     with hub_db.session() as session:
