@@ -214,7 +214,8 @@ def test_two_hub_hosts_share_the_work_and_the_survivor_carries_on(
         for page in pages:
             status, path, body = browser.get(page)
             assert status == 200 and path == urllib.parse.urlparse(page).path, f"{page}: {status} at {path}"
-            assert b"image pruned" not in body, f"{page} shows a missing image"
+            if site in page:  # the unfiltered pages also show other tests' results, with images elsewhere
+                assert b"image pruned" not in body, f"{page} shows a missing image"
         by_sha = {hashlib.sha256(d).hexdigest(): d
                   for r in sent for d in (r.heatmap, r.thumbnail, *(c.jpeg for c in r.crops))}
         for sha in {s for row in shas for s in row} | set(crop_shas):
