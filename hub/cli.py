@@ -28,17 +28,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from hub import mosquitto
 from hub.config import HubConfig, load
 from hub.db.models import REVIEW_LABELS, ROLES
 from hub.db.session import Database, SchemaError, check_schema, head_revision, upgrade
 from hub.ingest import Ingest
+from hub.leader import Leadership, default_holder
 from hub.rollouts import RolloutController
 from hub.services import devices, retention, reviews, rollouts, users
 from hub.services.common import NotFound, QueryError, parse_time
-from hub.store import ImageStore
+from hub.store import Images
 from shared import topics
 from shared.config import BrokerConfig, ConfigError
 from shared.logs import add_log_arguments, setup_logging
@@ -413,10 +414,19 @@ def cmd_add_user(
     return 0
 
 
-def _make_ingest(cfg: HubConfig, db: Database) -> Ingest:
+def _open_images(cfg: HubConfig) -> Images:
+    try:
+        store = cfg.open_images()
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    log.info("images in %s", store.describe())
+    return store
+
+
+def _make_ingest(cfg: HubConfig, db: Database, store: Images) -> Ingest:
     return Ingest(
         db,
-        ImageStore(cfg.images_dir),
+        store,
         cfg.broker_config(),
         client_id=cfg.ingest.resolved_client_id(),
         site=cfg.ingest.site,
@@ -427,6 +437,7 @@ def _make_ingest(cfg: HubConfig, db: Database) -> Ingest:
         inflight=cfg.ingest.inflight,
         persistent=cfg.ingest.persistent,
         manual_ack=cfg.ingest.manual_ack,
+        images_when_down=cfg.images.when_down,
     )
 
 
@@ -452,7 +463,7 @@ def _wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
 def cmd_ingest(cfg: HubConfig) -> int:
     stop = _stop_on_signals()
     db = _open_db(cfg)
-    ingest = _make_ingest(cfg, db).start()
+    ingest = _make_ingest(cfg, db, _open_images(cfg)).start()
     log.info("ingest from %s into %s", cfg.broker_config().url, db.display_url)
     try:
         _wait_for_signal(ingest, stop)
@@ -506,11 +517,14 @@ def _policy(cfg: HubConfig) -> retention.Policy:
     return retention.Policy(r.results_days, r.images_days, int(r.images_max_gb * 1e9))
 
 
-def _retention_loop(cfg: HubConfig, db: Database, stop: threading.Event) -> None:
-    """Prune every retention.interval_min minutes until `stop`; a failure waits for the next run."""
+def _retention_loop(cfg: HubConfig, db: Database, store: Images, leadership: Leadership,
+                    stop: threading.Event) -> None:
+    """Prune every retention.interval_min minutes until `stop`, when this process leads (one of several
+    hub processes prunes); a failure waits for the next run."""
     interval = cfg.retention.interval_min * 60
-    store = ImageStore(cfg.images_dir)
     while not stop.wait(interval):
+        if not leadership.leads():
+            continue
         try:
             retention.prune(db, store, _policy(cfg))
         except Exception:
@@ -546,7 +560,8 @@ def cmd_serve(cfg: HubConfig, target: str = "") -> int:
 
     cfg.load_trusted_keys()  # a missing or unreadable key file stops the start, naming it
     db = _open_db(cfg)
-    app = create_app(cfg.web_settings() | {"HUB_CLI_TARGET": target})
+    store = _open_images(cfg)
+    app = create_app(cfg.web_settings() | {"HUB_CLI_TARGET": target, "HUB_IMAGE_STORE": store})
     tls = (cfg.web.cert_file, cfg.web.key_file) if cfg.web.cert_file else None
     try:
         server = make_server(cfg.web.host, cfg.web.port, app, threaded=True, ssl_context=tls)
@@ -566,16 +581,22 @@ def cmd_serve(cfg: HubConfig, target: str = "") -> int:
             f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
             "choose another --port or stop what holds it"
         ) from None
-    ingest = _make_ingest(cfg, db).start()
+    try:
+        retention.ensure_partitions(db)  # the months ahead (also done by every retention run)
+    except SQLAlchemyError as exc:  # another hub process creating them at the same moment, say
+        log.warning("results partitions not checked now: %s", str(exc).splitlines()[0])
+    ingest = _make_ingest(cfg, db, store).start()
     app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
-    # one process drives rollouts: this one (extra `ingest` workers do not)
-    controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id()).start()
+    # `serve` processes drive rollouts and prune, the one holding the lease (extra `ingest` workers do not)
+    leadership = Leadership(db, default_holder(cfg.ingest.resolved_client_id()), ttl_s=cfg.leader_lease_s)
+    controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id(),
+                                   leadership=leadership).start()
     web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
     web.start()
     pruner = None
     if cfg.retention.interval_min:
         pruner = threading.Thread(
-            target=_retention_loop, args=(cfg, db, stop), name="hub-retention", daemon=True
+            target=_retention_loop, args=(cfg, db, store, leadership, stop), name="hub-retention", daemon=True
         )
         pruner.start()
     (log.info if cfg.trusted_keys else log.warning)("%s", cfg.package_policy())
@@ -596,6 +617,7 @@ def cmd_serve(cfg: HubConfig, target: str = "") -> int:
         server.shutdown()
         web.join(10)
         controller.stop()
+        leadership.release()
         ingest.stop()
         app.extensions["hub.db"].dispose()
         db.dispose()
@@ -743,7 +765,7 @@ def cmd_bridge_config(args: argparse.Namespace) -> int:
 def cmd_prune(cfg: HubConfig, dry_run: bool) -> int:
     db = _open_db(cfg)
     try:
-        report = retention.prune(db, ImageStore(cfg.images_dir), _policy(cfg), dry_run=dry_run)
+        report = retention.prune(db, _open_images(cfg), _policy(cfg), dry_run=dry_run)
     finally:
         db.dispose()
     print(report)
@@ -755,7 +777,7 @@ def cmd_export_training(
 ) -> int:
     """Write the frames of results whose latest review is `label` in the MVTec AD layout."""
     db = _open_db(cfg)
-    store = ImageStore(cfg.images_dir)
+    store = _open_images(cfg)
     folder = ("train", "good") if label == "false_alarm" else ("test", "reviewed_defect")
     root = Path(out)
     written = missing = 0
@@ -770,14 +792,15 @@ def cmd_export_training(
                 )
                 for item in page.items:
                     sha = item.frame_sha or item.thumbnail_sha
-                    stored = store.find(sha) if sha else None
+                    stored = store.get(sha) if sha else None
                     if stored is None:
                         missing += 1
                         continue
-                    target = root / item.cls / folder[0] / folder[1] / f"{item.result_id}{stored.suffix}"
+                    suffix = ".png" if stored.media_type == "image/png" else ".jpg"
+                    target = root / item.cls / folder[0] / folder[1] / f"{item.result_id}{suffix}"
                     if not target.exists():
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(stored.read_bytes())
+                        target.write_bytes(stored.data)
                         record = {
                             "file": str(target.relative_to(root)),
                             "result_id": item.result_id,

@@ -53,7 +53,7 @@ from sqlalchemy.orm import Session
 from hub.db.models import Crop, Device, ProductClass, Result, Site, Station, from_unix
 from hub.db.session import Database
 from hub.services.common import insert_ignoring_duplicates
-from hub.store import ImageStore, StoreError, image_kind
+from hub.store import Images, StoreError, image_kind
 from shared import messages, topics
 from shared.config import BrokerConfig
 from shared.mqtt import PROTOCOL_5, Ack, MqttLink, NotConnected
@@ -180,7 +180,7 @@ class BatchWriter:
     at most every LAST_SEEN_EVERY_S from its results; status and metrics always write it.
     """
 
-    def __init__(self, db: Database, store: ImageStore) -> None:
+    def __init__(self, db: Database, store: Images) -> None:
         self.db = db
         self.store = store
         self._sites: dict[str, int] = {}
@@ -188,9 +188,15 @@ class BatchWriter:
         self._stations: dict[tuple[str, str], int] = {}
         self._classes: dict[str, int] = {}
         self._seen_written: dict[int, float] = {}  # device id -> monotonic time of the last write
+        self._with_images = True
 
-    def write(self, batch: Sequence[Envelope]) -> WriteReport:
-        """Store one batch in one transaction; its images go to the store (and to disk) first."""
+    def write(self, batch: Sequence[Envelope], *, images: bool = True) -> WriteReport:
+        """Store one batch in one transaction; its images go to the store (and to disk) first.
+
+        With ``images=False`` the results are stored without their images (the image store is down
+        and the settings say not to wait for it: images.when_down = "without_images").
+        """
+        self._with_images = images
         results: dict[str, Envelope] = {}
         for env in batch:
             if isinstance(env.message, messages.Result):
@@ -235,7 +241,7 @@ class BatchWriter:
         )
 
     def _put(self, data: bytes) -> str | None:
-        return self.store.put(data, sync=False) if data else None
+        return self.store.put(data, sync=False) if data and self._with_images else None
 
     def _result_rows(self, envelopes: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows, crops = [], []
@@ -414,7 +420,7 @@ class Ingest:
     def __init__(
         self,
         db: Database,
-        store: ImageStore,
+        store: Images,
         broker: BrokerConfig,
         *,
         client_id: str = "kdfleet-hub-ingest",
@@ -428,6 +434,7 @@ class Ingest:
         protocol: str | None = None,
         persistent: bool = True,
         manual_ack: bool = True,
+        images_when_down: str = "wait",
     ) -> None:
         if min(batch_size, flush_ms, queue_size, inflight) < 1 or linger_ms < 0:
             raise ValueError(
@@ -446,6 +453,9 @@ class Ingest:
         # a broker session that keeps QoS 1 results for the hub while it restarts
         self.persistent = persistent
         self.manual_ack = manual_ack
+        # the image store failing: "wait" (retry; nothing acknowledged or receipted meanwhile) or
+        # "without_images" (store the results without their images)
+        self.images_when_down = images_when_down
         self.writer = BatchWriter(db, store)
         self._queue: queue.Queue[Any] = queue.Queue(queue_size)
         self._counts = {f.name: 0 for f in dataclasses.fields(IngestStats) if f.name != "queued"}
@@ -667,13 +677,22 @@ class Ingest:
                     len(batch),
                     delay,
                 )
-            except OSError as exc:  # disk full, permissions: an operator can fix it while we wait
-                log.error(
-                    "image store write failed (%s); retrying %d messages in %.1f s",
-                    exc,
-                    len(batch),
-                    delay,
-                )
+            except OSError as exc:  # disk full, the object store down: an operator can fix it while we wait
+                if self.images_when_down == "without_images":
+                    log.error("image store write failed (%s); storing %d messages without their images "
+                              "(images.when_down)", exc, len(batch))
+                    try:
+                        self._record(self.writer.write(batch, images=False))
+                        return {}
+                    except SQLAlchemyError as db_exc:
+                        log.warning("database unavailable too (%s)", str(db_exc).splitlines()[0])
+                else:
+                    log.error(
+                        "image store write failed (%s); retrying %d messages in %.1f s",
+                        exc,
+                        len(batch),
+                        delay,
+                    )
             if self._stop.is_set():
                 gave_up_at = gave_up_at or time.monotonic() + GIVE_UP_ON_STOP_S
                 if time.monotonic() >= gave_up_at:
