@@ -206,6 +206,8 @@ class Result(Base):
         Index("ix_results_anomaly_score_id", "score", "id", **_ANOMALY_ONLY),
         # repeats of one frame, folded into one card (hub.services.results.grouped_results)
         Index("ix_results_anomaly_thumbnail_score_id", "thumbnail_sha", "score", "id", **_ANOMALY_ONLY),
+        Index("ix_results_anomaly_thumbnail_id", "thumbnail_sha", "id", **_ANOMALY_ONLY,
+              postgresql_include=["device_id", "station_id", "class_id", "ts"]),  # counted from the index
     )
 
     id: Mapped[str] = mapped_column(String(ULID_LEN), primary_key=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, String, bindparam, exists, func, or_, select, tuple_
+from sqlalchemy import Select, String, bindparam, exists, func, literal, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from hub.db.models import REVIEW_LABELS, VERDICTS, Device, ProductClass, Result, Review, Site, Station
@@ -35,7 +35,9 @@ SORTS = ("newest", "score")
 REVIEW_STATES = ("unreviewed", "reviewed", *REVIEW_LABELS)
 ID_AFTER_CAPTURE = timedelta(minutes=10)  # longest an agent takes from capture to making the id
 LIVE_OVERLAP = timedelta(seconds=10)  # transactions commit out of order; look back this far
-MAX_REPEATS = 5000  # results one review of a frame's repeats may cover
+MAX_REPEATS = 5000  # results one review of a frame's repeats may cover, and a group counts
+MAX_FOLDED_FRAMES = 200  # different frames among anomalies that pages fold by looking up each one
+FOLD_WINDOW = 2000  # rows a page of groups folds at most, past that many frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,8 @@ class ResultGroup:
     """The results that show one frame: the one shown, how many match, when the first and last were made."""
 
     result: ResultView
-    count: int
+    count: int  # at most MAX_REPEATS
+    more: bool  # more than MAX_REPEATS match
     first_ts: datetime
     last_ts: datetime
 
@@ -322,12 +325,93 @@ def grouped_results(session: Session, f: ResultFilter = ResultFilter()) -> Group
 
     A frame is the same when its thumbnail is (the same sha256: a replayed file, a part left in
     front of the camera); each group shows its first row in the page's order (the newest, or the
-    highest score) and counts every result of that frame that matches `f`. Results without a
-    thumbnail stay alone.
+    highest score) and counts the results of that frame that match `f` (at most MAX_REPEATS, then
+    `more` is set); its first and last times are those of its oldest and newest result. Results
+    without a thumbnail stay alone.
+
+    The cost does not grow with the repeats: among anomalies with at most MAX_FOLDED_FRAMES
+    different frames (a looping camera, a demo source), each frame's first row is found by one
+    index probe; with more frames, the page folds a window of at most FOLD_WINDOW rows past
+    `before`, and when repeats fill that window it shows fewer entries and links on.
     """
     conds = conditions(session, f)
     if conds is None:
         return GroupPage([], None)
+    shas = _frames(session) if f.verdict == "anomaly" else None
+    if shas is not None and len(shas) <= MAX_FOLDED_FRAMES:
+        page = _first_of_each_frame(session, f, conds, shas)
+    else:
+        page = _folded_window(session, f, conds)
+    counts = _counts(session, conds, [r.thumbnail_sha for r in page.items if r.thumbnail_sha])
+    groups = [
+        ResultGroup(r, *counts.get(r.thumbnail_sha or "", (1, False, r.ts, r.ts))) for r in page.items
+    ]
+    return GroupPage(groups, page.next_before)
+
+
+def _anomaly(R: Any = Result) -> Any:
+    # inlined, not bound: the partial indexes on anomalies serve only a literal 'anomaly'
+    return R.verdict == bindparam(None, "anomaly", String, literal_execute=True)
+
+
+def _frames(session: Session) -> list[str]:
+    """The different thumbnails among anomalies, MAX_FOLDED_FRAMES + 1 at most: a walk along the
+    thumbnail index, one probe per frame however many results show it."""
+    step = aliased(Result)
+    frames = select(func.min(Result.thumbnail_sha).label("sha"), literal(1).label("n")).where(_anomaly())
+    frames = frames.cte("frames", recursive=True)
+    following = (
+        select(func.min(step.thumbnail_sha))
+        .where(_anomaly(step), step.thumbnail_sha > frames.c.sha)
+        .scalar_subquery()
+    )
+    frames = frames.union_all(
+        select(following, frames.c.n + 1).where(frames.c.sha.is_not(None), frames.c.n <= MAX_FOLDED_FRAMES)
+    )
+    return list(session.scalars(select(frames.c.sha).where(frames.c.sha.is_not(None))))
+
+
+def _order(f: ResultFilter, R: Any = Result) -> list[Any]:
+    return [R.score.desc(), R.id.desc()] if f.sort == "score" else [R.id.desc()]
+
+
+def _after_cursor(f: ResultFilter, R: Any = Result) -> list[Any]:
+    if f.before is None:
+        return []
+    if f.sort == "score":
+        score, rid = _parse_cursor(f.before, "score")
+        return [tuple_(R.score, R.id) < tuple_(score, rid)]
+    return [R.id < f.before]
+
+
+def _first_of_each_frame(session: Session, f: ResultFilter, conds: list[Any], shas: list[str]) -> ResultPage:
+    """A page of groups when the anomalies show few frames: each frame's first matching row (one
+    index probe per frame), the rows without a thumbnail, merged in the page's order."""
+    firsts: list[str] = []
+    if shas:
+        probes = [
+            select(Result.id).where(Result.thumbnail_sha == sha, *conds).order_by(*_order(f)).limit(1)
+            .scalar_subquery()
+            for sha in shas
+        ]  # fmt: skip
+        firsts = [rid for rid in session.execute(select(*probes)).one() if rid is not None]
+    keys = select(Result.id, Result.score)
+    rows = list(session.execute(keys.where(Result.id.in_(firsts), *_after_cursor(f)))) if firsts else []
+    rows += session.execute(
+        keys.where(*conds, Result.thumbnail_sha.is_(None), *_after_cursor(f))
+        .order_by(*_order(f))
+        .limit(f.limit + 1)
+    ).all()
+    rows.sort(key=(lambda r: (r.score, r.id)) if f.sort == "score" else (lambda r: r.id), reverse=True)
+    ids = [r.id for r in rows[: f.limit + 1]]
+    by_id = {v.id: v for v in map(_view, session.execute(_base().where(Result.id.in_(ids))))} if ids else {}
+    items = [by_id[rid] for rid in ids[: f.limit]]
+    return ResultPage(items, _cursor(items[-1], f.sort) if len(ids) > f.limit else None)
+
+
+def _folded_window(session: Session, f: ResultFilter, conds: list[Any]) -> ResultPage:
+    """A page of groups among many frames: the first FOLD_WINDOW matching rows past the cursor, each
+    kept when no matching row of its frame comes before it (on this page or an earlier one)."""
     other = aliased(Result)
     other_conds = conditions(session, f, other)
     assert other_conds is not None  # the same names resolved a moment ago
@@ -337,20 +421,40 @@ def grouped_results(session: Session, f: ResultFilter = ResultFilter()) -> Group
         else other.id > Result.id
     )
     shown_first = ~exists().where(other.thumbnail_sha == Result.thumbnail_sha, ahead, *other_conds)
-    page = _page(session, f, [*conds, or_(Result.thumbnail_sha.is_(None), shown_first)])
-    shas = [r.thumbnail_sha for r in page.items if r.thumbnail_sha]
-    seen: dict[str, tuple[int, datetime, datetime]] = {}
-    if shas:
-        rows = session.execute(
-            select(Result.thumbnail_sha, func.count(), func.min(Result.ts), func.max(Result.ts))
-            .where(*conds, Result.thumbnail_sha.in_(shas))
-            .group_by(Result.thumbnail_sha)
-        )
-        seen = {sha: (n, first, last) for sha, n, first, last in rows}
-    groups = [
-        ResultGroup(r, *seen.get(r.thumbnail_sha or "", (1, r.ts, r.ts))) for r in page.items
-    ]
-    return GroupPage(groups, page.next_before)
+    window = select(Result.id).where(*conds, *_after_cursor(f)).order_by(*_order(f)).limit(FOLD_WINDOW)
+    page = _page(session, f, [*conds, Result.id.in_(window.scalar_subquery()),
+                              or_(Result.thumbnail_sha.is_(None), shown_first)])  # fmt: skip
+    if page.next_before is not None or len(page.items) == f.limit:
+        return page
+    last = session.execute(
+        select(Result.id, Result.score).where(*conds, *_after_cursor(f)).order_by(*_order(f))
+        .offset(FOLD_WINDOW - 1).limit(1)
+    ).one_or_none()  # fmt: skip
+    if last is None:  # the window held every row left: this is the last page
+        return page
+    return ResultPage(page.items, last.id if f.sort == "newest" else f"{last.score!r}~{last.id}")
+
+
+def _counts(session: Session, conds: list[Any], shas: list[str]) -> dict[str, tuple[int, bool, datetime, datetime]]:
+    """For each frame: how many results match (at most MAX_REPEATS), whether more do, the capture
+    times of its oldest and newest matching result."""
+    if not shas:
+        return {}
+
+    def of(sha: str) -> list[Any]:
+        matching = select(Result.id).where(Result.thumbnail_sha == sha, *conds)
+        counted = select(func.count()).select_from(matching.limit(MAX_REPEATS + 1).subquery())
+        edge = select(Result.ts).where(Result.thumbnail_sha == sha, *conds).limit(1)
+        return [counted.scalar_subquery(), edge.order_by(Result.id).scalar_subquery(),
+                edge.order_by(Result.id.desc()).scalar_subquery()]  # fmt: skip
+
+    unique = list(dict.fromkeys(shas))
+    row = session.execute(select(*[column for sha in unique for column in of(sha)])).one()
+    out = {}
+    for k, sha in enumerate(unique):
+        n, first, last = row[3 * k : 3 * k + 3]
+        out[sha] = (min(n, MAX_REPEATS), n > MAX_REPEATS, first, last)
+    return out
 
 
 def repeats_of(session: Session, result_ids: list[str], f: ResultFilter) -> list[str]:
