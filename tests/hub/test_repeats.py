@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import pytest
+
 from hub.db.session import Database
 from hub.ingest import BatchWriter, Envelope
 from hub.services import results
@@ -33,8 +35,16 @@ def seed_repeats(db: Database, store: ImageStore, site: str, make_result: Callab
     return {"same": same, "others": others}
 
 
+@pytest.fixture(params=["frame by frame", "within a window"])
+def folding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a page folds repeats: looking up each frame (few frames), or a window of rows (many)."""
+    if request.param == "within a window":
+        monkeypatch.setattr(results, "MAX_FOLDED_FRAMES", 0)
+    return request.param
+
+
 def test_repeats_fold_into_one_entry_in_either_order_and_across_pages(
-        hub_db: Database, store: ImageStore, site: str, make_result) -> None:
+        hub_db: Database, store: ImageStore, site: str, make_result, folding: str) -> None:
     made = seed_repeats(hub_db, store, site, make_result)
     same, others = made["same"], made["others"]
     with hub_db.session() as session:
@@ -62,6 +72,39 @@ def test_repeats_fold_into_one_entry_in_either_order_and_across_pages(
         ids = results.repeats_of(session, [same[0].id], ResultFilter(site=site, **UNREVIEWED))
         assert ids == sorted(r.id for r in same)
         assert results.repeats_of(session, [others[0].id], ResultFilter(site=site, **UNREVIEWED)) == [others[0].id]
+
+
+def test_a_window_full_of_repeats_gives_a_short_page_that_links_on_and_no_frame_twice(
+        hub_db: Database, store: ImageStore, site: str, make_result, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = seed_repeats(hub_db, store, site, make_result)
+    same, others = made["same"], made["others"]
+    monkeypatch.setattr(results, "MAX_FOLDED_FRAMES", 0)
+    monkeypatch.setattr(results, "FOLD_WINDOW", 2)
+    pages, before = [], None
+    with hub_db.session() as session:
+        while True:  # by score: same 0.9, 0.8; others 0.76, 0.75; same 0.7, 0.6 (two rows a window)
+            page = results.grouped_results(session, ResultFilter(site=site, sort="score", limit=3, before=before,
+                                                                 **UNREVIEWED))
+            pages.append([g.result.id for g in page.items])
+            if page.next_before is None:
+                break
+            before = page.next_before
+    assert pages == [[same[3].id], [others[1].id, others[0].id], [], []]
+
+
+def test_a_frame_seen_more_often_than_one_review_covers_says_so(
+        client, hub_db, store, site, make_result, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = seed_repeats(hub_db, store, site, make_result)
+    monkeypatch.setattr(results, "MAX_REPEATS", 3)
+    with hub_db.session() as session:
+        first = results.grouped_results(session, ResultFilter(site=site, sort="score", **UNREVIEWED)).items[0]
+        assert (first.result.id, first.count, first.more) == (made["same"][3].id, 3, True)
+        assert abs(first.first_ts.timestamp() - made["same"][0].ts) < 0.01, "the oldest repeat's time, not the 3rd"
+        assert results.repeats_of(session, [first.result.id], ResultFilter(site=site, **UNREVIEWED)) == \
+            sorted(r.id for r in made["same"])[:3]
+    assert "seen 3+×" in client.get(f"/gallery/?site={site}").get_data(as_text=True)
+    queue = client.get(f"/review/?site={site}").get_data(as_text=True)
+    assert "seen 3+×" in queue and "False alarm (the oldest 3)" in queue
 
 
 def test_gallery_and_review_show_a_frame_once_with_its_count(client, hub_db, store, site, make_result) -> None:
