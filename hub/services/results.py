@@ -37,7 +37,7 @@ ID_AFTER_CAPTURE = timedelta(minutes=10)  # longest an agent takes from capture 
 LIVE_OVERLAP = timedelta(seconds=10)  # transactions commit out of order; look back this far
 MAX_REPEATS = 5000  # results one review of a frame's repeats may cover, and a group counts
 MAX_FOLDED_FRAMES = 200  # different frames among anomalies that pages fold by looking up each one
-FOLD_WINDOW = 2000  # rows a page of groups folds at most, past that many frames
+FOLD_WINDOW = 1000  # rows a page of groups folds at most, past that many frames
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,36 +403,59 @@ def _first_of_each_frame(session: Session, f: ResultFilter, conds: list[Any], sh
         .limit(f.limit + 1)
     ).all()
     rows.sort(key=(lambda r: (r.score, r.id)) if f.sort == "score" else (lambda r: r.id), reverse=True)
-    ids = [r.id for r in rows[: f.limit + 1]]
-    by_id = {v.id: v for v in map(_view, session.execute(_base().where(Result.id.in_(ids))))} if ids else {}
-    items = [by_id[rid] for rid in ids[: f.limit]]
-    return ResultPage(items, _cursor(items[-1], f.sort) if len(ids) > f.limit else None)
+    items = _views(session, [r.id for r in rows[: f.limit]])
+    return ResultPage(items, _cursor(items[-1], f.sort) if len(rows) > f.limit else None)
 
 
 def _folded_window(session: Session, f: ResultFilter, conds: list[Any]) -> ResultPage:
     """A page of groups among many frames: the first FOLD_WINDOW matching rows past the cursor, each
-    kept when no matching row of its frame comes before it (on this page or an earlier one)."""
-    other = aliased(Result)
-    other_conds = conditions(session, f, other)
-    assert other_conds is not None  # the same names resolved a moment ago
-    ahead = (
-        tuple_(other.score, other.id) > tuple_(Result.score, Result.id)
-        if f.sort == "score"
-        else other.id > Result.id
-    )
-    shown_first = ~exists().where(other.thumbnail_sha == Result.thumbnail_sha, ahead, *other_conds)
-    window = select(Result.id).where(*conds, *_after_cursor(f)).order_by(*_order(f)).limit(FOLD_WINDOW)
-    page = _page(session, f, [*conds, Result.id.in_(window.scalar_subquery()),
-                              or_(Result.thumbnail_sha.is_(None), shown_first)])  # fmt: skip
-    if page.next_before is not None or len(page.items) == f.limit:
-        return page
-    last = session.execute(
-        select(Result.id, Result.score).where(*conds, *_after_cursor(f)).order_by(*_order(f))
-        .offset(FOLD_WINDOW - 1).limit(1)
-    ).one_or_none()  # fmt: skip
-    if last is None:  # the window held every row left: this is the last page
-        return page
-    return ResultPage(page.items, last.id if f.sort == "newest" else f"{last.score!r}~{last.id}")
+    frame's first of them kept unless a matching row of that frame comes before the cursor (it was
+    on an earlier page). When repeats fill the window, the page is short and links on past it."""
+    window = session.execute(
+        select(Result.id, Result.score, Result.thumbnail_sha).where(*conds, *_after_cursor(f))
+        .order_by(*_order(f)).limit(FOLD_WINDOW)
+    ).all()  # fmt: skip
+    seen: set[str] = set()
+    firsts = []
+    for row in window:
+        if row.thumbnail_sha is None or row.thumbnail_sha not in seen:
+            firsts.append(row)
+            seen.add(row.thumbnail_sha)
+    kept: list[Any] = []
+    for start in range(0, len(firsts), f.limit + 1):
+        chunk = firsts[start : start + f.limit + 1]
+        earlier = _shown_before(session, f, conds, [r.thumbnail_sha for r in chunk if r.thumbnail_sha])
+        kept += [r for r in chunk if r.thumbnail_sha not in earlier]
+        if len(kept) > f.limit:
+            break
+    items = _views(session, [r.id for r in kept[: f.limit]])
+    if len(kept) > f.limit:
+        return ResultPage(items, _cursor(items[-1], f.sort))
+    if len(window) < FOLD_WINDOW:
+        return ResultPage(items, None)
+    last = window[-1]
+    return ResultPage(items, last.id if f.sort == "newest" else f"{last.score!r}~{last.id}")
+
+
+def _shown_before(session: Session, f: ResultFilter, conds: list[Any], shas: list[str]) -> set[str]:
+    """Those of `shas` with a matching row up to the cursor (on an earlier page, or in an earlier
+    window): one index probe each."""
+    if f.before is None or not shas:
+        return set()
+    if f.sort == "score":
+        ahead = tuple_(Result.score, Result.id) >= tuple_(*_parse_cursor(f.before, "score"))
+    else:
+        ahead = Result.id >= f.before
+    probes = [exists().where(Result.thumbnail_sha == sha, *conds, ahead) for sha in shas]
+    return {sha for sha, found in zip(shas, session.execute(select(*probes)).one(), strict=True) if found}
+
+
+def _views(session: Session, ids: list[str]) -> list[ResultView]:
+    """The results named by `ids`, in that order."""
+    if not ids:
+        return []
+    by_id = {v.id: v for v in map(_view, session.execute(_base().where(Result.id.in_(ids))))}
+    return [by_id[rid] for rid in ids]
 
 
 def _counts(session: Session, conds: list[Any], shas: list[str]) -> dict[str, tuple[int, bool, datetime, datetime]]:
