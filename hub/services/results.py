@@ -337,12 +337,9 @@ def grouped_results(session: Session, f: ResultFilter = ResultFilter()) -> Group
     conds = conditions(session, f)
     if conds is None:
         return GroupPage([], None)
-    shas = _frames(session) if f.verdict == "anomaly" else None
-    if shas is not None and len(shas) <= MAX_FOLDED_FRAMES:
-        page = _first_of_each_frame(session, f, conds, shas)
-    else:
-        page = _folded_window(session, f, conds)
-    counts = _counts(session, conds, [r.thumbnail_sha for r in page.items if r.thumbnail_sha])
+    firsts = _first_of_each_frame(session, f, conds) if f.verdict == "anomaly" else None
+    page = _folded_window(session, f, conds) if firsts is None else _merged(session, f, conds, firsts)
+    counts = _counts(session, conds, [r for r in page.items if r.thumbnail_sha])
     groups = [
         ResultGroup(r, *counts.get(r.thumbnail_sha or "", (1, False, r.ts, r.ts))) for r in page.items
     ]
@@ -354,9 +351,9 @@ def _anomaly(R: Any = Result) -> Any:
     return R.verdict == bindparam(None, "anomaly", String, literal_execute=True)
 
 
-def _frames(session: Session) -> list[str]:
-    """The different thumbnails among anomalies, MAX_FOLDED_FRAMES + 1 at most: a walk along the
-    thumbnail index, one probe per frame however many results show it."""
+def _frames() -> Any:
+    """The different thumbnails among anomalies, MAX_FOLDED_FRAMES + 1 at most, as a recursive CTE:
+    a walk along the thumbnail index, one probe per frame however many results show it."""
     step = aliased(Result)
     frames = select(func.min(Result.thumbnail_sha).label("sha"), literal(1).label("n")).where(_anomaly())
     frames = frames.cte("frames", recursive=True)
@@ -365,10 +362,23 @@ def _frames(session: Session) -> list[str]:
         .where(_anomaly(step), step.thumbnail_sha > frames.c.sha)
         .scalar_subquery()
     )
-    frames = frames.union_all(
+    return frames.union_all(
         select(following, frames.c.n + 1).where(frames.c.sha.is_not(None), frames.c.n <= MAX_FOLDED_FRAMES)
     )
-    return list(session.scalars(select(frames.c.sha).where(frames.c.sha.is_not(None))))
+
+
+def _first_of_each_frame(session: Session, f: ResultFilter, conds: list[Any]) -> list[str] | None:
+    """Each frame's first row matching `conds` in the page's order (one index probe per frame, planned
+    once), or None when the anomalies show more than MAX_FOLDED_FRAMES frames."""
+    frames = _frames()
+    first = (
+        select(Result.id).where(Result.thumbnail_sha == frames.c.sha, *conds).order_by(*_order(f)).limit(1)
+        .correlate(frames).scalar_subquery()
+    )  # fmt: skip
+    rows = session.execute(select(frames.c.sha, first).where(frames.c.sha.is_not(None))).all()
+    if len(rows) > MAX_FOLDED_FRAMES:
+        return None
+    return [rid for _, rid in rows if rid is not None]
 
 
 def _order(f: ResultFilter, R: Any = Result) -> list[Any]:
@@ -384,17 +394,9 @@ def _after_cursor(f: ResultFilter, R: Any = Result) -> list[Any]:
     return [R.id < f.before]
 
 
-def _first_of_each_frame(session: Session, f: ResultFilter, conds: list[Any], shas: list[str]) -> ResultPage:
-    """A page of groups when the anomalies show few frames: each frame's first matching row (one
-    index probe per frame), the rows without a thumbnail, merged in the page's order."""
-    firsts: list[str] = []
-    if shas:
-        probes = [
-            select(Result.id).where(Result.thumbnail_sha == sha, *conds).order_by(*_order(f)).limit(1)
-            .scalar_subquery()
-            for sha in shas
-        ]  # fmt: skip
-        firsts = [rid for rid in session.execute(select(*probes)).one() if rid is not None]
+def _merged(session: Session, f: ResultFilter, conds: list[Any], firsts: list[str]) -> ResultPage:
+    """A page of groups when the anomalies show few frames: those of the frames' first rows past the
+    cursor and the rows without a thumbnail, merged in the page's order."""
     keys = select(Result.id, Result.score)
     rows = list(session.execute(keys.where(Result.id.in_(firsts), *_after_cursor(f)))) if firsts else []
     rows += session.execute(
@@ -458,26 +460,24 @@ def _views(session: Session, ids: list[str]) -> list[ResultView]:
     return [by_id[rid] for rid in ids]
 
 
-def _counts(session: Session, conds: list[Any], shas: list[str]) -> dict[str, tuple[int, bool, datetime, datetime]]:
-    """For each frame: how many results match (at most MAX_REPEATS), whether more do, the capture
-    times of its oldest and newest matching result."""
-    if not shas:
+def _counts(
+    session: Session, conds: list[Any], firsts: list[ResultView]
+) -> dict[str, tuple[int, bool, datetime, datetime]]:
+    """For the frame of each of `firsts`: how many results match (at most MAX_REPEATS), whether more
+    do, the capture times of its oldest and newest matching result (subqueries planned once, run
+    per frame on its index)."""
+    if not firsts:
         return {}
-
-    def of(sha: str) -> list[Any]:
-        matching = select(Result.id).where(Result.thumbnail_sha == sha, *conds)
-        counted = select(func.count()).select_from(matching.limit(MAX_REPEATS + 1).subquery())
-        edge = select(Result.ts).where(Result.thumbnail_sha == sha, *conds).limit(1)
-        return [counted.scalar_subquery(), edge.order_by(Result.id).scalar_subquery(),
-                edge.order_by(Result.id.desc()).scalar_subquery()]  # fmt: skip
-
-    unique = list(dict.fromkeys(shas))
-    row = session.execute(select(*[column for sha in unique for column in of(sha)])).one()
-    out = {}
-    for k, sha in enumerate(unique):
-        n, first, last = row[3 * k : 3 * k + 3]
-        out[sha] = (min(n, MAX_REPEATS), n > MAX_REPEATS, first, last)
-    return out
+    shown = aliased(Result)
+    matching = select(Result.id).where(Result.thumbnail_sha == shown.thumbnail_sha, *conds).correlate(shown)
+    counted = select(func.count()).select_from(matching.limit(MAX_REPEATS + 1).subquery()).scalar_subquery()
+    edge = select(Result.ts).where(Result.thumbnail_sha == shown.thumbnail_sha, *conds).limit(1).correlate(shown)
+    rows = session.execute(
+        select(shown.thumbnail_sha, counted, edge.order_by(Result.id).scalar_subquery(),
+               edge.order_by(Result.id.desc()).scalar_subquery())
+        .where(shown.id.in_([r.id for r in firsts]))
+    )  # fmt: skip
+    return {sha: (min(n, MAX_REPEATS), n > MAX_REPEATS, first, last) for sha, n, first, last in rows}
 
 
 def repeats_of(session: Session, result_ids: list[str], f: ResultFilter) -> list[str]:
