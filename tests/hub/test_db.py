@@ -99,6 +99,17 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path) -> None:
         db.dispose()
 
 
+def test_postgresql_connections_run_without_jit(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        for _ in range(2):  # a fresh connection, then one back from the pool after a rollback
+            with db.engine.connect() as connection:
+                assert connection.exec_driver_sql("SHOW jit").scalar() == "off"
+                connection.rollback()
+    finally:
+        db.dispose()
+
+
 def test_upgrading_from_the_first_schema_keeps_every_result_with_its_station_and_class(
     fresh_db_url: str,
 ) -> None:
