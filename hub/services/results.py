@@ -35,7 +35,7 @@ SORTS = ("newest", "score")
 REVIEW_STATES = ("unreviewed", "reviewed", *REVIEW_LABELS)
 ID_AFTER_CAPTURE = timedelta(minutes=10)  # longest an agent takes from capture to making the id
 LIVE_OVERLAP = timedelta(seconds=10)  # transactions commit out of order; look back this far
-MAX_REPEATS = 5000  # results one review of a frame's repeats may cover, and a group counts
+MAX_REPEATS = 1000  # results one review of a frame's repeats covers at most (oldest first), and a group counts
 MAX_FOLDED_FRAMES = 200  # different frames among anomalies that pages fold by looking up each one
 FOLD_WINDOW = 1000  # rows a page of groups folds at most, past that many frames
 
