@@ -110,7 +110,7 @@ def ensure_int8(fp32_package: Path, checkpoint: Path, data: Path, folder: Path, 
     from trainer.quantize import Recipe
     from trainer.quantize.calibration import DataSpec, calibration_images
     from trainer.quantize.ptq import quantize_ptq
-    from trainer.quantize.report import ReportConfig, Variant, evaluate_variant, package_variant
+    from trainer.quantize.report import METRICS, ReportConfig, Variant, evaluate_variant, package_variant
     from trainer.train import load_checkpoint
 
     out = folder / "ptq_train.kdpkg"
@@ -119,17 +119,22 @@ def ensure_int8(fp32_package: Path, checkpoint: Path, data: Path, folder: Path, 
         return out
     folder.mkdir(parents=True, exist_ok=True)
     tcfg, _, _ = load_checkpoint(checkpoint)
+    fp32_read = read_package(fp32_package)
     fp32 = folder / "fp32.onnx"
-    fp32.write_bytes(read_package(fp32_package).model)
+    fp32.write_bytes(fp32_read.model)
+    # the FP32 package's own evaluation (same data, same split) is the reference the INT8 drop is measured against
+    reference = Variant(Recipe("fp32"), fp32_package, {},
+                        metrics={k: fp32_read.manifest["metrics"]["mean"][k] for k in METRICS})
     spec = DataSpec.of(tcfg, data)
     log("INT8: calibrating on 32 training frames and quantising")
     res = quantize_ptq(fp32, folder / "ptq_train.onnx", calibration_images("train", spec, 32))
     variant = Variant(Recipe("ptq", "train"), res.path, {**res.recipe(), "calibration": "train"})
     log("INT8: evaluating through ONNX Runtime for the package's thresholds")
     variant.evaluation = evaluate_variant(res.path, str(data), list(tcfg.classes), tcfg.size, tcfg.val_fraction,
-                                          tcfg.seed, None, threads)
+                                          tcfg.seed, None, threads, tcfg.resize)
+    variant.metrics = {k: variant.evaluation["mean"][k] for k in METRICS}
     cfg = ReportConfig(checkpoint=str(checkpoint), out=str(folder), data=str(data))
-    path = package_variant(variant, tcfg, cfg, folder)
+    path = package_variant(variant, tcfg, cfg, folder, reference)
     fp32.unlink()
     log(f"INT8 package {path}")
     return path

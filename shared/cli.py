@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 GROUP_ONLY: dict[str, tuple[str, str, str]] = {
     "serve": ("trainer.serve", "main", "retrain from reviewed results and roll out what passes the gate"),
 }
+# a program's subcommand served by another package: the station benchmark is no part of the agent
+ROUTED: dict[tuple[str, str], tuple[str, str]] = {
+    ("agent", "bench"): ("bench.agent", "main"),
+}
 GROUPS = {"trainer": ("data", "train", "evaluate", "compare", "export", "quantize", "demo-model", "serve")}
 
 
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None, group: str | None = None) -> int:
         print(f"kdfleet: unknown command {name!r}\n\n{usage(names)}", file=sys.stderr)
         return 2
     module, func, _ = _lookup(name)
+    if len(argv) > 1 and (name, argv[1]) in ROUTED:
+        module, func = ROUTED[name, argv[1]]
+        argv = argv[1:]
     try:
         target = getattr(importlib.import_module(module), func)
     except ImportError as exc:

@@ -201,13 +201,6 @@ def calibrate(normal_scores: np.ndarray, quantile: float = 0.99, margin: float =
     return ClassCalibration(center=center, scale=scale, threshold=center + scale, reference=reference)
 
 
-def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold that maximises F1 of `scores > t` against binary `labels`."""
-    from shared.metrics import f1_max  # local: metrics is the heavier module
-
-    return f1_max(scores, labels)[1]
-
-
 @dataclass(frozen=True, slots=True)
 class Region:
     """An anomalous region: box in map pixels (x, y, w, h) and its peak value."""

@@ -224,7 +224,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         return fail("kdfleet evaluate", str(exc))
     if args.json:
-        from trainer.export import json_safe
+        from trainer.jsonsafe import json_safe
         from trainer.report import jsonable
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
