@@ -306,6 +306,7 @@ def stage_times(agent: Any, spec: RunSpec, tmp: Path) -> dict[str, dict[str, flo
     from shared import messages
     from shared.ids import new_ulid
     from shared.imaging import letterbox, read_image
+    from shared.vocabulary import VERDICT_ANOMALY, VERDICT_OK
 
     spool = Spool(tmp / "stages.db")
     times: dict[str, list[float]] = {k: [] for k in ("decode", "letterbox", "infer", "score", "render",
@@ -328,7 +329,7 @@ def stage_times(agent: Any, spec: RunSpec, tmp: Path) -> dict[str, dict[str, flo
         payload = timed("encode", messages.encode, messages.Result(
             id=new_ulid(), ts=time.time(), site="bench", device="bench", station="bench", cls=spec.cls,
             model_version="0", score=scored.score, norm_score=scored.norm_score, threshold=scored.threshold,
-            verdict=messages.VERDICT_ANOMALY if scored.anomalous else messages.VERDICT_OK, latency_ms=1.0,
+            verdict=VERDICT_ANOMALY if scored.anomalous else VERDICT_OK, latency_ms=1.0,
             heatmap=images.heatmap, thumbnail=images.thumbnail, crops=images.crops, frame=images.frame,
             source=path.name))
         timed("spool", spool.put, payload, scored.anomalous, new_ulid())

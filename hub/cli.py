@@ -32,7 +32,8 @@ from sqlalchemy.exc import OperationalError
 
 from hub import mosquitto
 from hub.config import HubConfig, load
-from hub.db.models import REVIEW_LABELS, ROLES
+from hub.db.models import ROLES
+from shared.vocabulary import REVIEW_FALSE_ALARM, REVIEW_LABELS
 from hub.db.session import Database, SchemaError, check_schema, head_revision, upgrade
 from hub.ingest import Ingest
 from hub.rollouts import RolloutController
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_dir(p)
     p.add_argument("out", help="output folder")
-    p.add_argument("--label", choices=REVIEW_LABELS, default="false_alarm")
+    p.add_argument("--label", choices=REVIEW_LABELS, default=REVIEW_FALSE_ALARM)
     p.add_argument("--cls", help="one product class only")
     p.add_argument("--since", help="reviewed at or after this ISO 8601 time")
     return parser
@@ -756,7 +757,7 @@ def cmd_export_training(
     """Write the frames of results whose latest review is `label` in the MVTec AD layout."""
     db = _open_db(cfg)
     store = ImageStore(cfg.images_dir)
-    folder = ("train", "good") if label == "false_alarm" else ("test", "reviewed_defect")
+    folder = ("train", "good") if label == REVIEW_FALSE_ALARM else ("test", "reviewed_defect")
     root = Path(out)
     written = missing = 0
     try:

@@ -21,6 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.vocabulary import METHODS, PRECISIONS
+
 PACKAGE_SCHEMA_VERSION = 1
 SUFFIX = ".kdpkg"
 MANIFEST = "manifest.json"
@@ -28,8 +30,6 @@ SIGNATURE = "manifest.sig"
 MODEL = "model.onnx"
 MAX_MEMBER = 512 * 1024 * 1024
 
-METHODS = ("stfpm", "rd", "us", "patchcore")
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 
 # key -> type(s) every manifest must carry
 REQUIRED: dict[str, type | tuple[type, ...]] = {

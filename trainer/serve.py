@@ -45,13 +45,15 @@ from typing import Any
 
 import numpy as np
 
+from shared.vocabulary import REVIEW_DEFECT, REVIEW_FALSE_ALARM
+
 from trainer.gate import HOLDOUT, SPLITS, Limits, assign_split, gate
 
 log = logging.getLogger("kdfleet.trainer.serve")
 
 STATE = "state.json"
 CYCLES = "cycles.jsonl"
-LABELS = {"false_alarm": "normal", "defect": "defect"}   # review label -> what the image becomes
+LABELS = {REVIEW_FALSE_ALARM: "normal", REVIEW_DEFECT: "defect"}   # review label -> what the image becomes
 TOKEN_ENV = "KDFLEET_HUB_TOKEN"
 
 

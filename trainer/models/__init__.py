@@ -21,7 +21,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-METHOD_NAMES = ("stfpm", "rd", "us", "patchcore")
+from shared.vocabulary import METHODS
+
+METHOD_NAMES = METHODS   # one folder each
 
 
 class UnknownMethod(ValueError):
