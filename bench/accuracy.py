@@ -120,7 +120,7 @@ def int8_variant(entry: dict[str, Any], data: Path, out: Path, threads: int) -> 
     from trainer.export import export_onnx
     from trainer.quantize.calibration import DataSpec, calibration_images
     from trainer.quantize.ptq import quantize_ptq
-    from trainer.train import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     ckpt = Path(entry["sources"][0])
     tcfg, model, _ = load_checkpoint(ckpt)

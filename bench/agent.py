@@ -111,7 +111,7 @@ def ensure_int8(fp32_package: Path, checkpoint: Path, data: Path, folder: Path, 
     from trainer.quantize.calibration import DataSpec, calibration_images
     from trainer.quantize.ptq import quantize_ptq
     from trainer.quantize.report import METRICS, ReportConfig, Variant, evaluate_variant, package_variant
-    from trainer.train import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     out = folder / "ptq_train.kdpkg"
     if out.exists():
@@ -171,7 +171,7 @@ class TorchEager:
         import torch
 
         from trainer.inference_graph import InferenceGraph
-        from trainer.train import load_checkpoint
+        from trainer.checkpoint import load_checkpoint
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
         cfg, model, _ = load_checkpoint(checkpoint)
@@ -545,7 +545,7 @@ def _baseline_checkpoint(checkpoint: Path | None) -> Path | None:
     try:
         import torch  # noqa: F401
 
-        import trainer.train  # noqa: F401
+        import trainer.checkpoint  # noqa: F401
     except ImportError as exc:
         log(f"no baseline: {exc}")
         return None

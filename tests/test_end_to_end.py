@@ -26,7 +26,8 @@ from shared.scoring import ClassCalibration, image_score
 from tests.trainer.tiny_data import make_tiny_set
 from tests.waiting import wait_for
 from trainer.export import export_package
-from trainer.train import TrainConfig, train
+from trainer.config import TrainConfig
+from trainer.train import train
 
 
 def port_open(port: int) -> bool:

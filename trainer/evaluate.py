@@ -128,7 +128,7 @@ def make_runner(source: Any, size: int | None = None, threads: int = 0) -> Runne
 
         pkg = read_package(path)
         return onnx_runner(pkg.model, {"manifest": pkg.manifest}, threads)
-    from trainer.train import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     cfg, model, _ = load_checkpoint(path)
     return torch_runner(InferenceGraph(model), size or cfg.size, {"config": cfg.to_dict()})
@@ -336,7 +336,7 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
     """
     from shared.metrics import aupro, auroc, f1_max, pixel_auroc
     from trainer.data.mvtec import discover_classes, load_samples
-    from trainer.train import split_normal
+    from trainer.data.mvtec import split_normal
 
     runner = make_runner(model_or_onnx, size, threads)
     if resize is not None:

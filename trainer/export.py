@@ -29,7 +29,9 @@ from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, OU
 from trainer.models import get_method
 from trainer.models.backbone import input_normalization
 from trainer.data.frames import load_square
-from trainer.train import Progress, TrainConfig, load_checkpoint, train
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import Progress, train
 
 OPSET = 17
 

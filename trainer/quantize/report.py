@@ -161,7 +161,7 @@ def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = 
     """Build, evaluate and time every recipe for one checkpoint; write the report files; return the report."""
     from trainer.inference_graph import InferenceGraph
     from trainer.models import get_method
-    from trainer.train import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     say = progress or (lambda _msg: None)
     out = Path(cfg.out)
