@@ -29,7 +29,7 @@ class Demo:
         self.workdir = workdir
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "demo", "--workdir", str(workdir), "--port", str(free_port()),
+            [sys.executable, "-m", "kdfleet.cli", "demo", "--workdir", str(workdir), "--port", str(free_port()),
              "--mqtt-port", str(free_port()), "--fps", "4", *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             # as from a terminal, whatever started the tests: SIGINT is Ctrl-C, not ignored
@@ -130,7 +130,7 @@ def test_the_demo_runs_says_what_it_streams_registers_two_versions_and_stops_on_
 
         # the command it prints ships the second version, reading the demo hub's config
         argv = command.group(1).replace("--soak 30", "--soak 1").split()
-        started = subprocess.run([sys.executable, "-m", "shared.cli", *argv[1:]], cwd=ROOT, capture_output=True,
+        started = subprocess.run([sys.executable, "-m", "kdfleet.cli", *argv[1:]], cwd=ROOT, capture_output=True,
                                  text=True, timeout=30)
         assert started.returncode == 0, started.stderr
         deadline = time.monotonic() + 90

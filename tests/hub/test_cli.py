@@ -149,7 +149,7 @@ def test_bridge_config_is_what_the_operations_guide_shows(
 
 
 def test_help_names_the_command_as_the_readme_does(capsys) -> None:
-    from shared.cli import main as kdfleet
+    from kdfleet.cli import main as kdfleet
 
     with pytest.raises(SystemExit):
         kdfleet(["hub", "--help"])

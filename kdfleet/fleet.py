@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.demo import (
+from kdfleet.demo import (
     Fleet,
     broker_argv,
     demo_login,
