@@ -12,6 +12,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, load
 from agent.runtimes import KINDS
+from shared.checks import Checklist
 from shared.config import ConfigError
 from shared.logs import add_log_arguments, setup_logging
 
@@ -96,13 +97,8 @@ def run_station(args: argparse.Namespace) -> int:
 
 def check_station(args: argparse.Namespace) -> int:
     """`kdfleet agent check`: validate the config, the package, the runtime and the broker; print what is wrong."""
-    ok = True
-
-    def report(what: str, error: str | None) -> None:
-        nonlocal ok
-        ok = ok and error is None
-        print(f"{'ok  ' if error is None else 'FAIL'} {what}{'' if error is None else ': ' + error}")
-
+    checks = Checklist()
+    report = checks.report
     try:
         cfg = _config(args)
         report("config", None)
@@ -153,7 +149,7 @@ def check_station(args: argparse.Namespace) -> int:
     connected = link.wait_connected(5)
     report(f"broker {cfg.broker_config().url}", None if connected else (link.fatal or "no connection within 5 s"))
     link.stop()
-    return 0 if ok else 1
+    return checks.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:

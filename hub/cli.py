@@ -34,7 +34,7 @@ from hub import mosquitto
 from hub.config import HubConfig, load
 from hub.db.models import ROLES
 from shared.vocabulary import REVIEW_FALSE_ALARM, REVIEW_LABELS
-from hub.db.session import Database, SchemaError, check_schema, head_revision, upgrade
+from hub.db.session import Database, SchemaError, check_schema, head_revision, sqlite_file, upgrade
 from hub.ingest import Ingest
 from hub.rollouts import RolloutController
 from hub.services import devices, retention, reviews, rollouts, users
@@ -144,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_dir(p)
     _broker(p)
+
+    p = sub.add_parser(
+        "check",
+        help="check database, image store, trusted keys and broker; exit 1 if any fails",
+        description="Check what `serve` needs: the database at the newest schema, a writable image "
+        "store, the trusted keys and the broker. One line each, ok or FAIL with what to do.",
+    )
+    _common(p)
+    _data_dir(p)
+    _broker(p)
+    p.add_argument("--trusted-key", dest="trusted_keys", metavar="PUB", action="append",
+                   help="a public key package uploads must be signed with (repeatable)")
 
     p = sub.add_parser(
         "rollout",
@@ -333,22 +345,10 @@ def settings(args: argparse.Namespace) -> HubConfig:
 # -- commands ------------------------------------------------------------------------
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL (None for other databases and in-memory ones)."""
-    from sqlalchemy.engine import make_url
-
-    from hub.db.session import normalise_url
-
-    parsed = make_url(normalise_url(url))
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
 def _open_db(cfg: HubConfig, *, check: bool = True) -> Database:
     """The hub's database; with `check` (every command but init-db) it must exist at the newest schema,
     and a SQLite file that does not exist is not created."""
-    path = _sqlite_file(cfg.db) if check else None
+    path = sqlite_file(cfg.db) if check else None
     if path is not None and not path.exists():
         raise CliError(
             f"no hub database at {path}: give the hub's --config FILE (its `db`) or --db URL, "
@@ -364,6 +364,22 @@ def _open_db(cfg: HubConfig, *, check: bool = True) -> Database:
             f"cannot reach the database {db.display_url}: {str(exc.orig).strip().splitlines()[0]}"
         ) from None
     return db
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """`kdfleet hub check`: the settings first (a bad one ends the check there), then `hub.check`."""
+    from hub.check import check_hub
+    from shared.checks import Checklist
+
+    checks = Checklist()
+    try:
+        cfg = settings(args)
+    except ConfigError as exc:
+        checks.report("config", str(exc))
+        return checks.exit_code
+    checks.report("config")
+    check_hub(cfg, checks)
+    return checks.exit_code
 
 
 def cmd_init_db(cfg: HubConfig) -> int:
@@ -531,7 +547,7 @@ def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
         parts += ["--config", str(Path(args.config).resolve())]
     if args.db or not args.config:
         url = make_url(normalise_url(cfg.db))
-        path = _sqlite_file(cfg.db)
+        path = sqlite_file(cfg.db)
         if path is not None:
             url = url.set(database=str(path.resolve()))
         parts += ["--db", url.render_as_string(hide_password=True)]
@@ -822,6 +838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_make_certs(args.dir, args.host, args.group)
         if command == "bridge-config":
             return cmd_bridge_config(args)
+        if command == "check":
+            return cmd_check(args)
         cfg = settings(args)
         if command == "init-db":
             return cmd_init_db(cfg)
