@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="take unsigned package uploads when no key is trusted (development only)",
     )
+    p.set_defaults(handler=_serve)
 
     p = sub.add_parser(
         "ingest",
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_dir(p)
     _broker(p)
+    p.set_defaults(handler=lambda a: cmd_ingest(settings(a)))
 
     p = sub.add_parser(
         "check",
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _broker(p)
     p.add_argument("--trusted-key", dest="trusted_keys", metavar="PUB", action="append",
                    help="a public key package uploads must be signed with (repeatable)")
+    p.set_defaults(handler=cmd_check)
 
     p = sub.add_parser(
         "rollout",
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", action="store_true",
                    help="start: if devices are busy in another rollout, wait and start once they are free")
     p.add_argument("--note", default="", help="why (shown on the dashboard)")
+    p.set_defaults(handler=lambda a: cmd_rollout(settings(a), a))
 
     p = sub.add_parser(
         "init-db",
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "existing tables and data are kept.",
     )
     _common(p)
+    p.set_defaults(handler=lambda a: cmd_init_db(settings(a)))
 
     for name, text in (
         ("add-user", "add a dashboard user"),
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="read the password from the first line of standard input instead of asking",
         )
+        p.set_defaults(handler=lambda a, admin=name == "create-admin": cmd_add_user(
+            settings(a), a.username, "admin" if admin else a.role, a.password_stdin, first_admin=admin))
 
     p = sub.add_parser(
         "add-token",
@@ -216,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("name", help="the service, e.g. trainer")
     p.add_argument("--role", choices=ROLES, default="viewer", help="default viewer")
+    p.set_defaults(handler=lambda a: cmd_add_token(settings(a), a.name, a.role))
 
     p = sub.add_parser("revoke-token", help="revoke an API token by name")
     _common(p)
     p.add_argument("name")
+    p.set_defaults(handler=lambda a: cmd_revoke_token(settings(a), a.name))
 
     p = sub.add_parser(
         "add-device",
@@ -236,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--new-password", action="store_true", help="replace the password of a provisioned device"
     )
+    p.set_defaults(handler=lambda a: cmd_add_device(settings(a), a.site, a.device, a.new_password))
 
     p = sub.add_parser(
         "revoke-device",
@@ -245,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_only(p)
     p.add_argument("site")
     p.add_argument("device")
+    p.set_defaults(handler=lambda a: cmd_revoke_device(settings(a), a.site, a.device))
 
     p = sub.add_parser(
         "write-mqtt-auth",
@@ -254,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     _broker_only(p)
+    p.set_defaults(handler=lambda a: cmd_write_mqtt_auth(settings(a)))
 
     p = sub.add_parser(
         "make-certs",
@@ -267,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a host name or IP address of the broker (repeat for each)")
     p.add_argument("--group", default="", help="group of broker.key (mode 0640), e.g. mosquitto")
     _log_flags(p)
+    p.set_defaults(handler=lambda a: cmd_make_certs(a.dir, a.host, a.group))
 
     p = sub.add_parser(
         "bridge-config",
@@ -283,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acl", action="store_true",
                    help="print instead the central broker's ACL lines for the bridge's account (--username)")
     _log_flags(p)
+    p.set_defaults(handler=cmd_bridge_config)
 
     p = sub.add_parser(
         "prune",
@@ -296,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-days", type=int, help="override retention.images_days")
     p.add_argument("--images-max-gb", type=float, help="override retention.images_max_gb")
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    p.set_defaults(handler=lambda a: cmd_prune(settings(a), a.dry_run))
 
     p = sub.add_parser(
         "export-training",
@@ -310,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", choices=REVIEW_LABELS, default=REVIEW_FALSE_ALARM)
     p.add_argument("--cls", help="one product class only")
     p.add_argument("--since", help="reviewed at or after this ISO 8601 time")
+    p.set_defaults(handler=lambda a: cmd_export_training(settings(a), a.out, a.label, a.cls, a.since))
     return parser
 
 
@@ -364,6 +380,11 @@ def _open_db(cfg: HubConfig, *, check: bool = True) -> Database:
             f"cannot reach the database {db.display_url}: {str(exc.orig).strip().splitlines()[0]}"
         ) from None
     return db
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = settings(args)
+    return cmd_serve(cfg, cli_target(args, cfg))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -833,44 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "DEBUG":  # Alembic narrates every step at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        command = args.command
-        if command == "make-certs":
-            return cmd_make_certs(args.dir, args.host, args.group)
-        if command == "bridge-config":
-            return cmd_bridge_config(args)
-        if command == "check":
-            return cmd_check(args)
-        cfg = settings(args)
-        if command == "init-db":
-            return cmd_init_db(cfg)
-        if command in ("add-user", "create-admin"):
-            first = command == "create-admin"
-            return cmd_add_user(
-                cfg,
-                args.username,
-                "admin" if first else args.role,
-                args.password_stdin,
-                first_admin=first,
-            )
-        if command == "add-token":
-            return cmd_add_token(cfg, args.name, args.role)
-        if command == "revoke-token":
-            return cmd_revoke_token(cfg, args.name)
-        if command == "add-device":
-            return cmd_add_device(cfg, args.site, args.device, args.new_password)
-        if command == "revoke-device":
-            return cmd_revoke_device(cfg, args.site, args.device)
-        if command == "write-mqtt-auth":
-            return cmd_write_mqtt_auth(cfg)
-        if command == "prune":
-            return cmd_prune(cfg, args.dry_run)
-        if command == "export-training":
-            return cmd_export_training(cfg, args.out, args.label, args.cls, args.since)
-        if command == "ingest":
-            return cmd_ingest(cfg)
-        if command == "rollout":
-            return cmd_rollout(cfg, args)
-        return cmd_serve(cfg, cli_target(args, cfg))
+        return args.handler(args)
     except ConfigError as exc:
         print(f"hub: configuration error: {exc}", file=sys.stderr)
         return 2
