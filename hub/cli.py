@@ -8,8 +8,8 @@ broker's bridge to a central one; prune: the retention policy;
 export-training: reviewed results as a training set.
 
 Settings come from an optional TOML file (``--config``, see hub.config) and
-are overridden by the flags given. Start order: database check, image store,
-ingest, web, retention; shutdown runs in reverse on SIGINT or SIGTERM.
+are overridden by the flags given; `serve` and `ingest` run in hub.server,
+`check` is hub.check.
 """
 
 from __future__ import annotations
@@ -20,23 +20,18 @@ import getpass
 import json
 import logging
 import shlex
-import signal
-import ssl
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from hub import mosquitto
+from hub import mosquitto, server
 from hub.config import HubConfig, load
 from hub.db.models import ROLES
 from shared.vocabulary import REVIEW_FALSE_ALARM, REVIEW_LABELS
 from hub.db.session import Database, SchemaError, check_schema, head_revision, sqlite_file, upgrade
-from hub.ingest import Ingest
-from hub.rollouts import RolloutController
 from hub.services import devices, retention, reviews, rollouts, users
 from hub.services.common import NotFound, QueryError, parse_time
 from hub.store import ImageStore
@@ -45,9 +40,6 @@ from shared.config import BrokerConfig, ConfigError
 from shared.logs import add_log_arguments, setup_logging
 
 log = logging.getLogger("hub")
-
-STATS_EVERY_S = 60.0  # how often serve/ingest log their counters
-
 
 class CliError(RuntimeError):
     """A failure to report in one line, without a traceback."""
@@ -451,53 +443,9 @@ def cmd_add_user(
     return 0
 
 
-def _make_ingest(cfg: HubConfig, db: Database) -> Ingest:
-    return Ingest(
-        db,
-        ImageStore(cfg.images_dir),
-        cfg.broker_config(),
-        client_id=cfg.ingest.resolved_client_id(),
-        site=cfg.ingest.site,
-        shared_group=cfg.ingest.shared_group or None,
-        batch_size=cfg.ingest.batch_size,
-        flush_ms=cfg.ingest.flush_ms,
-        linger_ms=cfg.ingest.linger_ms,
-        inflight=cfg.ingest.inflight,
-        persistent=cfg.ingest.persistent,
-        manual_ack=cfg.ingest.manual_ack,
-    )
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event SIGINT and SIGTERM set; installed before start-up, so a stop during it is clean too."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
-def _wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
-    """Block until `stop` is set, logging the ingest counters now and then."""
-    last = None
-    while not stop.wait(STATS_EVERY_S):
-        stats = ingest.stats()
-        if stats != last:
-            log.info("ingest: %s", stats)
-            last = stats
-    log.info("stopping")
-
-
 def cmd_ingest(cfg: HubConfig) -> int:
-    stop = _stop_on_signals()
-    db = _open_db(cfg)
-    ingest = _make_ingest(cfg, db).start()
-    log.info("ingest from %s into %s", cfg.broker_config().url, db.display_url)
-    try:
-        _wait_for_signal(ingest, stop)
-    finally:
-        ingest.stop()
-        db.dispose()
-        log.info("ingest stopped: %s", ingest.stats())
+    stop = server.stop_on_signals()
+    server.run_ingest(cfg, _open_db(cfg), stop)
     return 0
 
 
@@ -539,22 +487,6 @@ def cmd_rollout(cfg: HubConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy(cfg: HubConfig) -> retention.Policy:
-    r = cfg.retention
-    return retention.Policy(r.results_days, r.images_days, int(r.images_max_gb * 1e9))
-
-
-def _retention_loop(cfg: HubConfig, db: Database, stop: threading.Event) -> None:
-    """Prune every retention.interval_min minutes until `stop`; a failure waits for the next run."""
-    interval = cfg.retention.interval_min * 60
-    store = ImageStore(cfg.images_dir)
-    while not stop.wait(interval):
-        try:
-            retention.prune(db, store, _policy(cfg))
-        except Exception:
-            log.exception("retention run failed; trying again in %d min", cfg.retention.interval_min)
-
-
 def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
     """The flags that point other `kdfleet hub` commands (a rollout the Models page suggests) at this
     hub's database: its config file, made absolute, and --db when given or when there is no config;
@@ -576,68 +508,9 @@ def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
 
 
 def cmd_serve(cfg: HubConfig, target: str = "") -> int:
-    stop = _stop_on_signals()
-    # imported here: an ingest-only process needs no web stack
-    from werkzeug.serving import make_server
-
-    from hub.web import create_app
-
+    stop = server.stop_on_signals()   # before start-up, so a stop during it is clean too
     cfg.load_trusted_keys()  # a missing or unreadable key file stops the start, naming it
-    db = _open_db(cfg)
-    app = create_app(cfg.web_settings() | {"HUB_CLI_TARGET": target})
-    tls = (cfg.web.cert_file, cfg.web.key_file) if cfg.web.cert_file else None
-    try:
-        server = make_server(cfg.web.host, cfg.web.port, app, threaded=True, ssl_context=tls)
-    except ssl.SSLError as exc:
-        db.dispose()
-        raise CliError(
-            f"cannot serve HTTPS with web.cert_file {cfg.web.cert_file} and web.key_file "
-            f"{cfg.web.key_file}: {exc.reason or exc}; give a PEM certificate and its own key"
-        ) from None
-    except OSError as exc:
-        db.dispose()
-        if tls and exc.filename:
-            raise CliError(
-                f"cannot read {exc.filename}: {exc.strerror}; check web.cert_file and web.key_file"
-            ) from None
-        raise CliError(
-            f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
-            "choose another --port or stop what holds it"
-        ) from None
-    ingest = _make_ingest(cfg, db).start()
-    app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
-    # one process drives rollouts: this one (extra `ingest` workers do not)
-    controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id()).start()
-    web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
-    web.start()
-    pruner = None
-    if cfg.retention.interval_min:
-        pruner = threading.Thread(
-            target=_retention_loop, args=(cfg, db, stop), name="hub-retention", daemon=True
-        )
-        pruner.start()
-    (log.info if cfg.trusted_keys else log.warning)("%s", cfg.package_policy())
-    log.info(
-        "dashboard on %s://%s:%d/, ingest from %s into %s",
-        "https" if tls else "http",
-        cfg.web.host,
-        server.server_port,
-        cfg.broker_config().url,
-        db.display_url,
-    )
-    try:
-        _wait_for_signal(ingest, stop)
-    finally:
-        stop.set()
-        if pruner is not None:
-            pruner.join(30)
-        server.shutdown()
-        web.join(10)
-        controller.stop()
-        ingest.stop()
-        app.extensions["hub.db"].dispose()
-        db.dispose()
-        log.info("hub stopped: %s", ingest.stats())
+    server.run_serve(cfg, _open_db(cfg), stop, target)
     return 0
 
 
@@ -781,7 +654,7 @@ def cmd_bridge_config(args: argparse.Namespace) -> int:
 def cmd_prune(cfg: HubConfig, dry_run: bool) -> int:
     db = _open_db(cfg)
     try:
-        report = retention.prune(db, ImageStore(cfg.images_dir), _policy(cfg), dry_run=dry_run)
+        report = retention.prune(db, ImageStore(cfg.images_dir), cfg.retention_policy(), dry_run=dry_run)
     finally:
         db.dispose()
     print(report)
@@ -858,6 +731,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hub: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (CliError, SchemaError, ValueError) as exc:
+    except (CliError, server.StartError, SchemaError, ValueError) as exc:
         print(f"hub: {exc}", file=sys.stderr)
         return 1
