@@ -82,7 +82,7 @@ def test_export_training_writes_false_alarms_as_good_images(
     import json
     from datetime import UTC, datetime
 
-    from hub.ingest import BatchWriter, Envelope
+    from hub.services.writes import BatchWriter, Envelope
     from hub.services import reviews
     from hub.store import ImageStore
 

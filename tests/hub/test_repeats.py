@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import results
 from hub.services.results import ResultFilter
 from hub.store import ImageStore

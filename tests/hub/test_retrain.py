@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from hub.db.models import Model, Rollout, RolloutTarget
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import registry, reviews, rollouts, users
 from hub.store import ImageStore
 from shared import messages
