@@ -322,7 +322,7 @@ def stage_times(agent: Any, spec: RunSpec, tmp: Path) -> dict[str, dict[str, flo
     for path in paths:
         image = timed("decode", read_image, path)
         boxed, placement = timed("letterbox", letterbox, image, agent.size)
-        amap = timed("infer", agent.runtime.infer, boxed[None])[0]
+        amap = timed("infer", agent.runtime.infer, boxed[None], [spec.cls])[0]
         scored = timed("score", agent.scorer.score, amap, spec.cls)
         images = timed("render", agent.scorer.render, image, scored, spec.cls, placement, crops=scored.anomalous,
                        with_frame=False)

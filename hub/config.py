@@ -20,6 +20,12 @@ Example ``hub.toml`` (every key optional; unknown keys are refused)::
     cert_file = "/etc/kdfleet/tls/hub.crt"   # HTTPS; or leave TLS to a reverse proxy
     key_file = "/etc/kdfleet/tls/hub.key"
 
+    [images]                  # default: the folder <data_dir>/images
+    backend = "s3"            # any S3-compatible store: AWS S3, MinIO, SeaweedFS, Ceph RGW
+    endpoint = "http://seaweedfs:8333"
+    bucket = "kdfleet-images"
+    credentials_file = "/etc/kdfleet/s3.credentials"   # or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+
     [retention]
     results_days = 365
     images_days = 30
@@ -34,6 +40,7 @@ Example ``hub.toml`` (every key optional; unknown keys are refused)::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +139,71 @@ class WebConfig:
             raise ConfigError("web.cert_file and web.key_file go together (HTTPS needs both)")
 
 
+IMAGE_BACKENDS = ("folder", "s3")
+STORE_DOWN = ("wait", "without_images")
+
+
+@dataclass(frozen=True, slots=True)
+class ImagesConfig:
+    """Where heat maps, thumbnails, frames and crops live: the folder <data_dir>/images, or an
+    S3-compatible bucket every hub host reads and writes (needed for more than one hub host)."""
+
+    backend: str = "folder"  # "folder" or "s3"
+    endpoint: str = ""  # s3: http(s)://host:port of the store (AWS: https://s3.<region>.amazonaws.com)
+    bucket: str = ""
+    region: str = "us-east-1"  # what the signature names; most stores other than AWS accept any
+    prefix: str = ""  # keys start with this (e.g. "images/"), so a bucket may hold other things
+    # an AWS shared-credentials file ([default] aws_access_key_id / aws_secret_access_key);
+    # "": the AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY environment variables
+    credentials_file: str = ""
+    profile: str = "default"  # the credentials file's section
+    ca_file: str | None = None  # https endpoint signed by a private CA (PEM)
+    create_bucket: bool = False  # create the bucket when it is missing (else: a start-up error)
+    uploads: int = 16  # parallel uploads per process
+    # the store unreachable: "wait" keeps the results with the broker and the agents (no receipt) until
+    # it is back; "without_images" stores them at once, their images lost
+    when_down: str = "wait"
+
+    def validate(self) -> None:
+        if self.backend not in IMAGE_BACKENDS:
+            raise ConfigError(f"images.backend: {self.backend!r} is not one of {', '.join(IMAGE_BACKENDS)}")
+        if self.when_down not in STORE_DOWN:
+            raise ConfigError(f"images.when_down: {self.when_down!r} is not one of {', '.join(STORE_DOWN)}")
+        if not 1 <= self.uploads <= 256:
+            raise ConfigError(f"images.uploads: {self.uploads} is not within 1..256")
+        if self.backend == "s3":
+            if not self.endpoint.startswith(("http://", "https://")):
+                raise ConfigError(f"images.endpoint: {self.endpoint!r} is not http://host:port or "
+                                  "https://host:port (backend = \"s3\" needs the store's address)")
+            if not self.bucket:
+                raise ConfigError("images.bucket: backend = \"s3\" needs the bucket's name")
+
+    def credentials(self) -> Any:
+        """The access key and secret (hub.s3.Credentials); ConfigError saying where they were looked for."""
+        import configparser
+        import os
+
+        from hub.s3 import Credentials
+
+        if self.credentials_file:
+            parser = configparser.ConfigParser()
+            try:
+                with open(self.credentials_file) as f:
+                    parser.read_file(f)
+            except (OSError, configparser.Error) as exc:
+                raise ConfigError(f"images.credentials_file: cannot read {self.credentials_file}: {exc}") from None
+            section = parser[self.profile] if parser.has_section(self.profile) else None
+            if section is None or not {"aws_access_key_id", "aws_secret_access_key"} <= section.keys():
+                raise ConfigError(f"images.credentials_file: {self.credentials_file} has no [{self.profile}] "
+                                  "section with aws_access_key_id and aws_secret_access_key")
+            return Credentials(section["aws_access_key_id"], section["aws_secret_access_key"])
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if not key or not secret:
+            raise ConfigError("images: backend = \"s3\" needs credentials: set images.credentials_file, or "
+                              "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
+        return Credentials(key, secret)
+
+
 @dataclass(frozen=True, slots=True)
 class RetentionConfig:
     """What `kdfleet hub prune` (and `serve`, every `interval_min`) deletes. Reviewed results,
@@ -188,16 +260,23 @@ class HubConfig:
     # none: every upload is refused, unless allow_unsigned
     trusted_keys: list[str] = field(default_factory=list)
     allow_unsigned: bool = False  # take unsigned packages when no key is trusted (development only)
+    # several `serve` processes on one database: the one holding the lease drives rollouts and prunes;
+    # another takes over this long after it died (hub.leader)
+    leader_lease_s: float = 30.0
     ingest: IngestConfig = field(default_factory=IngestConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     mqtt_auth: MqttAuthConfig = field(default_factory=MqttAuthConfig)
 
     def validate(self) -> None:
         # the URL alone: a file's [broker_tls] may wait for the --broker the command line gives
         BrokerConfig.from_url(self.broker)
+        if not 3 <= self.leader_lease_s <= 600:
+            raise ConfigError(f"leader_lease_s: {self.leader_lease_s} is not within 3..600")
         self.ingest.validate()
         self.web.validate()
+        self.images.validate()
         self.retention.validate()
         self.mqtt_auth.validate()
         if self.trusted_keys and self.allow_unsigned:
@@ -262,6 +341,31 @@ class HubConfig:
     @property
     def images_dir(self) -> Path:
         return Path(self.data_dir) / "images"
+
+    def open_images(self) -> Any:
+        """The image store the settings choose (a hub.store.Images); ConfigError when the object store
+        cannot be used (credentials, bucket), naming what to fix."""
+        from hub.store import ImageStore
+
+        i = self.images
+        if i.backend == "folder":
+            return ImageStore(self.images_dir)
+        from hub.objectstore import ObjectImageStore
+        from hub.s3 import ObjectStoreError, S3Client
+
+        client = S3Client(i.endpoint, i.bucket, i.credentials(), region=i.region, ca_file=i.ca_file)
+        try:
+            if not client.bucket_exists():
+                if not i.create_bucket:
+                    raise ConfigError(f"images.bucket: there is no bucket {i.bucket!r} at {i.endpoint}; create it "
+                                      "or set images.create_bucket = true")
+                client.create_bucket()
+        except ObjectStoreError as exc:
+            if exc.status in (0, 500, 502, 503, 504):  # down for now: ingest waits for it (images.when_down)
+                logging.getLogger("hub").warning("images: %s; carrying on, waiting for it", exc)
+            else:
+                raise ConfigError(f"images: {exc}") from None
+        return ObjectImageStore(client, i.prefix, uploads=i.uploads)
 
 
 def _check_name(value: str, what: str, key: str) -> None:

@@ -51,7 +51,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 
 from hub.db.session import Database
 from hub.services.writes import BatchWriter, Envelope, WriteReport
-from hub.store import ImageStore, StoreError, image_kind
+from hub.store import Images, StoreError, image_kind
 from shared import messages, topics
 from shared.config import BrokerConfig
 from shared.mqtt import PROTOCOL_5, Ack, MqttLink, NotConnected
@@ -141,7 +141,7 @@ class Ingest:
     def __init__(
         self,
         db: Database,
-        store: ImageStore,
+        store: Images,
         broker: BrokerConfig,
         *,
         client_id: str = "kdfleet-hub-ingest",
@@ -155,6 +155,7 @@ class Ingest:
         protocol: str | None = None,
         persistent: bool = True,
         manual_ack: bool = True,
+        images_when_down: str = "wait",
     ) -> None:
         if min(batch_size, flush_ms, queue_size, inflight) < 1 or linger_ms < 0:
             raise ValueError(
@@ -173,6 +174,9 @@ class Ingest:
         # a broker session that keeps QoS 1 results for the hub while it restarts
         self.persistent = persistent
         self.manual_ack = manual_ack
+        # the image store failing: "wait" (retry; nothing acknowledged or receipted meanwhile) or
+        # "without_images" (store the results without their images)
+        self.images_when_down = images_when_down
         self.writer = BatchWriter(db, store)
         self._queue: queue.Queue[Any] = queue.Queue(queue_size)
         self._counts = {f.name: 0 for f in dataclasses.fields(IngestStats) if f.name != "queued"}
@@ -394,13 +398,22 @@ class Ingest:
                     len(batch),
                     delay,
                 )
-            except OSError as exc:  # disk full, permissions: an operator can fix it while we wait
-                log.error(
-                    "image store write failed (%s); retrying %d messages in %.1f s",
-                    exc,
-                    len(batch),
-                    delay,
-                )
+            except OSError as exc:  # disk full, the object store down: an operator can fix it while we wait
+                if self.images_when_down == "without_images":
+                    log.error("image store write failed (%s); storing %d messages without their images "
+                              "(images.when_down)", exc, len(batch))
+                    try:
+                        self._record(self.writer.write(batch, images=False))
+                        return {}
+                    except SQLAlchemyError as db_exc:
+                        log.warning("database unavailable too (%s)", str(db_exc).splitlines()[0])
+                else:
+                    log.error(
+                        "image store write failed (%s); retrying %d messages in %.1f s",
+                        exc,
+                        len(batch),
+                        delay,
+                    )
             if self._stop.is_set():
                 gave_up_at = gave_up_at or time.monotonic() + GIVE_UP_ON_STOP_S
                 if time.monotonic() >= gave_up_at:

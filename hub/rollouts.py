@@ -11,6 +11,11 @@ a desire the database does not know.
 It also listens to every device's birth (`status`, online): a device that
 (re)connects not running what the hub last told it is told again, because a
 broker restarted without persistence has forgotten the retained message.
+
+With several hub processes on one database each runs a controller, but only
+the one that leads (hub.leader) steps rollouts; the others record the devices'
+reports as well (the same update twice changes nothing) and take over the
+stepping when the leader is gone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import threading
 
 from hub.db.session import Database
+from hub.leader import Leadership
 from hub.services import rollouts
 from shared import messages, topics
 from shared.config import BrokerConfig
@@ -29,8 +35,9 @@ log = logging.getLogger(__name__)
 
 class RolloutController:
     def __init__(self, db: Database, broker: BrokerConfig, *, interval_s: float = 1.0,
-                 client_id: str = "kdfleet-hub-rollouts") -> None:
+                 client_id: str = "kdfleet-hub-rollouts", leadership: Leadership | None = None) -> None:
         self.db, self.broker, self.interval_s, self.client_id = db, broker, interval_s, client_id
+        self.leadership = leadership  # None: this process alone drives rollouts
         self.reports = 0  # model/state messages applied to a rollout
         self.resent = 0  # desired models sent again to devices that reconnected
         self._births: dict[tuple[str, str], str] = {}  # (site, device) -> the version it runs, since the last step
@@ -97,6 +104,8 @@ class RolloutController:
             return 0
         with self._births_lock:
             births, self._births = self._births, {}
+        if self.leadership is not None and not self.leadership.leads():
+            return 0  # the leader answers the births too: it hears them as well
         session = self.db.session()
         try:
             out = rollouts.advance(session)

@@ -7,12 +7,15 @@ import signal
 import ssl
 import threading
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from hub.config import HubConfig
 from hub.db.session import Database
 from hub.ingest import Ingest
+from hub.leader import Leadership, default_holder
 from hub.rollouts import RolloutController
 from hub.services import retention
-from hub.store import ImageStore
+from hub.store import Images
 
 log = logging.getLogger("hub")
 
@@ -23,10 +26,10 @@ class StartError(RuntimeError):
     """The hub cannot start (a port in use, an unreadable certificate); one line, no traceback."""
 
 
-def make_ingest(cfg: HubConfig, db: Database) -> Ingest:
+def make_ingest(cfg: HubConfig, db: Database, store: Images) -> Ingest:
     return Ingest(
         db,
-        ImageStore(cfg.images_dir),
+        store,
         cfg.broker_config(),
         client_id=cfg.ingest.resolved_client_id(),
         site=cfg.ingest.site,
@@ -37,6 +40,7 @@ def make_ingest(cfg: HubConfig, db: Database) -> Ingest:
         inflight=cfg.ingest.inflight,
         persistent=cfg.ingest.persistent,
         manual_ack=cfg.ingest.manual_ack,
+        images_when_down=cfg.images.when_down,
     )
 
 
@@ -59,9 +63,9 @@ def wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
     log.info("stopping")
 
 
-def run_ingest(cfg: HubConfig, db: Database, stop: threading.Event) -> None:
-    """An ingest worker until `stop`: MQTT into the database, no web, no rollouts."""
-    ingest = make_ingest(cfg, db).start()
+def run_ingest(cfg: HubConfig, db: Database, store: Images, stop: threading.Event) -> None:
+    """An ingest worker until `stop`: MQTT into the database and `store`, no web, no rollouts."""
+    ingest = make_ingest(cfg, db, store).start()
     log.info("ingest from %s into %s", cfg.broker_config().url, db.display_url)
     try:
         wait_for_signal(ingest, stop)
@@ -71,18 +75,21 @@ def run_ingest(cfg: HubConfig, db: Database, stop: threading.Event) -> None:
         log.info("ingest stopped: %s", ingest.stats())
 
 
-def retention_loop(cfg: HubConfig, db: Database, stop: threading.Event) -> None:
-    """Prune every retention.interval_min minutes until `stop`; a failure waits for the next run."""
+def retention_loop(cfg: HubConfig, db: Database, store: Images, leadership: Leadership,
+                   stop: threading.Event) -> None:
+    """Prune every retention.interval_min minutes until `stop`, when this process leads (one of several
+    hub processes prunes); a failure waits for the next run."""
     interval = cfg.retention.interval_min * 60
-    store = ImageStore(cfg.images_dir)
     while not stop.wait(interval):
+        if not leadership.leads():
+            continue
         try:
             retention.prune(db, store, cfg.retention_policy())
         except Exception:
             log.exception("retention run failed; trying again in %d min", cfg.retention.interval_min)
 
 
-def run_serve(cfg: HubConfig, db: Database, stop: threading.Event, target: str = "") -> None:
+def run_serve(cfg: HubConfig, db: Database, store: Images, stop: threading.Event, target: str = "") -> None:
     """The hub in one process until `stop`: the dashboard and API, ingest, the rollout controller and,
     every retention.interval_min, the retention policy. Start order: web server (so a port in use fails
     before anything else starts), ingest, rollouts, retention; shutdown in reverse. `db` is disposed."""
@@ -91,7 +98,7 @@ def run_serve(cfg: HubConfig, db: Database, stop: threading.Event, target: str =
 
     from hub.web import create_app
 
-    app = create_app(cfg.web_settings() | {"HUB_CLI_TARGET": target})
+    app = create_app(cfg.web_settings() | {"HUB_CLI_TARGET": target, "HUB_IMAGE_STORE": store})
     tls = (cfg.web.cert_file, cfg.web.key_file) if cfg.web.cert_file else None
     try:
         server = make_server(cfg.web.host, cfg.web.port, app, threaded=True, ssl_context=tls)
@@ -111,16 +118,22 @@ def run_serve(cfg: HubConfig, db: Database, stop: threading.Event, target: str =
             f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
             "choose another --port or stop what holds it"
         ) from None
-    ingest = make_ingest(cfg, db).start()
+    try:
+        retention.ensure_partitions(db)  # the months ahead (also done by every retention run)
+    except SQLAlchemyError as exc:  # another hub process creating them at the same moment, say
+        log.warning("results partitions not checked now: %s", str(exc).splitlines()[0])
+    ingest = make_ingest(cfg, db, store).start()
     app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
-    # one process drives rollouts: this one (extra `ingest` workers do not)
-    controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id()).start()
+    # `serve` processes drive rollouts and prune, the one holding the lease (extra `ingest` workers do not)
+    leadership = Leadership(db, default_holder(cfg.ingest.resolved_client_id()), ttl_s=cfg.leader_lease_s)
+    controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id(),
+                                   leadership=leadership).start()
     web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
     web.start()
     pruner = None
     if cfg.retention.interval_min:
         pruner = threading.Thread(
-            target=retention_loop, args=(cfg, db, stop), name="hub-retention", daemon=True
+            target=retention_loop, args=(cfg, db, store, leadership, stop), name="hub-retention", daemon=True
         )
         pruner.start()
     (log.info if cfg.trusted_keys else log.warning)("%s", cfg.package_policy())
@@ -141,6 +154,7 @@ def run_serve(cfg: HubConfig, db: Database, stop: threading.Event, target: str =
         server.shutdown()
         web.join(10)
         controller.stop()
+        leadership.release()
         ingest.stop()
         app.extensions["hub.db"].dispose()
         db.dispose()

@@ -1,4 +1,8 @@
-"""Content-addressed image store on disk.
+"""Content-addressed image stores: the interface (`Images`) and its folder on disk (`ImageStore`).
+
+The hub keeps heat maps, thumbnails, frames and crops in one of two stores
+behind the same interface: this folder (the default) or an S3-compatible
+object store (hub.objectstore), chosen by the ``[images]`` settings.
 
 An image is named by the sha256 of its bytes and lives at
 ``<root>/ab/cd/<sha>.jpg`` (or ``.png``), so the same heat map sent twice is
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 MEDIA_TYPES = {"jpg": "image/jpeg", "png": "image/png"}
@@ -59,14 +64,88 @@ def is_sha(value: str) -> bool:
     return bool(_SHA.match(value))
 
 
+def checked(data: bytes) -> tuple[str, str]:
+    """(sha256, kind) of image bytes a store may keep; StoreError for anything but JPEG or PNG."""
+    kind = image_kind(data)
+    if kind is None:
+        raise StoreError(f"not a JPEG or PNG image ({len(data)} bytes starting {data[:8]!r})")
+    return hashlib.sha256(data).hexdigest(), kind
+
+
+def relative_key(sha: str, kind: str) -> str:
+    """Where an image lives inside a store: ``ab/cd/<sha>.<kind>`` (a folder path or an object key)."""
+    if not is_sha(sha):
+        raise StoreError(f"{sha!r} is not a sha256 (64 lower-case hex digits)")
+    if kind not in MEDIA_TYPES:
+        raise StoreError(f"image kind {kind!r} is not one of {sorted(MEDIA_TYPES)}")
+    return f"{sha[:2]}/{sha[2:4]}/{sha}.{kind}"
+
+
+def parse_key(key: str) -> str | None:
+    """The sha of a store's ``ab/cd/<sha>.<kind>`` key, or None for anything else."""
+    sha, _, kind = key.rpartition("/")[2].partition(".")
+    return sha if kind in MEDIA_TYPES and is_sha(sha) else None
+
+
 @dataclass(frozen=True, slots=True)
 class StoredFile:
-    """One file of the store as retention sees it."""
+    """One image of a store as retention sees it."""
 
     sha: str
-    path: Path
+    key: str  # the file's path (folder) or the object's key (object store)
     size: int
-    mtime: float  # last time a stored result named it
+    mtime: float  # last time a stored result named it (unix time)
+
+
+class RecentlyUsed:
+    """The images this process marked as used within TOUCH_EVERY_S: `put` skips them."""
+
+    def __init__(self) -> None:
+        self._touched: dict[str, float] = {}  # sha -> monotonic time this process last marked it used
+
+    def fresh(self, sha: str) -> bool:
+        return time.monotonic() - self._touched.get(sha, -TOUCH_EVERY_S) < TOUCH_EVERY_S
+
+    def mark(self, sha: str) -> None:
+        if len(self._touched) >= _RECENT_MAX:
+            self._touched.clear()
+        self._touched[sha] = time.monotonic()
+
+    def forget(self, sha: str) -> None:
+        self._touched.pop(sha, None)
+
+
+class Images(Protocol):
+    """What the hub needs of an image store (the folder here, or hub.objectstore.ObjectImageStore)."""
+
+    def put(self, data: bytes, *, sync: bool = True) -> str:
+        """Store JPEG or PNG bytes (or mark them used now); their sha256. With sync=False the write
+        may finish only at `sync()`."""
+        ...
+
+    def sync(self) -> None:
+        """Every image put with sync=False is durable; OSError when one could not be stored."""
+        ...
+
+    def get(self, sha: str) -> StoredImage | None: ...
+
+    def size(self, sha: str) -> int | None:
+        """Bytes of the image named `sha`, None when the store does not have it."""
+        ...
+
+    def files(self) -> Iterator[StoredFile]:
+        """Every image in the store, in no particular order."""
+        ...
+
+    def remove_if_unused_since(self, file: StoredFile, cutoff: float) -> bool:
+        """Delete `file` unless a result stored since `cutoff` named it; True when deleted."""
+        ...
+
+    def describe(self) -> str:
+        """Where the images are, for logs."""
+        ...
+
+    def __contains__(self, sha: object) -> bool: ...
 
 
 def _syncfs() -> Callable[[int], int] | None:
@@ -88,15 +167,14 @@ class ImageStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._root = str(self.root)
-        self._touched: dict[str, float] = {}  # sha -> when this process last marked it used
+        self._recent = RecentlyUsed()
         self._unsynced = False  # files written with sync=False since the last sync()
 
+    def describe(self) -> str:
+        return f"the folder {self.root}"
+
     def path(self, sha: str, kind: str) -> Path:
-        if not is_sha(sha):
-            raise StoreError(f"{sha!r} is not a sha256 (64 lower-case hex digits)")
-        if kind not in MEDIA_TYPES:
-            raise StoreError(f"image kind {kind!r} is not one of {sorted(MEDIA_TYPES)}")
-        return self.root / sha[:2] / sha[2:4] / f"{sha}.{kind}"
+        return self.root / relative_key(sha, kind)
 
     def put(self, data: bytes, *, sync: bool = True) -> str:
         """Store `data` (JPEG or PNG) unless it is already there; returns its sha256.
@@ -105,21 +183,15 @@ class ImageStore:
         before relying on it surviving a power cut (the ingest writer does, once
         per batch).
         """
-        kind = image_kind(data)
-        if kind is None:
-            raise StoreError(f"not a JPEG or PNG image ({len(data)} bytes starting {data[:8]!r})")
-        sha = hashlib.sha256(data).hexdigest()
-        now = time.monotonic()
-        if now - self._touched.get(sha, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+        sha, kind = checked(data)
+        if self._recent.fresh(sha):
             return sha  # stored, and marked used within the hour
         target = os.path.join(self._root, sha[:2], sha[2:4], f"{sha}.{kind}")
         try:
             os.utime(target)  # already stored: mark it as in use now (see the module docstring)
         except FileNotFoundError:
             self._write(target, data, sync)
-        if len(self._touched) >= _RECENT_MAX:
-            self._touched.clear()
-        self._touched[sha] = now
+        self._recent.mark(sha)
         return sha
 
     def _write(self, target: str, data: bytes, sync: bool) -> None:
@@ -170,7 +242,7 @@ class ImageStore:
                             st = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue  # removed meanwhile
-                        yield StoredFile(sha, Path(entry.path), st.st_size, st.st_mtime)
+                        yield StoredFile(sha, entry.path, st.st_size, st.st_mtime)
 
     def remove_if_unused_since(self, file: StoredFile, cutoff: float) -> bool:
         """Delete `file` unless a result stored since `cutoff` (unix time) named it.
@@ -179,15 +251,16 @@ class ImageStore:
         aside first and its time checked again; a `put` that touched it before
         the move makes it stay, one that comes after finds no file and writes it anew.
         """
-        aside = file.path.with_name(f".prune-{file.path.name}")
+        path = Path(file.key)
+        aside = path.with_name(f".prune-{path.name}")
         try:
-            os.replace(file.path, aside)
+            os.replace(path, aside)
         except FileNotFoundError:
             return False
         try:
             if os.stat(aside).st_mtime >= cutoff:
                 try:
-                    os.link(aside, file.path)  # back in place, unless a put wrote it anew meanwhile
+                    os.link(aside, path)  # back in place, unless a put wrote it anew meanwhile
                 except FileExistsError:
                     pass
                 return False
@@ -203,6 +276,13 @@ class ImageStore:
                 return p
         return None
 
+    def size(self, sha: str) -> int | None:
+        p = self.find(sha)
+        try:
+            return p.stat().st_size if p is not None else None
+        except FileNotFoundError:
+            return None
+
     def get(self, sha: str) -> StoredImage | None:
         """The image named `sha` with its media type, or None."""
         p = self.find(sha)
@@ -210,5 +290,5 @@ class ImageStore:
             return None
         return StoredImage(sha, p.read_bytes(), MEDIA_TYPES[p.suffix[1:]])
 
-    def __contains__(self, sha: str) -> bool:
-        return is_sha(sha) and self.find(sha) is not None
+    def __contains__(self, sha: object) -> bool:
+        return isinstance(sha, str) and is_sha(sha) and self.find(sha) is not None

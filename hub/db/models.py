@@ -269,6 +269,17 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Lease(Base):
+    """Work only one hub process of several may do at a time (rollouts, retention): who holds it until
+    when. Held by renewing it; a process that dies loses it once `expires_at` passes (hub.leader)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(TEXT_LEN))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class LoginFailure(Base):
     """A failed sign-in, kept while the sign-in throttle counts it (hub/services/users.py).
 

@@ -29,7 +29,7 @@ from hub.services.common import (
     parse_time,
     ulid_floor,
 )
-from hub.store import ImageStore, StoredImage, is_sha
+from hub.store import Images, StoredImage, is_sha
 from shared.vocabulary import REVIEW_LABELS, VERDICTS
 
 SORTS = ("newest", "score")
@@ -393,6 +393,6 @@ def live_results(
     return [_view(row) for row in reversed(session.execute(stmt).all())]
 
 
-def image(store: ImageStore, sha: str) -> StoredImage | None:
+def image(store: Images, sha: str) -> StoredImage | None:
     """The stored image named `sha` (heat map, thumbnail, frame or crop), or None."""
     return store.get(sha) if is_sha(sha) else None

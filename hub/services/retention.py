@@ -10,7 +10,10 @@ Three limits, each optional (0 switches it off):
   (never one used in the last two hours: the store marks use at most hourly).
 
 A result with a review keeps its row, its crops and every image it names.
-Rows are deleted in chunks, each its own short transaction, so ingest and the
+On PostgreSQL, where `results` is partitioned by month (hub.db.partitions),
+a month wholly past the age limit with no reviewed result is dropped as a
+whole (its crops deleted first), and the months ahead are created. Other rows
+are deleted in chunks, each its own short transaction, so ingest and the
 dashboard carry on while a large backlog is pruned.
 """
 
@@ -23,10 +26,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
+from hub.db import partitions
 from hub.db.models import Crop, Result, Review
 from hub.db.session import Database
 from hub.services.common import now_utc
-from hub.store import KEEP_RECENT_S, ImageStore
+from hub.store import KEEP_RECENT_S, Images
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def _old_results(db: Database, cutoff: datetime, dry_run: bool) -> tuple[int, in
         )
         if dry_run:
             return session.scalar(select(func.count()).where(Result.ts < cutoff, _unreviewed())), kept
-    deleted = 0
+    deleted = _drop_months(db, cutoff)
     while True:
         with db.transaction() as session:
             ids = list(
@@ -81,6 +85,25 @@ def _old_results(db: Database, cutoff: datetime, dry_run: bool) -> tuple[int, in
             session.execute(delete(Result).where(Result.id.in_(ids)))
         deleted += len(ids)
         log.info("pruned %d results captured before %s", deleted, cutoff.isoformat())
+
+
+def _drop_months(db: Database, cutoff: datetime) -> int:
+    """Results deleted by dropping whole months before `cutoff` (PostgreSQL's partitions)."""
+    deleted = 0
+    while True:
+        with db.engine.begin() as conn:
+            if not partitions.is_partitioned(conn):
+                return 0
+            dropped = partitions.drop_before(conn, cutoff)
+        if dropped is None:
+            return deleted
+        deleted += dropped.results
+
+
+def ensure_partitions(db: Database, now: datetime | None = None) -> list[str]:
+    """Create the months ahead on a partitioned PostgreSQL `results` (nothing elsewhere); their names."""
+    with db.engine.begin() as conn:
+        return partitions.ensure(conn, now or now_utc()) if partitions.is_partitioned(conn) else []
 
 
 def reviewed_images(session: Session) -> set[str]:
@@ -100,7 +123,7 @@ def reviewed_images(session: Session) -> set[str]:
 
 
 def _images(
-    db: Database, store: ImageStore, policy: Policy, now: datetime, dry_run: bool
+    db: Database, store: Images, policy: Policy, now: datetime, dry_run: bool
 ) -> tuple[int, int]:
     """(images, bytes) deleted by the age and size limits."""
     with db.session() as session:
@@ -117,9 +140,7 @@ def _images(
             continue
         remaining.append(f)
     if policy.images_max_bytes:
-        total = sum(f.size for f in remaining) + sum(
-            p.stat().st_size for p in (store.find(s) for s in protected) if p is not None
-        )
+        total = sum(f.size for f in remaining) + sum(store.size(s) or 0 for s in protected)
         spare_after = now.timestamp() - KEEP_RECENT_S  # ingest may skip touching these (hub.store)
         for f in sorted(remaining, key=lambda f: f.mtime):
             if total <= policy.images_max_bytes or f.mtime >= spare_after:
@@ -132,7 +153,7 @@ def _images(
 
 def prune(
     db: Database,
-    store: ImageStore,
+    store: Images,
     policy: Policy,
     *,
     now: datetime | None = None,
@@ -140,6 +161,8 @@ def prune(
 ) -> PruneReport:
     """Apply `policy` once; with `dry_run`, count what would go and change nothing."""
     now = now or now_utc()
+    if not dry_run:
+        ensure_partitions(db, now)
     results = kept = 0
     if policy.results_days:
         results, kept = _old_results(db, now - timedelta(days=policy.results_days), dry_run)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from hub.db.models import Crop, Device, ProductClass, Result, Site, Station, from_unix
 from hub.db.session import Database
 from hub.services.common import insert_ignoring_duplicates
-from hub.store import ImageStore
+from hub.store import Images
 from shared import messages
 
 LAST_SEEN_EVERY_S = 1.0  # a device's last_seen from its results is written at most this often
@@ -87,7 +87,7 @@ class BatchWriter:
     at most every LAST_SEEN_EVERY_S from its results; status and metrics always write it.
     """
 
-    def __init__(self, db: Database, store: ImageStore) -> None:
+    def __init__(self, db: Database, store: Images) -> None:
         self.db = db
         self.store = store
         self._sites: dict[str, int] = {}
@@ -95,9 +95,15 @@ class BatchWriter:
         self._stations: dict[tuple[str, str], int] = {}
         self._classes: dict[str, int] = {}
         self._seen_written: dict[int, float] = {}  # device id -> monotonic time of the last write
+        self._with_images = True
 
-    def write(self, batch: Sequence[Envelope]) -> WriteReport:
-        """Store one batch in one transaction; its images go to the store (and to disk) first."""
+    def write(self, batch: Sequence[Envelope], *, images: bool = True) -> WriteReport:
+        """Store one batch in one transaction; its images go to the store (and to disk) first.
+
+        With ``images=False`` the results are stored without their images (the image store is down
+        and the settings say not to wait for it: images.when_down = "without_images").
+        """
+        self._with_images = images
         results: dict[str, Envelope] = {}
         for env in batch:
             if isinstance(env.message, messages.Result):
@@ -142,7 +148,7 @@ class BatchWriter:
         )
 
     def _put(self, data: bytes) -> str | None:
-        return self.store.put(data, sync=False) if data else None
+        return self.store.put(data, sync=False) if data and self._with_images else None
 
     def _result_rows(self, envelopes: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         rows, crops = [], []

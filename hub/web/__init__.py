@@ -111,7 +111,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     database = Database(app.config["HUB_DB_URL"])
     check_schema(database)
-    db.init_app(app, database, ImageStore(data_dir / "images"))
+    # HUB_IMAGE_STORE: the store `serve` opened from the [images] settings; else the folder in the data dir
+    db.init_app(app, database, app.config.get("HUB_IMAGE_STORE") or ImageStore(data_dir / "images"))
     register_filters(app)
     app.jinja_env.globals.update(csrf_token=auth.csrf_token, principal=auth.current)
     # first of all hooks, /metrics's and sign-in's included: a user name with NUL would reach the database

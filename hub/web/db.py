@@ -10,10 +10,10 @@ from flask import Flask, current_app, g
 from sqlalchemy.orm import Session
 
 from hub.db.session import Database
-from hub.store import ImageStore
+from hub.store import Images
 
 
-def init_app(app: Flask, db: Database, store: ImageStore) -> None:
+def init_app(app: Flask, db: Database, store: Images) -> None:
     app.extensions["hub.db"] = db
     app.extensions["hub.store"] = store
     app.teardown_appcontext(close_session)
@@ -31,7 +31,7 @@ def get_session() -> Session:
     return g.db_session
 
 
-def get_store() -> ImageStore:
+def get_store() -> Images:
     return current_app.extensions["hub.store"]
 
 

@@ -8,6 +8,7 @@ runs under a real Mosquitto with a password file and ACL written by the hub's pr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -169,6 +170,7 @@ def test_compose_accepts_the_file_and_has_every_service(compose: dict[str, Any])
     assert services["agent"]["profiles"] == ["cpu"]
     assert services["agent-jetson"]["profiles"] == ["jetson"]
     assert services["trainer"]["profiles"] == ["training"]
+    assert services["seaweedfs"]["profiles"] == services["hub-2"]["profiles"] == ["multihost"]
     for name in LONG_RUNNING:
         assert services[name].get("restart") == "unless-stopped", f"{name} has no restart policy"
     for name in NEEDS_HEALTHCHECK:
@@ -214,6 +216,11 @@ def test_hub_commands_match_the_hub_config_ports_and_broker(compose: dict[str, A
                 assert m.volume_of(cfg.mqtt_auth.acl_file) == "mosquitto-auth", name
             if ns.command in ("serve", "ingest"):
                 assert m.volume_of(cfg.broker_tls.ca_file) == "broker-tls", f"{name}: the CA is not mounted"
+            if cfg.images.backend == "s3":
+                assert m.covers(cfg.images.credentials_file), f"{name}: {cfg.images.credentials_file} is not mounted"
+                endpoint = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", cfg.images.endpoint)
+                store = services[endpoint.group(1)]
+                assert f"-s3.port={endpoint.group(2)}" in store["command"], (cfg.images.endpoint, store["command"])
         if getattr(ns, "broker", None):
             # the hub's own TLS listener (deploy/mosquitto/mosquitto.conf)
             assert re.fullmatch(r"mqtts://kdfleet-hub:SECRET@mosquitto:8884", ns.broker), ns.broker
@@ -234,7 +241,7 @@ def test_hub_commands_match_the_hub_config_ports_and_broker(compose: dict[str, A
         if ns.command in ("serve", "ingest"):
             assert ns.log_json, f"{name}: long-running hub commands log JSON lines (--log-json)"
             client_ids.append(ns.client_id)
-    assert len(client_ids) == 2 and len(set(client_ids)) == 2, f"ingest client ids must differ: {client_ids}"
+    assert len(client_ids) == 3 and len(set(client_ids)) == 3, f"ingest client ids must differ: {client_ids}"
 
 
 def _secret_names(service: dict[str, Any]) -> set[str]:
@@ -323,8 +330,8 @@ def test_secrets_are_all_made_by_the_deploy_scripts(compose: dict[str, Any]) -> 
 
 
 def test_make_secrets_writes_private_files(tmp_path: Path, compose: dict[str, Any]) -> None:
-    shutil.copytree(ROOT / "deploy", tmp_path / "deploy", ignore=shutil.ignore_patterns("postgres_password", "pgpass",
-                                                                                     "*_mqtt_password"))
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy", ignore=shutil.ignore_patterns(
+        "postgres_password", "pgpass", "*_mqtt_password", "s3_credentials", "seaweedfs_s3.json"))
     for _ in range(2):  # the second run keeps what the first made
         subprocess.run(["sh", str(tmp_path / "deploy" / "make-secrets.sh")], check=True, capture_output=True)
     folder = tmp_path / "deploy" / "secrets"
@@ -333,6 +340,12 @@ def test_make_secrets_writes_private_files(tmp_path: Path, compose: dict[str, An
         assert path.exists() and path.stat().st_mode & 0o077 == 0, f"{path.name} must exist with mode 0600"
     password = (folder / "postgres_password").read_text()
     assert len(password) >= 24
+    # the hub's object-store account is the one the seaweedfs service knows
+    from hub.config import ImagesConfig
+
+    s3 = ImagesConfig(backend="s3", credentials_file=str(folder / "s3_credentials")).credentials()
+    identity = json.loads((folder / "seaweedfs_s3.json").read_text())["identities"][0]["credentials"][0]
+    assert (identity["accessKey"], identity["secretKey"]) == (s3.access_key, s3.secret_key) and len(s3.secret_key) >= 24
     assert (folder / "pgpass").read_text() == f"postgres:5432:kdfleet:kdfleet:{password}\n"
 
 

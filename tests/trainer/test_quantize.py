@@ -314,6 +314,7 @@ def test_quantize_command_writes_the_report(checkpoint: Path, tmp_path: Path) ->
     assert [r["recipe"] for r in report["rows"]] == ["fp32", "fp16", "ptq:train", "ptq:random-normal", "mixed:1",
                                                     "qat"]
     assert all(r["p50_ms"] > 0 and r["size_mb"] > 0 for r in report["rows"])
+    assert all(r["openvino_p50_ms"] > 0 for r in report["rows"]), "the same files timed under OpenVINO"
     assert report["rows"][0]["drop_image_auroc"] == 0
     assert (out / "report.md").read_text().count("| stfpm |") == 7
     assert (out / "auroc_vs_size.png").stat().st_size > 0 and (out / "auroc_vs_latency.png").stat().st_size > 0

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from trainer.quantize import DEFAULT_RECIPES, KINDS, parse_recipes
+from trainer.models import METHOD_NAMES
 
 
 def parser() -> argparse.ArgumentParser:
@@ -16,7 +17,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="recipes: " + ", ".join(KINDS) + "; ptq:<train|random-normal|holdout-normal|mixed>"
                "[:<minmax|percentile|entropy>], mixed:<layers kept FP32>")
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (best.pt)")
-    p.add_argument("--method", help="stfpm, rd or us; checked against the checkpoint")
+    p.add_argument("--method", help=f"{', '.join(METHOD_NAMES)}; checked against the checkpoint")
     p.add_argument("--data", help="MVTec-layout data root (default: the checkpoint's)")
     p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated (default: {DEFAULT_RECIPES})")
     p.add_argument("--out", required=True, help="output folder")

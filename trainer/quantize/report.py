@@ -2,9 +2,10 @@
 
 For one checkpoint, `quantize_report` builds the requested variants, scores
 each through ONNX Runtime with `trainer.evaluate.evaluate` (the agent's own
-scoring: letterbox, map, Gaussian smoothing, max), and times each at batch 1
+scoring: the frame fitted to the square, map, Gaussian smoothing, max), and times each at batch 1
 with tuned sessions (runtime.py) next to the same run's PyTorch FP32 eager
-graph. Latencies are taken in interleaved rounds (every variant once per
+graph and, when the openvino package is installed, the same ONNX files under
+OpenVINO. Latencies are taken in interleaved rounds (every variant once per
 round) so that a burst of load elsewhere hits all of them alike, and each
 carries the CPU other processes used meanwhile.
 
@@ -31,7 +32,8 @@ from trainer.quantize import graph as G
 from trainer.quantize.calibration import DataSpec, calibration_images
 from trainer.quantize.ptq import PTQConfig
 from trainer.quantize.qat import QATConfig
-from trainer.quantize.runtime import DEFAULT_THREADS, Latency, machine_load, measure, onnx_map_fn, torch_map_fn
+from trainer.quantize.runtime import (DEFAULT_THREADS, Latency, machine_load, measure, onnx_map_fn, openvino_map_fn,
+                                      torch_map_fn)
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 TRADEOFF_KEEPS = (0, 1, 2, 4, 8)
@@ -66,6 +68,7 @@ class Variant:
     metrics: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     latency: Latency | None = None
+    openvino: Latency | None = None     # the same file timed under OpenVINO, when it is installed
     build_s: float = 0.0
 
 
@@ -200,11 +203,15 @@ def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = 
     graph = InferenceGraph(model).eval()
     fns: dict[str, Callable[[], Callable[[np.ndarray], Any]]] = {
         "torch-eager": lambda: torch_map_fn(graph, cfg.threads)}
+    openvino = openvino_map_fn(fp32, cfg.threads) is not None
     for v in variants:
         fns[v.recipe.name] = (lambda p=v.path: onnx_map_fn(p, cfg.threads))
+        if openvino:   # the same file under the runtime a user might pick instead, in the same rounds
+            fns[f"openvino:{v.recipe.name}"] = (lambda p=v.path: openvino_map_fn(p, cfg.threads))
     lat = time_all(fns, tcfg.size, cfg.latency_runs, cfg.latency_rounds)
     for v in variants:
         v.latency = lat[v.recipe.name]
+        v.openvino = lat.get(f"openvino:{v.recipe.name}")
 
     tradeoff = mixed_tradeoff(cfg, cache, fp32, spec, folder, tcfg, variants, say) if "sensitivity" in cache else []
     if cfg.packages:
@@ -282,6 +289,7 @@ def assemble(tcfg, cfg: ReportConfig, variants: list[Variant], eager: Latency, g
             "size_mb": G.file_mb(v.path), "size_ratio": G.file_mb(v.path) / G.file_mb(ref.path),
             "p50_ms": lat.p50_ms, "p95_ms": lat.p95_ms, "images_per_s": lat.images_per_s,
             "speedup_vs_torch": eager.p50_ms / lat.p50_ms, "speedup_vs_ort_fp32": ref.latency.p50_ms / lat.p50_ms,
+            "openvino_p50_ms": v.openvino.p50_ms if v.openvino else None,
             "other_cpu": lat.other_cpu, "build_s": v.build_s, "onnx": str(v.path),
         })
     return json_safe({
@@ -308,18 +316,19 @@ def _f(x: Any, fmt: str) -> str:
 def format_table(reports: list[dict[str, Any]]) -> str:
     """The Tables 4-6 shaped Markdown table over one or more methods' reports."""
     head = ("| method | precision | recipe | image AUROC | pixel AUROC | AUPRO | Δ image | Δ pixel | size MB | "
-            "p50 ms | p95 ms | img/s | × torch eager | × ORT FP32 |")
-    lines = [head, "|" + "---|" * 14]
+            "p50 ms | p95 ms | img/s | × torch eager | × ORT FP32 | OpenVINO p50 ms |")
+    lines = [head, "|" + "---|" * 15]
     for rep in reports:
         e = rep["torch_eager"]
         lines.append(f"| {rep['method']} | fp32 | torch eager | = fp32 | = fp32 | = fp32 | | | {e['size_mb']:.2f} | "
-                     f"{e['p50_ms']:.2f} | {e['p95_ms']:.2f} | {e['images_per_s']:.0f} | 1.00 | |")
+                     f"{e['p50_ms']:.2f} | {e['p95_ms']:.2f} | {e['images_per_s']:.0f} | 1.00 | | |")
         for r in rep["rows"]:
             lines.append(
                 f"| {r['method']} | {r['precision']} | {r['recipe']} | {_f(r['image_auroc'], '.3f')} | "
                 f"{_f(r['pixel_auroc'], '.3f')} | {_f(r['aupro'], '.3f')} | {_f(r['drop_image_auroc'], '+.3f')} | "
                 f"{_f(r['drop_pixel_auroc'], '+.3f')} | {r['size_mb']:.2f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
-                f"{r['images_per_s']:.0f} | {r['speedup_vs_torch']:.2f} | {r['speedup_vs_ort_fp32']:.2f} |")
+                f"{r['images_per_s']:.0f} | {r['speedup_vs_torch']:.2f} | {r['speedup_vs_ort_fp32']:.2f} | "
+                f"{_f(r.get('openvino_p50_ms'), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -340,6 +349,7 @@ def format_markdown(reports: list[dict[str, Any]]) -> str:
         "", format_table(reports), "",
     ]
     for rep in reports:
+        parts += per_class_drops(rep)
         if rep["mixed_tradeoff"]:
             parts += [f"## {rep['method']}: layers kept FP32 (mixed precision)", "",
                       "| kept | FP32 params | map error | image AUROC | pixel AUROC | size MB | p50 ms |",
@@ -366,6 +376,27 @@ def format_markdown(reports: list[dict[str, Any]]) -> str:
                       f"as INT8); packed 4-bit weights would take {w['int4_weight_mb']:.2f} MB instead of "
                       f"{w['int8_weight_mb']:.2f} MB.", ""]
     return "\n".join(parts)
+
+
+def per_class_drops(rep: dict[str, Any]) -> list[str]:
+    """Each variant's image / pixel AUROC per class with its drop against FP32: a mean can hide one class."""
+    per, classes = rep["per_class"], rep["classes"]
+    if len(classes) < 2 or "fp32" not in per:
+        return []
+    lines = [f"## {rep['method']}: per class, image / pixel AUROC (Δ against FP32)", "",
+             "| recipe | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
+    for recipe, got in per.items():
+        cells = []
+        for c in classes:
+            m, f = got.get(c, {}), per["fp32"].get(c, {})
+            cell = f"{_f(m.get('image_auroc'), '.3f')} / {_f(m.get('pixel_auroc'), '.3f')}"
+            if recipe != "fp32" and m.get("image_auroc") is not None and f.get("image_auroc") is not None:
+                dp = ("" if m.get("pixel_auroc") is None or f.get("pixel_auroc") is None
+                      else f" / {f['pixel_auroc'] - m['pixel_auroc']:+.3f}")
+                cell += f" ({f['image_auroc'] - m['image_auroc']:+.3f}{dp})"
+            cells.append(cell)
+        lines.append(f"| {recipe} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(reports: list[dict[str, Any]], out: Path) -> list[Path]:

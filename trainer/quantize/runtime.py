@@ -62,6 +62,31 @@ def onnx_map_fn(model: str | Path | bytes, threads: int = DEFAULT_THREADS) -> Ca
     return run
 
 
+def openvino_map_fn(model: str | Path | bytes, threads: int = DEFAULT_THREADS) -> Callable[..., np.ndarray] | None:
+    """The same as `onnx_map_fn` through OpenVINO (the runtime a user might pick instead), or None when the
+    openvino package is not installed. Latency hint, f32 inference precision: the settings the agent's
+    OpenVINO runtime uses, so its scores match ONNX Runtime's."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    compiled = core.compile_model(core.read_model(data), "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    names = {i.get_any_name() for i in compiled.inputs}
+    output = compiled.outputs[0]
+
+    def run(images: np.ndarray, class_index: int = 0) -> np.ndarray:
+        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)}
+        if CLASS_INPUT_NAME in names:
+            feed[CLASS_INPUT_NAME] = np.full(len(images), class_index, np.int32)
+        return np.asarray(request.infer(feed)[output], np.float32).copy()
+
+    return run
+
+
 @dataclass(frozen=True, slots=True)
 class Latency:
     """Batch-1 latency of one variant: median and 95th percentile in ms, and images per second."""
