@@ -141,7 +141,8 @@ def int8_variant(entry: dict[str, Any], data: Path, out: Path, threads: int) -> 
 def main(argv: list[str] | None = None) -> int:
     from trainer.cli import compare_main
     from trainer.data.mvtec import discover_classes
-    from trainer.export import json_safe, quick_threads
+    from trainer.export import quick_threads
+    from trainer.jsonsafe import json_safe
 
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("real", "synthetic"), default="real",
