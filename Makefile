@@ -22,10 +22,11 @@ test-all: venv
 	$(PY) -m pytest -m "slow or not slow"
 
 lint: venv
-	$(VENV)/bin/ruff check shared agent hub trainer tests bench
+	$(VENV)/bin/ruff check kdfleet shared agent hub trainer tests bench
 
+# the list of benchmarks; BENCH="agent --size 256" runs one (a full run of all of them takes hours)
 bench: venv
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH)
 
 venv: system $(STAMP)
 

@@ -1,4 +1,7 @@
-"""`kdfleet agent`: run a station, check that it could run, or benchmark it."""
+"""`kdfleet agent`: run a station or check that it could run.
+
+(`kdfleet agent bench`, the station benchmark, is `bench.agent`: the `kdfleet` command routes it
+there, so that the agent never imports a benchmark.)"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +12,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, load
 from agent.runtimes import KINDS
+from shared.checks import Checklist
 from shared.config import ConfigError
 from shared.logs import add_log_arguments, setup_logging
 
@@ -51,14 +55,16 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     return cfg
 
 
-def run_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="kdfleet agent run", description="Run a station until Ctrl-C.")
+def _add_run_flags(ap: argparse.ArgumentParser) -> None:
     _add_quick_flags(ap)
     ap.add_argument("--until-drained", action="store_true",
                     help="exit once every source has ended and every result is delivered")
     ap.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_log_arguments(ap)
-    args = ap.parse_args(argv)
+
+
+def run_station(args: argparse.Namespace) -> int:
+    """`kdfleet agent run`: the station until Ctrl-C (or, with --until-drained, until delivered)."""
     setup_logging(args.log_json, args.log_level)   # --log-json, else KDFLEET_LOG_JSON
     try:
         from agent.pipeline import Agent
@@ -89,19 +95,10 @@ def run_main(argv: list[str]) -> int:
     return 0
 
 
-def check_main(argv: list[str]) -> int:
-    """Validate the config, the package, the runtime and the broker; print what is wrong."""
-    ap = argparse.ArgumentParser(prog="kdfleet agent check",
-                                 description="Check config, package, runtime and broker; exit 1 if any fails.")
-    _add_quick_flags(ap)
-    args = ap.parse_args(argv)
-    ok = True
-
-    def report(what: str, error: str | None) -> None:
-        nonlocal ok
-        ok = ok and error is None
-        print(f"{'ok  ' if error is None else 'FAIL'} {what}{'' if error is None else ': ' + error}")
-
+def check_station(args: argparse.Namespace) -> int:
+    """`kdfleet agent check`: validate the config, the package, the runtime and the broker; print what is wrong."""
+    checks = Checklist()
+    report = checks.report
     try:
         cfg = _config(args)
         report("config", None)
@@ -152,21 +149,23 @@ def check_main(argv: list[str]) -> int:
     connected = link.wait_connected(5)
     report(f"broker {cfg.broker_config().url}", None if connected else (link.fatal or "no connection within 5 s"))
     link.stop()
-    return 0 if ok else 1
+    return checks.exit_code
 
 
-def bench_main(argv: list[str]) -> int:
-    """`bench.agent`: frames/s, stage latencies and peak RSS against PyTorch FP32 eager."""
-    from bench.agent import main as bench
-
-    return bench(argv)
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kdfleet agent", description="The station agent (also `python -m agent`).",
+                                 epilog="`kdfleet agent bench`: the station benchmark (python -m bench.agent).")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run a station until Ctrl-C", description="Run a station until Ctrl-C.")
+    _add_run_flags(run)
+    run.set_defaults(handler=run_station)
+    check = sub.add_parser("check", help="check config, package, runtime and broker",
+                           description="Check config, package, runtime and broker; exit 1 if any fails.")
+    _add_quick_flags(check)
+    check.set_defaults(handler=check_station)
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run_main, "check": check_main, "bench": bench_main}
-    if not argv or argv[0] not in commands:
-        print("usage: kdfleet agent {run,check,bench} [options]   (kdfleet agent run --help)",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return commands[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

@@ -46,6 +46,7 @@ from shared.ids import new_ulid
 from shared.imaging import Placement, fit_square
 from shared.mqtt import MqttLink, NotConnected
 from shared.package import Package, load_public_key
+from shared.vocabulary import VERDICT_ANOMALY, VERDICT_OK
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,7 @@ class Agent:
             id=new_ulid(), ts=cap.ts, site=self.cfg.site, device=self.cfg.device,
             station=cap.source.station or self.cfg.station, cls=cls, model_version=model.manifest["version"],
             score=scored.score, norm_score=scored.norm_score, threshold=scored.threshold,
-            verdict=messages.VERDICT_ANOMALY if scored.anomalous else messages.VERDICT_OK,
+            verdict=VERDICT_ANOMALY if scored.anomalous else VERDICT_OK,
             latency_ms=latency, heatmap=images.heatmap, thumbnail=images.thumbnail, crops=images.crops,
             frame=images.frame, source=cap.name[-200:])
         return messages.encode(result), scored.anomalous, result.id

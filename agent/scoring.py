@@ -16,7 +16,7 @@ import numpy as np
 
 from shared.imaging import Placement, encode_jpeg, encode_png, unletterbox
 from shared.messages import MAX_IMAGE, Crop
-from shared.scoring import ClassCalibration, find_regions, frame_max, scale_box, smooth
+from shared.scoring import ClassCalibration, find_regions, scale_box, score_map
 
 CROP_BYTES = 96 * 1024      # 8 crops + a frame stay well inside the 2 MiB payload limit
 THUMB_BYTES = 48 * 1024
@@ -75,8 +75,7 @@ class Scorer:
         when the package has one, smoothed, and with the frame's `placement`, as evaluation does, the
         letterbox border left out of the maximum."""
         cal = self.calibration[cls]
-        smoothed = smooth(cal.standardise(amap), self.sigma)
-        score = frame_max(smoothed, placement, self.input_size)
+        smoothed, score = score_map(amap, self.sigma, cal.reference, placement, self.input_size)
         return Scored(score, float(cal.normalise(score)), cal.threshold, score > cal.threshold, smoothed)
 
     def frame_map(self, scored: Scored, cls: str, placement: Placement) -> np.ndarray:

@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared import messages
 from shared.package import Package, PackageError, file_sha256, read_package
+from shared.vocabulary import (MODEL_ACTIVE, MODEL_BUILDING, MODEL_DOWNLOADING, MODEL_FAILED, MODEL_ROLLED_BACK,
+                               MODEL_TESTING, MODEL_VERIFYING)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class Updater:
         self._write_pointer("current", target)
         if on_state:
             left = f" (left {was.model_id} {was.version})" if was is not None else ""
-            on_state(self._state("rolled_back", target.model_id, target.version, rollout_id,
+            on_state(self._state(MODEL_ROLLED_BACK, target.model_id, target.version, rollout_id,
                                  f"back on {target.model_id} {target.version}, the model that ran before{left}"))
         return target
 
@@ -136,17 +138,17 @@ class Updater:
                 on_state(self._state(state, desired.model_id, desired.version, desired.rollout_id, reason))
 
         if self.is_current(desired):
-            report("active")
+            report(MODEL_ACTIVE)
             return self.current()  # type: ignore[return-value]
         part: Path | None = None
         try:
-            report("downloading")
+            report(MODEL_DOWNLOADING)
             part = self._download(desired, size)
-            report("verifying")
+            report(MODEL_VERIFYING)
             package = self._verify(desired, part)
-            report("building")
+            report(MODEL_BUILDING)
             runtime = (build_runtime or self._open_runtime)(package.model, package.manifest)
-            report("testing")
+            report(MODEL_TESTING)
             self_test(runtime, package)
             installed = self._install(desired, part, package, runtime)
         except Exception as exc:  # every failure is reported; the old model stays current
@@ -154,9 +156,9 @@ class Updater:
             log.warning("update to %s %s failed: %s", desired.model_id, desired.version, reason)
             if part is not None:   # complete and checked, yet refused: fetching it again cannot help
                 part.unlink(missing_ok=True)
-            report("failed", reason)
+            report(MODEL_FAILED, reason)
             raise UpdateError(reason) from exc
-        report("active")
+        report(MODEL_ACTIVE)
         return installed
 
     def _open_runtime(self, model: bytes, manifest: dict[str, Any]) -> Any:

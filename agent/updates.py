@@ -23,6 +23,7 @@ from agent.updater import BuildRuntime, Updater, UpdateError
 from shared import messages
 from shared.mqtt import NotConnected
 from shared.package import Package
+from shared.vocabulary import MODEL_ACTIVE, MODEL_FAILED, MODEL_ROLLED_BACK
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class UpdateWorker:
     def _follow(self, want: messages.ModelDesired) -> None:
         running = self.current()
         if (running.manifest["model_id"], running.version) == (want.model_id, want.version):
-            self._report(messages.ModelState(self.updater.device, time.time(), "active", want.model_id,
+            self._report(messages.ModelState(self.updater.device, time.time(), MODEL_ACTIVE, want.model_id,
                                              want.version, want.rollout_id))
             return
         back = self.updater.last_good()
@@ -83,7 +84,7 @@ class UpdateWorker:
                 self.updater.rollback(rollout_id=want.rollout_id)
                 self.swap(package, runtime)
                 self._report(messages.ModelState(
-                    self.updater.device, time.time(), "rolled_back", want.model_id, want.version, want.rollout_id,
+                    self.updater.device, time.time(), MODEL_ROLLED_BACK, want.model_id, want.version, want.rollout_id,
                     reason=f"back on {want.model_id} {want.version}, the model it ran before "
                            f"{running.manifest['model_id']} {running.version}, as the hub asked"))
             else:
@@ -97,7 +98,7 @@ class UpdateWorker:
             log.warning("staying on %s %s: %s", running.manifest["model_id"], running.version, exc)
         except Exception as exc:
             log.exception("update to %s %s failed", want.model_id, want.version)
-            self._report(messages.ModelState(self.updater.device, time.time(), "failed", want.model_id,
+            self._report(messages.ModelState(self.updater.device, time.time(), MODEL_FAILED, want.model_id,
                                              want.version, want.rollout_id,
                                              reason=f"{type(exc).__name__}: {exc}"[: messages.MAX_TEXT]))
 

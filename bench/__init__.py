@@ -7,4 +7,6 @@
     python -m bench.fleet          # `fleet up --agents 20`: time to all online, ingest rate and lag
     python -m bench.ota            # a rollout to 20 agents: time to done, inference stall at the swap
     python -m bench.faults         # broker restarts, kill -9 of hub and agents, a bridge: made vs stored
+
+`python -m bench` lists them; `python -m bench --smoke` runs each at its smallest setting (bench/__main__.py).
 """

@@ -110,8 +110,8 @@ def ensure_int8(fp32_package: Path, checkpoint: Path, data: Path, folder: Path, 
     from trainer.quantize import Recipe
     from trainer.quantize.calibration import DataSpec, calibration_images
     from trainer.quantize.ptq import quantize_ptq
-    from trainer.quantize.report import ReportConfig, Variant, evaluate_variant, package_variant
-    from trainer.train import load_checkpoint
+    from trainer.quantize.report import METRICS, ReportConfig, Variant, evaluate_variant, package_variant
+    from trainer.checkpoint import load_checkpoint
 
     out = folder / "ptq_train.kdpkg"
     if out.exists():
@@ -119,17 +119,22 @@ def ensure_int8(fp32_package: Path, checkpoint: Path, data: Path, folder: Path, 
         return out
     folder.mkdir(parents=True, exist_ok=True)
     tcfg, _, _ = load_checkpoint(checkpoint)
+    fp32_read = read_package(fp32_package)
     fp32 = folder / "fp32.onnx"
-    fp32.write_bytes(read_package(fp32_package).model)
+    fp32.write_bytes(fp32_read.model)
+    # the FP32 package's own evaluation (same data, same split) is the reference the INT8 drop is measured against
+    reference = Variant(Recipe("fp32"), fp32_package, {},
+                        metrics={k: fp32_read.manifest["metrics"]["mean"][k] for k in METRICS})
     spec = DataSpec.of(tcfg, data)
     log("INT8: calibrating on 32 training frames and quantising")
     res = quantize_ptq(fp32, folder / "ptq_train.onnx", calibration_images("train", spec, 32))
     variant = Variant(Recipe("ptq", "train"), res.path, {**res.recipe(), "calibration": "train"})
     log("INT8: evaluating through ONNX Runtime for the package's thresholds")
     variant.evaluation = evaluate_variant(res.path, str(data), list(tcfg.classes), tcfg.size, tcfg.val_fraction,
-                                          tcfg.seed, None, threads)
+                                          tcfg.seed, None, threads, tcfg.resize)
+    variant.metrics = {k: variant.evaluation["mean"][k] for k in METRICS}
     cfg = ReportConfig(checkpoint=str(checkpoint), out=str(folder), data=str(data))
-    path = package_variant(variant, tcfg, cfg, folder)
+    path = package_variant(variant, tcfg, cfg, folder, reference)
     fp32.unlink()
     log(f"INT8 package {path}")
     return path
@@ -166,7 +171,7 @@ class TorchEager:
         import torch
 
         from trainer.inference_graph import InferenceGraph
-        from trainer.train import load_checkpoint
+        from trainer.checkpoint import load_checkpoint
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
         cfg, model, _ = load_checkpoint(checkpoint)
@@ -301,6 +306,7 @@ def stage_times(agent: Any, spec: RunSpec, tmp: Path) -> dict[str, dict[str, flo
     from shared import messages
     from shared.ids import new_ulid
     from shared.imaging import letterbox, read_image
+    from shared.vocabulary import VERDICT_ANOMALY, VERDICT_OK
 
     spool = Spool(tmp / "stages.db")
     times: dict[str, list[float]] = {k: [] for k in ("decode", "letterbox", "infer", "score", "render",
@@ -323,7 +329,7 @@ def stage_times(agent: Any, spec: RunSpec, tmp: Path) -> dict[str, dict[str, flo
         payload = timed("encode", messages.encode, messages.Result(
             id=new_ulid(), ts=time.time(), site="bench", device="bench", station="bench", cls=spec.cls,
             model_version="0", score=scored.score, norm_score=scored.norm_score, threshold=scored.threshold,
-            verdict=messages.VERDICT_ANOMALY if scored.anomalous else messages.VERDICT_OK, latency_ms=1.0,
+            verdict=VERDICT_ANOMALY if scored.anomalous else VERDICT_OK, latency_ms=1.0,
             heatmap=images.heatmap, thumbnail=images.thumbnail, crops=images.crops, frame=images.frame,
             source=path.name))
         timed("spool", spool.put, payload, scored.anomalous, new_ulid())
@@ -539,7 +545,7 @@ def _baseline_checkpoint(checkpoint: Path | None) -> Path | None:
     try:
         import torch  # noqa: F401
 
-        import trainer.train  # noqa: F401
+        import trainer.checkpoint  # noqa: F401
     except ImportError as exc:
         log(f"no baseline: {exc}")
         return None

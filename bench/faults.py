@@ -129,7 +129,8 @@ def agent_toml(work: Path, device: str, folder: Path, package: Path, port: int, 
     path = work / f"{device}{'' if loop else '-drain'}.toml"
     path.write_text(
         f'device = "{device}"\nsite = "{SITE}"\nstation = "line-{device}"\npackage = "{package}"\n'
-        f'broker = "mqtt://127.0.0.1:{port}"\nruntime = "onnxruntime"\nthreads = 1\nmetrics_interval_s = 10.0\n\n'
+        f'broker = "mqtt://127.0.0.1:{port}"\nruntime = "onnxruntime"\nthreads = 1\nmetrics_interval_s = 10.0\n'
+        f'allow_unsigned = true\n\n'   # the hand-made test package is unsigned; no key is trusted here
         f'[[sources]]\nuri = "{folder}"\ncls = "plate"\nfps = {fps}\nloop = {str(loop).lower()}\n\n'
         f'[spool]\npath = "{work / "spool" / device}.db"\n\n'
         f'[delivery]\nreceipt_timeout_s = {receipt_timeout_s}\n')

@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from shared.fleet import parse_metrics
+from kdfleet.fleet import parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_ONLINE_S = 60.0
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         load_before = Path("/proc/loadavg").read_text().split()[0]
         t0 = time.monotonic()
         up = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "fleet", "up", "--agents", str(args.agents), "--package",
+            [sys.executable, "-m", "kdfleet.cli", "fleet", "up", "--agents", str(args.agents), "--package",
              str(package), "--data", str(data), "--cls", args.cls, "--fps", str(args.fps), "--workdir",
              str(work / "fleet"), "--port", "18480", "--mqtt-port", "18483", "--online-timeout", "180"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2.0)
             load_during = Path("/proc/loadavg").read_text().split()[0]
         finally:
-            subprocess.run([sys.executable, "-m", "shared.cli", "fleet", "down", "--workdir", str(work / "fleet")],
+            subprocess.run([sys.executable, "-m", "kdfleet.cli", "fleet", "down", "--workdir", str(work / "fleet")],
                            cwd=ROOT, capture_output=True, timeout=120)
             up.wait(60)
 

@@ -59,8 +59,8 @@ from hub.store import ImageStore
 from hub.web import create_app
 from shared import package as pkg
 from shared.config import BrokerConfig
-from shared.demo import broker_argv, pick_port, register_package
-from shared.fleet import demo_model
+from kdfleet.demo import broker_argv, pick_port, register_package
+from kdfleet.fleet import demo_model
 
 SITE = "bench-ota"
 SOAK_S = 2.0

@@ -50,7 +50,8 @@ def ensure_checkpoint(method: str, data: Path, work: Path, size: int, epochs: in
     """A unified model of `method` on every class, trained unless a checkpoint with these settings exists."""
     import torch
 
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
+    from trainer.train import train
 
     out = work / f"{method}-{size}px-{epochs}ep"
     cfg = TrainConfig(data=str(data), method=method, size=size, epochs=epochs, out=str(out), threads=threads)

@@ -8,8 +8,8 @@ broker's bridge to a central one; prune: the retention policy;
 export-training: reviewed results as a training set.
 
 Settings come from an optional TOML file (``--config``, see hub.config) and
-are overridden by the flags given. Start order: database check, image store,
-ingest, web, retention; shutdown runs in reverse on SIGINT or SIGTERM.
+are overridden by the flags given; `serve` and `ingest` run in hub.server,
+`check` is hub.check.
 """
 
 from __future__ import annotations
@@ -20,23 +20,18 @@ import getpass
 import json
 import logging
 import shlex
-import signal
-import ssl
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError
 
-from hub import mosquitto
+from hub import mosquitto, server
 from hub.config import HubConfig, load
-from hub.db.models import REVIEW_LABELS, ROLES
-from hub.db.session import Database, SchemaError, check_schema, head_revision, upgrade
-from hub.ingest import Ingest
-from hub.leader import Leadership, default_holder
-from hub.rollouts import RolloutController
+from hub.db.models import ROLES
+from shared.vocabulary import REVIEW_FALSE_ALARM, REVIEW_LABELS
+from hub.db.session import Database, SchemaError, check_schema, head_revision, sqlite_file, upgrade
 from hub.services import devices, retention, reviews, rollouts, users
 from hub.services.common import NotFound, QueryError, parse_time
 from hub.store import Images
@@ -45,9 +40,6 @@ from shared.config import BrokerConfig, ConfigError
 from shared.logs import add_log_arguments, setup_logging
 
 log = logging.getLogger("hub")
-
-STATS_EVERY_S = 60.0  # how often serve/ingest log their counters
-
 
 class CliError(RuntimeError):
     """A failure to report in one line, without a traceback."""
@@ -134,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="take unsigned package uploads when no key is trusted (development only)",
     )
+    p.set_defaults(handler=_serve)
 
     p = sub.add_parser(
         "ingest",
@@ -144,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_dir(p)
     _broker(p)
+    p.set_defaults(handler=lambda a: cmd_ingest(settings(a)))
+
+    p = sub.add_parser(
+        "check",
+        help="check database, image store, trusted keys and broker; exit 1 if any fails",
+        description="Check what `serve` needs: the database at the newest schema, a writable image "
+        "store, the trusted keys and the broker. One line each, ok or FAIL with what to do.",
+    )
+    _common(p)
+    _data_dir(p)
+    _broker(p)
+    p.add_argument("--trusted-key", dest="trusted_keys", metavar="PUB", action="append",
+                   help="a public key package uploads must be signed with (repeatable)")
+    p.set_defaults(handler=cmd_check)
 
     p = sub.add_parser(
         "rollout",
@@ -171,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", action="store_true",
                    help="start: if devices are busy in another rollout, wait and start once they are free")
     p.add_argument("--note", default="", help="why (shown on the dashboard)")
+    p.set_defaults(handler=lambda a: cmd_rollout(settings(a), a))
 
     p = sub.add_parser(
         "init-db",
@@ -179,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "existing tables and data are kept.",
     )
     _common(p)
+    p.set_defaults(handler=lambda a: cmd_init_db(settings(a)))
 
     for name, text in (
         ("add-user", "add a dashboard user"),
@@ -194,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="read the password from the first line of standard input instead of asking",
         )
+        p.set_defaults(handler=lambda a, admin=name == "create-admin": cmd_add_user(
+            settings(a), a.username, "admin" if admin else a.role, a.password_stdin, first_admin=admin))
 
     p = sub.add_parser(
         "add-token",
@@ -204,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("name", help="the service, e.g. trainer")
     p.add_argument("--role", choices=ROLES, default="viewer", help="default viewer")
+    p.set_defaults(handler=lambda a: cmd_add_token(settings(a), a.name, a.role))
 
     p = sub.add_parser("revoke-token", help="revoke an API token by name")
     _common(p)
     p.add_argument("name")
+    p.set_defaults(handler=lambda a: cmd_revoke_token(settings(a), a.name))
 
     p = sub.add_parser(
         "add-device",
@@ -224,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--new-password", action="store_true", help="replace the password of a provisioned device"
     )
+    p.set_defaults(handler=lambda a: cmd_add_device(settings(a), a.site, a.device, a.new_password))
 
     p = sub.add_parser(
         "revoke-device",
@@ -233,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     _broker_only(p)
     p.add_argument("site")
     p.add_argument("device")
+    p.set_defaults(handler=lambda a: cmd_revoke_device(settings(a), a.site, a.device))
 
     p = sub.add_parser(
         "write-mqtt-auth",
@@ -242,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     _broker_only(p)
+    p.set_defaults(handler=lambda a: cmd_write_mqtt_auth(settings(a)))
 
     p = sub.add_parser(
         "make-certs",
@@ -255,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a host name or IP address of the broker (repeat for each)")
     p.add_argument("--group", default="", help="group of broker.key (mode 0640), e.g. mosquitto")
     _log_flags(p)
+    p.set_defaults(handler=lambda a: cmd_make_certs(a.dir, a.host, a.group))
 
     p = sub.add_parser(
         "bridge-config",
@@ -271,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--acl", action="store_true",
                    help="print instead the central broker's ACL lines for the bridge's account (--username)")
     _log_flags(p)
+    p.set_defaults(handler=cmd_bridge_config)
 
     p = sub.add_parser(
         "prune",
@@ -284,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-days", type=int, help="override retention.images_days")
     p.add_argument("--images-max-gb", type=float, help="override retention.images_max_gb")
     p.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    p.set_defaults(handler=lambda a: cmd_prune(settings(a), a.dry_run))
 
     p = sub.add_parser(
         "export-training",
@@ -295,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _data_dir(p)
     p.add_argument("out", help="output folder")
-    p.add_argument("--label", choices=REVIEW_LABELS, default="false_alarm")
+    p.add_argument("--label", choices=REVIEW_LABELS, default=REVIEW_FALSE_ALARM)
     p.add_argument("--cls", help="one product class only")
     p.add_argument("--since", help="reviewed at or after this ISO 8601 time")
+    p.set_defaults(handler=lambda a: cmd_export_training(settings(a), a.out, a.label, a.cls, a.since))
     return parser
 
 
@@ -333,22 +353,10 @@ def settings(args: argparse.Namespace) -> HubConfig:
 # -- commands ------------------------------------------------------------------------
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL (None for other databases and in-memory ones)."""
-    from sqlalchemy.engine import make_url
-
-    from hub.db.session import normalise_url
-
-    parsed = make_url(normalise_url(url))
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
-
-
 def _open_db(cfg: HubConfig, *, check: bool = True) -> Database:
     """The hub's database; with `check` (every command but init-db) it must exist at the newest schema,
     and a SQLite file that does not exist is not created."""
-    path = _sqlite_file(cfg.db) if check else None
+    path = sqlite_file(cfg.db) if check else None
     if path is not None and not path.exists():
         raise CliError(
             f"no hub database at {path}: give the hub's --config FILE (its `db`) or --db URL, "
@@ -364,6 +372,27 @@ def _open_db(cfg: HubConfig, *, check: bool = True) -> Database:
             f"cannot reach the database {db.display_url}: {str(exc.orig).strip().splitlines()[0]}"
         ) from None
     return db
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = settings(args)
+    return cmd_serve(cfg, cli_target(args, cfg))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """`kdfleet hub check`: the settings first (a bad one ends the check there), then `hub.check`."""
+    from hub.check import check_hub
+    from shared.checks import Checklist
+
+    checks = Checklist()
+    try:
+        cfg = settings(args)
+    except ConfigError as exc:
+        checks.report("config", str(exc))
+        return checks.exit_code
+    checks.report("config")
+    check_hub(cfg, checks)
+    return checks.exit_code
 
 
 def cmd_init_db(cfg: HubConfig) -> int:
@@ -423,54 +452,10 @@ def _open_images(cfg: HubConfig) -> Images:
     return store
 
 
-def _make_ingest(cfg: HubConfig, db: Database, store: Images) -> Ingest:
-    return Ingest(
-        db,
-        store,
-        cfg.broker_config(),
-        client_id=cfg.ingest.resolved_client_id(),
-        site=cfg.ingest.site,
-        shared_group=cfg.ingest.shared_group or None,
-        batch_size=cfg.ingest.batch_size,
-        flush_ms=cfg.ingest.flush_ms,
-        linger_ms=cfg.ingest.linger_ms,
-        inflight=cfg.ingest.inflight,
-        persistent=cfg.ingest.persistent,
-        manual_ack=cfg.ingest.manual_ack,
-        images_when_down=cfg.images.when_down,
-    )
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event SIGINT and SIGTERM set; installed before start-up, so a stop during it is clean too."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
-def _wait_for_signal(ingest: Ingest, stop: threading.Event) -> None:
-    """Block until `stop` is set, logging the ingest counters now and then."""
-    last = None
-    while not stop.wait(STATS_EVERY_S):
-        stats = ingest.stats()
-        if stats != last:
-            log.info("ingest: %s", stats)
-            last = stats
-    log.info("stopping")
-
-
 def cmd_ingest(cfg: HubConfig) -> int:
-    stop = _stop_on_signals()
+    stop = server.stop_on_signals()
     db = _open_db(cfg)
-    ingest = _make_ingest(cfg, db, _open_images(cfg)).start()
-    log.info("ingest from %s into %s", cfg.broker_config().url, db.display_url)
-    try:
-        _wait_for_signal(ingest, stop)
-    finally:
-        ingest.stop()
-        db.dispose()
-        log.info("ingest stopped: %s", ingest.stats())
+    server.run_ingest(cfg, db, _open_images(cfg), stop)
     return 0
 
 
@@ -512,25 +497,6 @@ def cmd_rollout(cfg: HubConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _policy(cfg: HubConfig) -> retention.Policy:
-    r = cfg.retention
-    return retention.Policy(r.results_days, r.images_days, int(r.images_max_gb * 1e9))
-
-
-def _retention_loop(cfg: HubConfig, db: Database, store: Images, leadership: Leadership,
-                    stop: threading.Event) -> None:
-    """Prune every retention.interval_min minutes until `stop`, when this process leads (one of several
-    hub processes prunes); a failure waits for the next run."""
-    interval = cfg.retention.interval_min * 60
-    while not stop.wait(interval):
-        if not leadership.leads():
-            continue
-        try:
-            retention.prune(db, store, _policy(cfg))
-        except Exception:
-            log.exception("retention run failed; trying again in %d min", cfg.retention.interval_min)
-
-
 def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
     """The flags that point other `kdfleet hub` commands (a rollout the Models page suggests) at this
     hub's database: its config file, made absolute, and --db when given or when there is no config;
@@ -544,7 +510,7 @@ def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
         parts += ["--config", str(Path(args.config).resolve())]
     if args.db or not args.config:
         url = make_url(normalise_url(cfg.db))
-        path = _sqlite_file(cfg.db)
+        path = sqlite_file(cfg.db)
         if path is not None:
             url = url.set(database=str(path.resolve()))
         parts += ["--db", url.render_as_string(hide_password=True)]
@@ -552,76 +518,10 @@ def cli_target(args: argparse.Namespace, cfg: HubConfig) -> str:
 
 
 def cmd_serve(cfg: HubConfig, target: str = "") -> int:
-    stop = _stop_on_signals()
-    # imported here: an ingest-only process needs no web stack
-    from werkzeug.serving import make_server
-
-    from hub.web import create_app
-
+    stop = server.stop_on_signals()   # before start-up, so a stop during it is clean too
     cfg.load_trusted_keys()  # a missing or unreadable key file stops the start, naming it
     db = _open_db(cfg)
-    store = _open_images(cfg)
-    app = create_app(cfg.web_settings() | {"HUB_CLI_TARGET": target, "HUB_IMAGE_STORE": store})
-    tls = (cfg.web.cert_file, cfg.web.key_file) if cfg.web.cert_file else None
-    try:
-        server = make_server(cfg.web.host, cfg.web.port, app, threaded=True, ssl_context=tls)
-    except ssl.SSLError as exc:
-        db.dispose()
-        raise CliError(
-            f"cannot serve HTTPS with web.cert_file {cfg.web.cert_file} and web.key_file "
-            f"{cfg.web.key_file}: {exc.reason or exc}; give a PEM certificate and its own key"
-        ) from None
-    except OSError as exc:
-        db.dispose()
-        if tls and exc.filename:
-            raise CliError(
-                f"cannot read {exc.filename}: {exc.strerror}; check web.cert_file and web.key_file"
-            ) from None
-        raise CliError(
-            f"cannot listen on {cfg.web.host}:{cfg.web.port}: {exc.strerror}; "
-            "choose another --port or stop what holds it"
-        ) from None
-    try:
-        retention.ensure_partitions(db)  # the months ahead (also done by every retention run)
-    except SQLAlchemyError as exc:  # another hub process creating them at the same moment, say
-        log.warning("results partitions not checked now: %s", str(exc).splitlines()[0])
-    ingest = _make_ingest(cfg, db, store).start()
-    app.extensions["hub.ingest"] = ingest  # /metrics reports its live counters
-    # `serve` processes drive rollouts and prune, the one holding the lease (extra `ingest` workers do not)
-    leadership = Leadership(db, default_holder(cfg.ingest.resolved_client_id()), ttl_s=cfg.leader_lease_s)
-    controller = RolloutController(db, cfg.broker_config(), client_id=cfg.ingest.rollouts_client_id(),
-                                   leadership=leadership).start()
-    web = threading.Thread(target=server.serve_forever, name="hub-web", daemon=True)
-    web.start()
-    pruner = None
-    if cfg.retention.interval_min:
-        pruner = threading.Thread(
-            target=_retention_loop, args=(cfg, db, store, leadership, stop), name="hub-retention", daemon=True
-        )
-        pruner.start()
-    (log.info if cfg.trusted_keys else log.warning)("%s", cfg.package_policy())
-    log.info(
-        "dashboard on %s://%s:%d/, ingest from %s into %s",
-        "https" if tls else "http",
-        cfg.web.host,
-        server.server_port,
-        cfg.broker_config().url,
-        db.display_url,
-    )
-    try:
-        _wait_for_signal(ingest, stop)
-    finally:
-        stop.set()
-        if pruner is not None:
-            pruner.join(30)
-        server.shutdown()
-        web.join(10)
-        controller.stop()
-        leadership.release()
-        ingest.stop()
-        app.extensions["hub.db"].dispose()
-        db.dispose()
-        log.info("hub stopped: %s", ingest.stats())
+    server.run_serve(cfg, db, _open_images(cfg), stop, target)
     return 0
 
 
@@ -765,7 +665,7 @@ def cmd_bridge_config(args: argparse.Namespace) -> int:
 def cmd_prune(cfg: HubConfig, dry_run: bool) -> int:
     db = _open_db(cfg)
     try:
-        report = retention.prune(db, _open_images(cfg), _policy(cfg), dry_run=dry_run)
+        report = retention.prune(db, _open_images(cfg), cfg.retention_policy(), dry_run=dry_run)
     finally:
         db.dispose()
     print(report)
@@ -778,7 +678,7 @@ def cmd_export_training(
     """Write the frames of results whose latest review is `label` in the MVTec AD layout."""
     db = _open_db(cfg)
     store = _open_images(cfg)
-    folder = ("train", "good") if label == "false_alarm" else ("test", "reviewed_defect")
+    folder = ("train", "good") if label == REVIEW_FALSE_ALARM else ("test", "reviewed_defect")
     root = Path(out)
     written = missing = 0
     try:
@@ -839,45 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "DEBUG":  # Alembic narrates every step at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        command = args.command
-        if command == "make-certs":
-            return cmd_make_certs(args.dir, args.host, args.group)
-        if command == "bridge-config":
-            return cmd_bridge_config(args)
-        cfg = settings(args)
-        if command == "init-db":
-            return cmd_init_db(cfg)
-        if command in ("add-user", "create-admin"):
-            first = command == "create-admin"
-            return cmd_add_user(
-                cfg,
-                args.username,
-                "admin" if first else args.role,
-                args.password_stdin,
-                first_admin=first,
-            )
-        if command == "add-token":
-            return cmd_add_token(cfg, args.name, args.role)
-        if command == "revoke-token":
-            return cmd_revoke_token(cfg, args.name)
-        if command == "add-device":
-            return cmd_add_device(cfg, args.site, args.device, args.new_password)
-        if command == "revoke-device":
-            return cmd_revoke_device(cfg, args.site, args.device)
-        if command == "write-mqtt-auth":
-            return cmd_write_mqtt_auth(cfg)
-        if command == "prune":
-            return cmd_prune(cfg, args.dry_run)
-        if command == "export-training":
-            return cmd_export_training(cfg, args.out, args.label, args.cls, args.since)
-        if command == "ingest":
-            return cmd_ingest(cfg)
-        if command == "rollout":
-            return cmd_rollout(cfg, args)
-        return cmd_serve(cfg, cli_target(args, cfg))
+        return args.handler(args)
     except ConfigError as exc:
         print(f"hub: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (CliError, SchemaError, ValueError) as exc:
+    except (CliError, server.StartError, SchemaError, ValueError) as exc:
         print(f"hub: {exc}", file=sys.stderr)
         return 1

@@ -44,10 +44,13 @@ import logging
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared import topics
 from shared.config import BrokerConfig, ConfigError, build, load_toml
+
+if TYPE_CHECKING:
+    from hub.services.retention import Policy
 
 MAX_CLIENT_ID = 64
 ROLLOUTS_SUFFIX = "-rollouts"  # `serve`'s rollout driver: its ingest worker's id and this
@@ -327,6 +330,13 @@ class HubConfig:
         if self.web.secret_key:
             settings["SECRET_KEY"] = self.web.secret_key
         return settings
+
+    def retention_policy(self) -> Policy:
+        """[retention] as `hub.services.retention.Policy` (what `prune` and serve's pruner apply)."""
+        from hub.services.retention import Policy
+
+        r = self.retention
+        return Policy(r.results_days, r.images_days, int(r.images_max_gb * 1e9))
 
     @property
     def images_dir(self) -> Path:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from shared.ids import is_ulid
+from shared.vocabulary import MODEL_STATES, VERDICTS
 
 SCHEMA_VERSION = 1
 MAX_PAYLOAD = 2 * 1024 * 1024   # a result with crops and a frame stays well below this
@@ -26,10 +27,6 @@ MAX_CROPS = 16
 MAX_TEXT = 256
 MAX_RECEIPT_IDS = 1000          # result ids in one receipt; a bigger batch is confirmed in several
 
-VERDICT_OK = "ok"
-VERDICT_ANOMALY = "anomaly"
-VERDICTS = (VERDICT_OK, VERDICT_ANOMALY)
-MODEL_STATES = ("idle", "downloading", "verifying", "building", "testing", "active", "failed", "rolled_back")
 
 
 class MessageError(ValueError):

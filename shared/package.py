@@ -21,6 +21,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from shared.vocabulary import METHODS, PRECISIONS
+
 PACKAGE_SCHEMA_VERSION = 1
 SUFFIX = ".kdpkg"
 MANIFEST = "manifest.json"
@@ -28,8 +30,6 @@ SIGNATURE = "manifest.sig"
 MODEL = "model.onnx"
 MAX_MEMBER = 512 * 1024 * 1024
 
-METHODS = ("stfpm", "rd", "us", "patchcore")
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 
 # key -> type(s) every manifest must carry
 REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -144,14 +144,7 @@ def write_package(out: str | Path, manifest: dict[str, Any], model_path: str | P
     if key is not None:
         members[SIGNATURE] = key.sign(manifest_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    tmp.replace(out)
-    return out
+    return _write_members(out, members)
 
 
 def read_package(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey] | None = None) -> Package:
@@ -210,6 +203,18 @@ def _read_members(path: Path) -> dict[str, bytes]:
                 raise PackageError(f"{path}: member {info.name} is truncated")
             members[info.name] = data
     return members
+
+
+def _write_members(out: Path, members: dict[str, bytes]) -> Path:
+    """The tar of `members` in their order, written aside and renamed over `out`: never half a package."""
+    tmp = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    tmp.replace(out)
+    return out
 
 
 def _verify_signature(path: Path, manifest_bytes: bytes, signature: bytes | None,
@@ -275,14 +280,7 @@ def sign_package(path: str | Path, key: Ed25519PrivateKey) -> Path:
     members = _read_members(path)
     members.pop(SIGNATURE, None)
     members[SIGNATURE] = key.sign(members[MANIFEST])
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    tmp.replace(path)
-    return path
+    return _write_members(path, members)
 
 
 def is_signed(path: str | Path) -> bool:

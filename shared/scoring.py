@@ -5,6 +5,11 @@ class's position reference, a smoothed map, an image score (its maximum over
 the frame's own region), a score normalised per class, a verdict against the
 class threshold, and boxes around the anomalous regions. No torch, no I/O.
 
+`score_map` is that order up to the image score, the one path every scorer
+takes: the agent's (`agent.scoring.Scorer`), evaluation and calibration
+(`trainer.evaluate`), and the golden images' expected scores and the agent's
+self-test (`package_score`).
+
 The position reference is what a fixed camera makes possible: where a class's
 normal images always run high (a busy background, the image border, a
 part's edges), the map is discounted by that position's normal spread, so the
@@ -73,16 +78,26 @@ def frame_max(smoothed: np.ndarray, placement: Placement | None = None, size: in
     return float(smoothed[frame_slices(smoothed.shape, placement, size)].max())
 
 
+def score_map(amap: np.ndarray, sigma: float, reference: PositionReference | None = None,
+              placement: Placement | None = None, size: int | None = None) -> tuple[np.ndarray, float]:
+    """(smoothed map, image score) of one raw map: standardised by the class's position `reference`
+    when there is one, smoothed with `sigma`, its maximum over the frame (`frame_max`: the letterbox
+    border left out when `placement` and the input `size` are given)."""
+    standardised = np.asarray(amap, np.float32) if reference is None else reference.standardise(amap)
+    smoothed = smooth(standardised, sigma)
+    return smoothed, frame_max(smoothed, placement, size)
+
+
 def image_score(amap: np.ndarray, sigma: float, placement: Placement | None = None, size: int | None = None) -> float:
-    """Image anomaly score: the maximum of the smoothed map over the frame (`frame_max`)."""
-    return frame_max(smooth(amap, sigma), placement, size)
+    """Image anomaly score of a map without a position reference (`score_map`)."""
+    return score_map(amap, sigma, None, placement, size)[1]
 
 
 def package_score(amap: np.ndarray, manifest: dict[str, Any], cls: str) -> float:
     """The image score a model package defines for a whole letterboxed map of class `cls`
     (its position reference, its sigma): what golden images record and self-tests check."""
     cal = ClassCalibration.from_dict(manifest["calibration"][cls])
-    return image_score(cal.standardise(amap), float(manifest["sigma"]))
+    return score_map(amap, float(manifest["sigma"]), cal.reference)[1]
 
 
 def _block_means(a: np.ndarray, grid: int) -> np.ndarray:
@@ -199,13 +214,6 @@ def calibrate(normal_scores: np.ndarray, quantile: float = 0.99, margin: float =
     spread = float(np.quantile(s, quantile) - center)
     scale = max(spread * margin, 1e-6 * max(1.0, abs(center)), 1e-12)
     return ClassCalibration(center=center, scale=scale, threshold=center + scale, reference=reference)
-
-
-def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold that maximises F1 of `scores > t` against binary `labels`."""
-    from shared.metrics import f1_max  # local: metrics is the heavier module
-
-    return f1_max(scores, labels)[1]
 
 
 @dataclass(frozen=True, slots=True)

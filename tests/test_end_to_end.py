@@ -11,7 +11,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -25,16 +24,10 @@ from shared.imaging import fit_square, read_image
 from shared.package import read_package
 from shared.scoring import ClassCalibration, image_score
 from tests.trainer.tiny_data import make_tiny_set
+from tests.waiting import wait_for
 from trainer.export import export_package
-from trainer.train import TrainConfig, train
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
+from trainer.config import TrainConfig
+from trainer.train import train
 
 
 def port_open(port: int) -> bool:

@@ -30,7 +30,7 @@ def command_lines() -> list[str]:
 
 @pytest.mark.parametrize("line", command_lines())
 def test_every_command_the_readme_shows_parses(line: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.cli import main
+    from kdfleet.cli import main
 
     def parse_only(self: argparse.ArgumentParser, args=None, namespace=None):
         _, unknown = self.parse_known_args(args, namespace)

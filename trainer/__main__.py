@@ -1,6 +1,6 @@
 """`python -m trainer <command>`: the trainer's commands (data, train, evaluate, export)."""
 import sys
 
-from shared.cli import main
+from kdfleet.cli import main
 
 sys.exit(main(group="trainer"))

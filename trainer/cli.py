@@ -55,7 +55,8 @@ def data_main(argv: list[str] | None = None) -> int:
 # -- train ----------------------------------------------------------------------
 
 def train_main(argv: list[str] | None = None) -> int:
-    from trainer.train import TrainConfig, one_class_configs, train
+    from trainer.config import TrainConfig
+    from trainer.train import one_class_configs, train
 
     d = TrainConfig.__dataclass_fields__
     ap = argparse.ArgumentParser(
@@ -109,9 +110,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def recipe_of(method: str) -> dict[str, Any]:
-    """A method's training recipe, the general defaults filled in (`trainer.train.RECIPE`)."""
+    """A method's training recipe, the general defaults filled in (`trainer.config.RECIPE`)."""
     from trainer.models import get_method
-    from trainer.train import RECIPE
+    from trainer.config import RECIPE
 
     return {**RECIPE, **get_method(method).recipe} if get_method(method).trained else {}
 
@@ -224,7 +225,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         return fail("kdfleet evaluate", str(exc))
     if args.json:
-        from trainer.export import json_safe
+        from trainer.jsonsafe import json_safe
         from trainer.report import jsonable
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +377,8 @@ def compare_main(argv: list[str] | None = None) -> int:
 
 def train_for_compare(args: argparse.Namespace, classes: list[str]) -> list[dict[str, Any]]:
     """Train every method x mode (resuming finished runs) and return one item per checkpoint."""
-    from trainer.train import TrainConfig, one_class_configs, train
+    from trainer.config import TrainConfig
+    from trainer.train import one_class_configs, train
 
     work = args.work or args.out / "runs"
     items = []
@@ -449,7 +451,8 @@ def yardstick_items(items: list[dict[str, Any]], data: Path, seed: int, work: Pa
     covered class is the unified and the one-class model at once: it is fitted (or reused from `work`)
     and evaluated once."""
     from trainer.evaluate import evaluate
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
+    from trainer.train import train
 
     size = items[0]["result"]["input_size"]
     covered = list(dict.fromkeys(c for it in items for c in it["result"]["classes"]))
@@ -500,7 +503,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         if args.onnx_only:
             from trainer.export import check_onnx
-            from trainer.train import load_checkpoint
+            from trainer.checkpoint import load_checkpoint
 
             cfg, model, _ = load_checkpoint(args.checkpoint)
             path = export_onnx(model, cfg.size, args.out)

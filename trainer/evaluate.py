@@ -8,7 +8,7 @@ unless the ONNX says otherwise) and model size.
 Scoring follows the agent exactly: frames are letterboxed, the map is
 smoothed (`sigma` in map pixels) and the image score is its maximum over
 the frame's own region, the letterbox border left out
-(`shared.scoring.image_score`). For pixel metrics the smoothed map is cut back
+(`shared.scoring.score_map`). For pixel metrics the smoothed map is cut back
 to each image's own frame (`unletterbox`) at most `pixel_side` pixels on its
 long side, and the mask is resized to the same grid. Defect images without a
 mask (image-level labels) count for the image metrics only.
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from shared.imaging import Placement, read_mask, unletterbox
-from shared.scoring import ClassCalibration, PositionReference, calibrate, fit_reference, image_score, smooth
+from shared.scoring import ClassCalibration, PositionReference, calibrate, fit_reference, score_map
 from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, InferenceGraph
 
 DEFAULT_SIGMA = 1.0   # 4 px at full resolution, in stride-4 map pixels
@@ -128,7 +128,7 @@ def make_runner(source: Any, size: int | None = None, threads: int = 0) -> Runne
 
         pkg = read_package(path)
         return onnx_runner(pkg.model, {"manifest": pkg.manifest}, threads)
-    from trainer.train import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     cfg, model, _ = load_checkpoint(path)
     return torch_runner(InferenceGraph(model), size or cfg.size, {"config": cfg.to_dict()})
@@ -174,18 +174,14 @@ class Inferred:
 
     def scores(self, sigma: float, size: int, references: list[PositionReference | None]) -> np.ndarray:
         """Image scores (N,), each map standardised with its reference first (None: raw)."""
-        return np.asarray([image_score(standardise(m, r), sigma, p, size)
+        return np.asarray([score_map(m, sigma, r, p, size)[1]
                            for m, p, r in zip(self.maps, self.places, references, strict=True)], np.float64)
 
     def frame_maps(self, sigma: float, size: int, reference: PositionReference | None,
                    side: int) -> list[np.ndarray]:
         """Smoothed maps cut back to each frame's own grid, its long side at most `side` pixels."""
-        return [unletterbox(smooth(standardise(m, reference), sigma), p, size, pixel_grid(h, w, side))
+        return [unletterbox(score_map(m, sigma, reference)[0], p, size, pixel_grid(h, w, side))
                 for m, p, (h, w) in zip(self.maps, self.places, self.shapes, strict=True)]
-
-
-def standardise(amap: np.ndarray, reference: PositionReference | None) -> np.ndarray:
-    return amap if reference is None else reference.standardise(amap)
 
 
 def infer(runner: Runner, paths: list[str], batch_size: int = 8, threads: int = 2, class_index: int = 0,
@@ -336,7 +332,7 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
     """
     from shared.metrics import aupro, auroc, f1_max, pixel_auroc
     from trainer.data.mvtec import discover_classes, load_samples
-    from trainer.train import split_normal
+    from trainer.data.mvtec import split_normal
 
     runner = make_runner(model_or_onnx, size, threads)
     if resize is not None:

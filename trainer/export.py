@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -25,11 +24,14 @@ import torch
 from shared.imaging import encode_png
 from shared.package import GoldenImage, write_package
 from trainer.evaluate import DEFAULT_SIGMA, evaluate, onnx_runner, torch_runner
+from trainer.jsonsafe import json_safe
 from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, OUTPUT_NAME, InferenceGraph
 from trainer.models import get_method
 from trainer.models.backbone import input_normalization
 from trainer.data.frames import load_square
-from trainer.train import Progress, TrainConfig, load_checkpoint, train
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import Progress, train
 
 OPSET = 17
 
@@ -87,19 +89,6 @@ def check_onnx(path: str | Path, model: torch.nn.Module, size: int, atol: float 
     if err > atol * scale:
         raise ExportError(f"ONNX Runtime and torch disagree: max |diff| {err:.3g} (map max {scale:.3g})")
     return err
-
-
-def json_safe(x: Any) -> Any:
-    """NaN and infinities to None, numpy scalars to Python: the manifest is strict JSON."""
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def golden_images(runner, data: str | Path, manifest: dict[str, Any], per_class: int = 2) -> list[GoldenImage]:

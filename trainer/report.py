@@ -21,9 +21,10 @@ import cv2
 import numpy as np
 
 from shared.imaging import read_image
+from shared.vocabulary import METHODS
 
 METHOD_LABELS = {"stfpm": "STFPM", "rd": "RD", "us": "US", "patchcore": "PatchCore"}
-ORDER = ("stfpm", "rd", "us", "patchcore")    # trained methods first, the yardstick beside them
+ORDER = METHODS    # trained methods first, the yardstick beside them
 MODES = ("one-class", "unified")
 METRICS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"))
 MEAN_ROW = "**mean**"

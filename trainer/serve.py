@@ -45,13 +45,15 @@ from typing import Any
 
 import numpy as np
 
+from shared.vocabulary import REVIEW_DEFECT, REVIEW_FALSE_ALARM
+
 from trainer.gate import HOLDOUT, SPLITS, Limits, assign_split, gate
 
 log = logging.getLogger("kdfleet.trainer.serve")
 
 STATE = "state.json"
 CYCLES = "cycles.jsonl"
-LABELS = {"false_alarm": "normal", "defect": "defect"}   # review label -> what the image becomes
+LABELS = {REVIEW_FALSE_ALARM: "normal", REVIEW_DEFECT: "defect"}   # review label -> what the image becomes
 TOKEN_ENV = "KDFLEET_HUB_TOKEN"
 
 
@@ -354,7 +356,9 @@ def fine_tune(cfg: ServeConfig, checkpoint: Path, data: Path, out: Path) -> Path
     """
     import torch
 
-    from trainer.train import LAST, TrainConfig, print_progress, train
+    from trainer.checkpoint import LAST
+    from trainer.config import TrainConfig
+    from trainer.train import print_progress, train
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     old = TrainConfig.from_dict(ckpt["config"])
@@ -410,8 +414,9 @@ def build_package(cfg: ServeConfig, checkpoint: Path, onnx_path: Path, result: d
 
     from shared.package import load_private_key, write_package
     from trainer.evaluate import onnx_runner
-    from trainer.export import build_manifest, golden_images, json_safe
-    from trainer.train import TrainConfig
+    from trainer.export import build_manifest, golden_images
+    from trainer.jsonsafe import json_safe
+    from trainer.config import TrainConfig
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     tcfg = TrainConfig.from_dict(ckpt["config"])
@@ -501,7 +506,8 @@ def start_rollout(hub: Hub, state: dict[str, Any], policy: dict[str, Any]) -> tu
 def _cycle(cfg: ServeConfig, hub: Hub, state: dict[str, Any]) -> Outcome:
     from trainer.evaluate import DEFAULT_SIGMA, make_runner, onnx_runner
     from trainer.export import check_onnx, export_onnx
-    from trainer.train import TrainConfig, load_checkpoint
+    from trainer.checkpoint import load_checkpoint
+    from trainer.config import TrainConfig
 
     retried = ""
     if state["unrolled"]:   # a published model whose rollout the hub could not take last time

@@ -17,88 +17,23 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from shared.imaging import RESIZE_MODES
 from trainer.data.frames import load_square
 from trainer.inference_graph import Normalize, to_float_nchw
-from trainer.models import build_model, get_method, model_config
+from trainer.checkpoint import BEST, LAST, save_checkpoint
+from trainer.config import TrainConfig
+from trainer.data.mvtec import split_normal
+from trainer.models import build_model, get_method
 
-BEST, LAST = "best.pt", "last.pt"
-# what a method's recipe (`Method.recipe`) does not set: SGD as in the STFPM paper
-RECIPE: dict[str, Any] = {"epochs": 10, "optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 1e-4}
 # keys that may differ when resuming: where things are, and how long to go on
 RESUMABLE_CHANGES = {"data", "out", "epochs", "threads"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; stored in every checkpoint."""
-
-    data: str                                   # MVTec-layout root folder
-    classes: tuple[str, ...] = ()               # empty: every class found under `data`
-    method: str = "stfpm"
-    model: Any = None                           # the method's config (dataclass or dict); None: its defaults
-    size: int = 256                             # the model's square input side; a multiple of 32 for the backbones
-    resize: str = "stretch"                     # frames to the square: "stretch" or "letterbox" (shared.imaging)
-    # None: the method's own recipe (`Method.recipe`, e.g. trainer/models/stfpm/__init__.py), else RECIPE
-    epochs: int | None = None
-    batch_size: int = 8                         # BatchNorm needs a few; 16 halved the updates (30 for 48 images x 10)
-    optimizer: str | None = None                # "sgd" or "adam"
-    lr: float | None = None                     # the peak learning rate
-    momentum: float | None = None               # SGD momentum / Adam beta1
-    weight_decay: float | None = None
-    warmup_epochs: float = 1.0                  # linear warm-up, then cosine decay to lr_min_ratio * lr
-    lr_min_ratio: float = 0.01
-    val_fraction: float = 0.2                   # held-out normal images: best checkpoint and calibration
-    seed: int = 0
-    hflip: bool = False                         # only where orientation is not semantic (textures)
-    vflip: bool = False
-    brightness: float = 0.1                     # +-10 % gain: lighting drift that stays normal
-    out: str = "runs/stfpm"
-    threads: int = 0                            # torch CPU threads; 0: torch's default
-
-    def __post_init__(self) -> None:
-        self.classes = tuple(self.classes)
-        recipe = {**RECIPE, **get_method(self.method).recipe}   # refuses unknown methods early
-        for name, value in recipe.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.model is None or isinstance(self.model, dict):
-            self.model = model_config(self.method, self.model)
-        if type(self.model).method != self.method:
-            raise ValueError(f"model config is for {type(self.model).method!r}, not {self.method!r}")
-        if self.size < 64 or self.size % 32:
-            raise ValueError(f"size must be a multiple of 32 and at least 64, got {self.size}")
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError("val_fraction must be between 0 and 1")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.lr <= 0 or not 0 <= self.brightness < 1:
-            raise ValueError("lr must be positive and brightness in [0, 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"train config: unknown key(s) {unknown}")
-        return cls(**d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,17 +64,6 @@ def print_progress(p: Progress) -> None:
 
 
 # -- data ----------------------------------------------------------------------
-
-def split_normal(data: str | Path, classes: list[str], val_fraction: float, seed: int) -> tuple[list, list]:
-    """The normal training images of `classes`, split into (train, validation) samples."""
-    from trainer.data.mvtec import load_samples, split_train_val
-
-    samples = load_samples(data, classes, "train")
-    normal = [s for s in samples if s.label == 0]
-    if not normal:
-        raise ValueError(f"{data}: no normal training images for {classes}")
-    return split_train_val(normal, val_fraction=val_fraction, seed=seed)
-
 
 def resolve_classes(cfg: TrainConfig) -> list[str]:
     from trainer.data.mvtec import discover_classes
@@ -187,27 +111,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     t = (step - warm) / max(1, total - warm)
     lo = cfg.lr * cfg.lr_min_ratio
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-# -- checkpoints ---------------------------------------------------------------
-
-def save_checkpoint(path: Path, cfg: TrainConfig, model: torch.nn.Module, epoch: int, best_val: float,
-                    optimizer: torch.optim.Optimizer | None, history: list[dict[str, float]]) -> None:
-    """Write atomically; a fitted method (no optimizer) stores epoch 0 and no optimizer state."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict(), "epoch": epoch,
-                "best_val": best_val, "optimizer": optimizer.state_dict() if optimizer else {},
-                "history": history}, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: str | Path) -> tuple[TrainConfig, torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes, with its weights, in eval mode: (config, model, raw dict)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.model, pretrained=False)   # the checkpoint carries the teacher too
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    return cfg, model.eval(), ckpt
 
 
 # -- the loop ------------------------------------------------------------------

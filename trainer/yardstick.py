@@ -15,7 +15,9 @@ from typing import Any
 
 from trainer.models.patchcore import PatchCore, PatchCoreConfig
 from trainer.data.frames import load_square
-from trainer.train import Progress, TrainConfig, fit_once, split_normal
+from trainer.config import TrainConfig
+from trainer.data.mvtec import split_normal
+from trainer.train import fit_once, Progress
 
 
 def fit_yardstick(data: str, classes: list[str], size: int, cfg: PatchCoreConfig | None = None,

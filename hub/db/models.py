@@ -31,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from shared.vocabulary import MODEL_ACTIVE, MODEL_FAILED, MODEL_ROLLED_BACK, MODEL_UPDATING, REVIEW_LABELS, VERDICTS
+
 NAME_LEN = 64  # site and device names (shared.topics.check_name)
 TEXT_LEN = 256  # free text from the wire (shared.messages.MAX_TEXT)
 ULID_LEN = 26
@@ -39,13 +41,11 @@ URL_LEN = 2048
 ADDRESS_LEN = 64  # an IPv6 address with its zone
 
 ROLES = ("viewer", "operator", "admin")  # each role may do what the ones before it may
-VERDICTS = ("ok", "anomaly")
-REVIEW_LABELS = ("defect", "false_alarm")
 ROLLOUT_STATES = ("draft", "queued", "canary", "rolling", "paused", "completed", "rolled_back", "failed")
 # one device in a rollout: waiting for its wave, told (desired), then the agent's own update states
 RETRAIN_OUTCOMES = ("waiting", "refused", "published", "failed")  # a `kdfleet trainer serve` cycle
-TARGET_STATES = ("pending", "desired", "downloading", "verifying", "building", "testing", "active", "failed",
-                 "rolled_back", "timed_out", "offline")
+TARGET_STATES = ("pending", "desired", *MODEL_UPDATING, MODEL_ACTIVE, MODEL_FAILED, MODEL_ROLLED_BACK, "timed_out",
+                 "offline")
 
 
 def utcnow() -> datetime:
@@ -343,7 +343,7 @@ class Model(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(TEXT_LEN))  # the package's model id, as devices report it
     version: Mapped[str] = mapped_column(String(TEXT_LEN))
-    method: Mapped[str] = mapped_column(String(32), default="")  # shared.package.METHODS
+    method: Mapped[str] = mapped_column(String(32), default="")  # shared.vocabulary.METHODS
     classes: Mapped[str] = mapped_column(Text, default="")  # product classes it scores, comma-separated
     precision: Mapped[str] = mapped_column(String(16), default="")  # fp32 | fp16 | int8
     sha256: Mapped[str] = mapped_column(String(SHA_LEN))  # of the .kdpkg file

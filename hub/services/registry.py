@@ -17,7 +17,7 @@ from hub.db.models import TEXT_LEN, URL_LEN, Device, Model, Rollout, Site
 from hub.services.common import NotFound, QueryError
 from hub.services.packages import StoredPackage
 from hub.store import is_sha
-from shared.package import METHODS, PRECISIONS
+from shared.vocabulary import METHODS, PRECISIONS
 
 _VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 

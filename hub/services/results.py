@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Select, String, bindparam, exists, func, literal, literal_column, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from hub.db.models import REVIEW_LABELS, VERDICTS, Device, ProductClass, Result, Review, Site, Station
+from hub.db.models import Device, ProductClass, Result, Review, Site, Station
 from hub.services.common import (
     DEFAULT_PAGE,
     MAX_PAGE,
@@ -30,6 +30,7 @@ from hub.services.common import (
     ulid_floor,
 )
 from hub.store import Images, StoredImage, is_sha
+from shared.vocabulary import REVIEW_LABELS, VERDICTS
 
 SORTS = ("newest", "score")
 REVIEW_STATES = ("unreviewed", "reviewed", *REVIEW_LABELS)

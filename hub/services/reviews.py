@@ -14,8 +14,9 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from hub.db.models import REVIEW_LABELS, Device, ProductClass, Result, Review, Site, Station, User
+from hub.db.models import Device, ProductClass, Result, Review, Site, Station, User
 from hub.services.common import DEFAULT_PAGE, NotFound, QueryError
+from shared.vocabulary import REVIEW_FALSE_ALARM, REVIEW_LABELS
 
 MAX_NOTE = 2000
 
@@ -171,7 +172,7 @@ def list_reviews(
 def training_data(
     session: Session,
     *,
-    label: str = "false_alarm",
+    label: str = REVIEW_FALSE_ALARM,
     cls: str | None = None,
     since: datetime | None = None,
     before: int | None = None,

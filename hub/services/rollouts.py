@@ -29,12 +29,13 @@ from hub.services.common import NotFound, QueryError
 from hub.services.devices import SILENT_AFTER, connection_state
 from shared import messages
 from shared.ids import new_ulid
+from shared.vocabulary import MODEL_ACTIVE, MODEL_FAILED, MODEL_IDLE, MODEL_ROLLED_BACK, MODEL_UPDATING
 
 LIVE = ("canary", "rolling")  # rollouts the controller advances
 BUSY = (*LIVE, "paused")  # rollouts whose devices no other rollout may take
 # an update in flight on the device: the agent's own states, as its model/state messages name them
-UPDATING = ("desired", "downloading", "verifying", "building", "testing")
-FAILED = ("failed", "rolled_back", "timed_out")  # target states that count against max_failures
+UPDATING = ("desired", *MODEL_UPDATING)
+FAILED = (MODEL_FAILED, MODEL_ROLLED_BACK, "timed_out")  # target states that count against max_failures
 MAX_REASON = 1000  # characters of a target's reason kept
 MIN_RESULTS_FOR_RATE = 20  # results an updated device must have sent before its anomaly rate counts
 BASELINE_RESULTS = 200  # results before the update its anomaly rate is compared with (max_anomaly_rise)
@@ -428,15 +429,15 @@ def record_state(session: Session, site: str, device: str, msg: messages.ModelSt
     now = utcnow()
     if model is not None and msg.version and msg.version != model.version:
         # a report about the model the device goes back to: the update itself stays as it ended
-        if msg.state in ("active", "rolled_back"):
-            target.state = "rolled_back"
+        if msg.state in (MODEL_ACTIVE, MODEL_ROLLED_BACK):
+            target.state = MODEL_ROLLED_BACK
             target.reason = _add_reason(target.reason, f"back on {msg.model_id} {msg.version}")
         target.updated_at = now
         return True
-    target.state = "desired" if msg.state == "idle" else msg.state
+    target.state = "desired" if msg.state == MODEL_IDLE else msg.state
     target.reason = msg.reason[:MAX_REASON]
     target.updated_at = now
-    if msg.state == "active" and target.active_at is None:
+    if msg.state == MODEL_ACTIVE and target.active_at is None:
         target.active_at = now
     return True
 

@@ -28,6 +28,7 @@ from hub.web.auth import current, requires
 from hub.web.db import get_session
 from hub.web.fleet import silent_after
 from hub.web.params import result_id as checked_result_id
+from shared.vocabulary import REVIEW_FALSE_ALARM
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -190,7 +191,7 @@ def _review_query() -> dict[str, Any]:
 def training_query() -> dict[str, Any]:
     """The training data's query string (label, by default false_alarm, cls, since, before, limit); 400 if bad."""
     query = _review_query()
-    query["label"] = query["label"] or "false_alarm"
+    query["label"] = query["label"] or REVIEW_FALSE_ALARM
     return query
 
 

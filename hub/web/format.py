@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 from flask import Flask
 
+from shared.vocabulary import REVIEW_DEFECT, REVIEW_FALSE_ALARM
+
 DASH = "\u2014"  # shown for a value a device has not reported
 
 
@@ -60,7 +62,7 @@ def size(value: int | None) -> str:
 
 def label(value: str | None) -> str:
     """A review label as the page shows it."""
-    return {"defect": "defect confirmed", "false_alarm": "false alarm"}.get(value or "", "unreviewed")
+    return {REVIEW_DEFECT: "defect confirmed", REVIEW_FALSE_ALARM: "false alarm"}.get(value or "", "unreviewed")
 
 
 def register_filters(app: Flask) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hub.db.models import REVIEW_LABELS, ROLES, VERDICTS
+from hub.db.models import ROLES
 from hub.services.charts import WINDOWS
 from hub.services.results import REVIEW_STATES, SORTS
-from shared.package import METHODS
+from shared.vocabulary import METHODS, PRECISIONS, REVIEW_LABELS, VERDICTS
 
 TIME = {"type": "string", "format": "date-time"}
 MODEL_METRICS = {
@@ -259,7 +259,7 @@ SCHEMAS: dict[str, Any] = {
             "url": {"type": "string"},
             "method": {"type": "string", "enum": list(METHODS)},
             "classes": {"type": "array", "items": {"type": "string"}},
-            "precision": {"type": "string", "enum": ["fp32", "fp16", "int8", "mixed"]},
+            "precision": {"type": "string", "enum": list(PRECISIONS)},
             "notes": {"type": "string"},
             "parent_version": {"type": "string"},
             "metrics": MODEL_METRICS,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, abort, render_template, request
 from flask.typing import ResponseReturnValue
 
-from hub.db.models import VERDICTS
+from shared.vocabulary import VERDICTS
 from hub.services import devices, results, reviews
 from hub.services.common import QueryError
 from hub.services.results import REVIEW_STATES, ResultFilter

@@ -15,7 +15,7 @@ import json
 from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
-from hub.db.models import REVIEW_LABELS
+from shared.vocabulary import REVIEW_LABELS
 from hub.services import devices, results, reviews
 from hub.services.common import MAX_PAGE, QueryError, now_utc
 from hub.services.results import ResultFilter

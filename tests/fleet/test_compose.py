@@ -138,13 +138,13 @@ def parse_only() -> Iterator[None]:
 
 def parse_kdfleet(argv: list[str]) -> tuple[str, argparse.Namespace]:
     """(command, namespace) of a `kdfleet ...` or `python -m hub|agent ...` command line."""
-    from shared.cli import COMMANDS, main
+    from kdfleet.cli import COMMANDS, main
 
     if argv[:2] == ["python", "-m"]:
         assert argv[2] in ("hub", "agent", "trainer"), f"unknown module in {argv}"
         argv = ["kdfleet", argv[2], *argv[3:]]
     assert argv[0] == "kdfleet", f"not a kdfleet command: {argv}"
-    assert argv[1] in COMMANDS, f"`kdfleet {argv[1]}` is not in shared/cli.py COMMANDS"
+    assert argv[1] in COMMANDS, f"`kdfleet {argv[1]}` is not in kdfleet/cli.py COMMANDS"
     try:
         with parse_only():
             main(argv[1:])

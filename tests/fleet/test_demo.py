@@ -29,7 +29,7 @@ class Demo:
         self.workdir = workdir
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "demo", "--workdir", str(workdir), "--port", str(free_port()),
+            [sys.executable, "-m", "kdfleet.cli", "demo", "--workdir", str(workdir), "--port", str(free_port()),
              "--mqtt-port", str(free_port()), "--fps", "4", *args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             # as from a terminal, whatever started the tests: SIGINT is Ctrl-C, not ignored
@@ -41,7 +41,7 @@ class Demo:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = re.search(pattern, self.output)
@@ -116,9 +116,9 @@ def test_the_demo_runs_says_what_it_streams_registers_two_versions_and_stops_on_
     workdir = tmp_path / "demo"
     demo = Demo(workdir, "--stations", "2", "--data", str(plate_set), "--package", str(tiny_package))
     try:
-        demo.wait_for(r"fleet up in", 90)
+        demo.wait_for_line(r"fleet up in", 90)
         assert "station-1 (line-1) streams plate: 9 images in a loop, 3 defective (spot 3) and 6 good" in demo.output
-        command = demo.wait_for(r"to try a rollout of 1\.1\.0: (kdfleet hub rollout start (\d+) .*)", 5)
+        command = demo.wait_for_line(r"to try a rollout of 1\.1\.0: (kdfleet hub rollout start (\d+) .*)", 5)
         db = sqlite3.connect(workdir / "hub.db")
         models = db.execute("SELECT name, version, parent_version, notes FROM models ORDER BY id").fetchall()
         assert [m[:3] for m in models] == [("darkness", "1.0.0", ""), ("darkness", "1.1.0", "1.0.0")]
@@ -130,7 +130,7 @@ def test_the_demo_runs_says_what_it_streams_registers_two_versions_and_stops_on_
 
         # the command it prints ships the second version, reading the demo hub's config
         argv = command.group(1).replace("--soak 30", "--soak 1").split()
-        started = subprocess.run([sys.executable, "-m", "shared.cli", *argv[1:]], cwd=ROOT, capture_output=True,
+        started = subprocess.run([sys.executable, "-m", "kdfleet.cli", *argv[1:]], cwd=ROOT, capture_output=True,
                                  text=True, timeout=30)
         assert started.returncode == 0, started.stderr
         deadline = time.monotonic() + 90
@@ -151,14 +151,14 @@ def test_ctrl_c_stops_the_demo_quietly_in_every_phase(tmp_path: Path, tiny_packa
     workdir = tmp_path / "demo"
     if phase == "starting the broker and hub":
         demo = Demo(workdir, "--data", str(plate_set), "--package", str(tiny_package))
-        demo.wait_for(r"\.demo ", 30)
+        demo.wait_for_line(r"\.demo ", 30)
     elif phase == "generating data":
         demo = Demo(workdir)
-        demo.wait_for(r"generating the synthetic data set", 60)
+        demo.wait_for_line(r"generating the synthetic data set", 60)
         time.sleep(1)
     else:
         demo = Demo(workdir, "--data", str(make_tiny_set(tmp_path / "tiny")))
-        demo.wait_for(r"preparing the demo model", 60)
+        demo.wait_for_line(r"preparing the demo model", 60)
         time.sleep(2)
     try:
         assert_stopped_quietly(demo, demo.ctrl_c())

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from shared.fleet import ProcessRecord, alive, parse_metrics, start_ticks
+from kdfleet.fleet import ProcessRecord, alive, parse_metrics, start_ticks
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def kdfleet(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "kdfleet.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -28,7 +28,7 @@ def test_fleet_up_status_down(tmp_path: Path, tiny_package: Path, plate_folder: 
         pytest.skip("mosquitto is not installed (apt-get install mosquitto): the fleet would run unauthenticated")
     workdir = tmp_path / "fleet"
     up = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "fleet", "up", "--agents", "3", "--package", str(tiny_package),
+        [sys.executable, "-m", "kdfleet.cli", "fleet", "up", "--agents", "3", "--package", str(tiny_package),
          "--data", str(plate_folder), "--cls", "plate", "--fps", "5", "--workdir", str(workdir),
          "--port", str(free_port()), "--mqtt-port", str(free_port()), "--online-timeout", "60"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -106,7 +106,7 @@ def roll_out_a_new_version(workdir: Path, state: dict, tmp_path: Path) -> None:
     import urllib.request
 
     from shared import package as pkg
-    from shared.demo import register_package
+    from kdfleet.demo import register_package
     from tests.package_factory import build_package
 
     config = str(workdir / "hub.toml")

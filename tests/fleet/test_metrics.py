@@ -15,7 +15,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope, Ingest
+from hub.ingest import Ingest
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import users
 from hub.store import ImageStore
 from hub.web import create_app

@@ -39,6 +39,7 @@ from hub.mosquitto import render_listener
 from shared import topics
 from shared.config import BrokerConfig
 from tests.package_factory import build_package
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -249,19 +250,6 @@ def spool_depth(spool: Path) -> int:
     return query(spool, "SELECT COUNT(*) FROM spool")[0][0]
 
 
-def wait_for(what: str, condition, timeout: float, procs: Procs, every: float = 0.5):
-    """Poll `condition()` until it returns something true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        procs.check()
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(every)
-
-
 # -- the test ---------------------------------------------------------------------------------
 
 
@@ -303,16 +291,17 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
         *(f"log_type {t}" for t in ("error", "warning", "notice", "information", "subscribe")),
     ]) + "\n")
     procs.start("broker", network.site, [MOSQUITTO, "-c", str(conf)])
-    wait_for("the broker listening", lambda: run(
+    polling = {"every": 0.5, "check": procs.check}   # fail at once when a process died
+    wait_for(lambda: run(
         "ip", "netns", "exec", network.site, "bash", "-c", f"exec 3<>/dev/tcp/{SITE_IP}/{MQTT_PORT}",
-        check=False).returncode == 0, 20, procs)
+        check=False).returncode == 0, 20, "the broker listening", **polling)
     procs.start("hub", network.site, [
         py, "-m", "hub", "serve", *common, "--broker", hub_broker, "--data-dir", str(tmp_path / "hub"),
         "--client-id", HUB_CLIENT, "--host", SITE_IP, "--port", str(WEB_PORT)])
     # agents start once the hub's results subscription stands: before it, the broker answers a result
     # with "no matching subscribers" and the agent keeps it and sends it again 30 s later
-    wait_for("the hub subscribed to results", lambda: re.search(
-        rf"^\d+: {HUB_CLIENT} 1 \S+/{topics.RESULT}$", procs.tail("mosquitto", 200), re.M), 60, procs)
+    wait_for(lambda: re.search(rf"^\d+: {HUB_CLIENT} 1 \S+/{topics.RESULT}$", procs.tail("mosquitto", 200), re.M),
+             60, "the hub subscribed to results", **polling)
 
     # three stations, each on its own "machine", replaying the plates in a loop
     spools = {d: tmp_path / "spool" / f"{d}.db" for d in network.agents}
@@ -331,9 +320,8 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
         procs.start(device, ns, agent(device, "--loop", "--fps", str(FPS)), credentials(device))
 
     t0 = time.monotonic()
-    wait_for("every device online with a result stored",
-             lambda: all(online(hub_db).get(d) and results_of(hub_db, d) for d in network.agents),
-             ONLINE_TIMEOUT_S, procs)
+    wait_for(lambda: all(online(hub_db).get(d) and results_of(hub_db, d) for d in network.agents),
+             ONLINE_TIMEOUT_S, "every device online with a result stored", **polling)
     t_up = time.monotonic() - t0
     time.sleep(3.0)  # a few seconds of normal traffic before the cut
 
@@ -343,8 +331,8 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
     network.set_link(victim, up=False)
     cut_at, cut_wall = time.monotonic(), datetime.now(UTC)
     try:
-        wait_for(f"{victim} offline in the hub's database during the cut",
-                 lambda: online(hub_db).get(victim) is False, cut_s - 1.0, procs)
+        wait_for(lambda: online(hub_db).get(victim) is False, cut_s - 1.0,
+                 f"{victim} offline in the hub's database during the cut", **polling)
         offline_after = time.monotonic() - cut_at
         states = online(hub_db)
         assert all(states[d] for d in others), f"only {victim}'s link is cut, yet: {states}"
@@ -357,9 +345,10 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
         network.set_link(victim, up=True)
 
     # (2) it reconnects by itself and is online again
-    wait_for(f"{victim} online again after the restore", lambda: online(hub_db)[victim], RECONNECT_TIMEOUT_S, procs)
+    wait_for(lambda: online(hub_db)[victim], RECONNECT_TIMEOUT_S, f"{victim} online again after the restore",
+             **polling)
     online_after = time.monotonic() - restore_at
-    wait_for(f"{victim}'s spool drained", lambda: spool_depth(spools[victim]) < FPS * 2, 60, procs)
+    wait_for(lambda: spool_depth(spools[victim]) < FPS * 2, 60, f"{victim}'s spool drained", **polling)
     drained_after = time.monotonic() - restore_at
 
     # (3) stop it (SIGTERM delivers what it made first), then count
@@ -369,8 +358,8 @@ def test_cut_link_goes_offline_comes_back_and_loses_nothing(
     assert spool_depth(spools[victim]) == 0, "SIGTERM left results undelivered in the spool"
     assert query(spools[victim], "SELECT reason, count FROM dropped") == [], "the spool dropped results"
     assert produced > before_cut + FPS * cut_s / 2, f"{produced} results: the agent stalled"
-    wait_for(f"all {produced} of {victim}'s results in the hub",
-             lambda: len(results_of(hub_db, victim)) >= produced, 30, procs)
+    wait_for(lambda: len(results_of(hub_db, victim)) >= produced, 30,
+             f"all {produced} of {victim}'s results in the hub", **polling)
     stored = results_of(hub_db, victim)
     ids = [r[0] for r in stored]
     assert len(ids) == len(set(ids)) == produced, f"{len(ids)} stored ({len(set(ids))} ids) of {produced} made"

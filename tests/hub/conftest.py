@@ -225,7 +225,7 @@ def seeded(hub_db: Database, store: ImageStore, site: str) -> dict[str, messages
     """Two devices (cam-a online with metrics, cam-b offline) and five results of cam-a:
     results 1 and 3 are anomalies with two crops; stations st-1/st-2 alternate; result 4 is a
     screw, the rest bottles."""
-    from hub.ingest import BatchWriter, Envelope
+    from hub.services.writes import BatchWriter, Envelope
 
     now = datetime.now(UTC)
     batch = [

@@ -6,7 +6,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import charts
 from hub.store import ImageStore
 from hub.web.svg import Line, histogram, line_chart

@@ -82,7 +82,7 @@ def test_export_training_writes_false_alarms_as_good_images(
     import json
     from datetime import UTC, datetime
 
-    from hub.ingest import BatchWriter, Envelope
+    from hub.services.writes import BatchWriter, Envelope
     from hub.services import reviews
     from hub.store import ImageStore
 
@@ -149,7 +149,7 @@ def test_bridge_config_is_what_the_operations_guide_shows(
 
 
 def test_help_names_the_command_as_the_readme_does(capsys) -> None:
-    from shared.cli import main as kdfleet
+    from kdfleet.cli import main as kdfleet
 
     with pytest.raises(SystemExit):
         kdfleet(["hub", "--help"])
@@ -158,3 +158,33 @@ def test_help_names_the_command_as_the_readme_does(capsys) -> None:
     with pytest.raises(SystemExit):
         kdfleet(["hub", "rollout", "--help"])
     assert capsys.readouterr().out.startswith("usage: kdfleet hub rollout ")
+
+
+def test_check_reports_each_part_and_names_what_to_do(
+    tmp_path: Path, broker: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.conftest import free_port
+
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    common = ["--db", url, "--data-dir", str(tmp_path / "data"), "--broker", f"mqtt://{broker[0]}:{broker[1]}"]
+    assert main(["check", *common]) == 1
+    out = capsys.readouterr().out
+    assert "ok   config" in out
+    assert f"FAIL database {tmp_path / 'hub.db'}: no such file: create it with `kdfleet hub init-db`" in out
+    assert f"ok   image store {tmp_path / 'data' / 'images'}" in out
+    assert "ok   packages: no trusted key is set" in out
+    assert f"ok   broker mqtt://{broker[0]}:{broker[1]}" in out
+
+    assert main(["init-db", "--db", url]) == 0
+    capsys.readouterr()
+    assert main(["check", *common]) == 0
+    assert f"ok   database sqlite:///{tmp_path / 'hub.db'} at revision {head_revision()}" in capsys.readouterr().out
+
+    missing_key = tmp_path / "fleet.pub"
+    nobody = f"mqtt://127.0.0.1:{free_port()}"
+    assert main(["check", *common[:4], "--broker", nobody, "--trusted-key", str(missing_key)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL trusted keys: trusted_keys: cannot load {missing_key}" in out
+    assert f"FAIL broker {nobody}: " in out
+    assert main(["check", "--db", url, "--broker", "ftp://x"]) == 1
+    assert "FAIL config: " in capsys.readouterr().out

@@ -16,7 +16,8 @@ from sqlalchemy import select
 from hub.config import HubConfig, ImagesConfig
 from hub.db.models import Crop, Result
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope, Ingest
+from hub.ingest import Ingest
+from hub.services.writes import BatchWriter, Envelope
 from hub.objectstore import ObjectImageStore
 from hub.s3 import Credentials, ObjectStoreError, S3Client
 from hub.services import retention, reviews

@@ -264,7 +264,7 @@ def test_a_model_page_shows_its_metrics_lineage_versions_and_the_devices_running
     import time
     from datetime import UTC, datetime
 
-    from hub.ingest import BatchWriter, Envelope
+    from hub.services.writes import BatchWriter, Envelope
 
     def evaluated(tpr: float) -> dict:
         figures = {"image_auroc": 0.93, "pixel_auroc": 0.9, "aupro": 0.7, "f1_max": 0.88,

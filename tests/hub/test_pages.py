@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import reviews
 from hub.store import ImageStore
 

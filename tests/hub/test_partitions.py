@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from hub.db import partitions
 from hub.db.session import Database, upgrade
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import retention, reviews
 from hub.store import ImageStore
 from shared import messages

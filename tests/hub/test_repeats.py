@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import pytest
 
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import results
 from hub.services.results import ResultFilter
 from hub.store import ImageStore

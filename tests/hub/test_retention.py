@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from hub.cli import main
 from hub.db.models import Crop, Result
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import retention, reviews
 from hub.store import ImageStore
 from shared import messages

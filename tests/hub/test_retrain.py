@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from hub.db.models import Model, Rollout, RolloutTarget
 from hub.db.session import Database
-from hub.ingest import BatchWriter, Envelope
+from hub.services.writes import BatchWriter, Envelope
 from hub.services import registry, reviews, rollouts, users
 from hub.store import ImageStore
 from shared import messages
@@ -43,7 +43,8 @@ def new_normal_disc(rng: np.random.Generator) -> np.ndarray:
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(data, best.pt): a tiny STFPM on the `disc` class of the tiny set."""
-    from trainer.train import TrainConfig, train
+    from trainer.config import TrainConfig
+    from trainer.train import train
 
     data = make_tiny_set(tmp_path_factory.mktemp("tiny"), n_train=24)
     cfg = TrainConfig(data=str(data), classes=("disc",), size=64, epochs=4, batch_size=8, threads=1,

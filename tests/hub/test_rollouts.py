@@ -300,7 +300,7 @@ def test_an_anomaly_rate_that_jumps_after_the_update_stops_the_rollout(
     """A threshold gone wrong: 10 % anomalies before, all after; the rise bound stops it, the rate bound not set."""
     from datetime import UTC, datetime, timedelta
 
-    from hub.ingest import BatchWriter, Envelope
+    from hub.services.writes import BatchWriter, Envelope
 
     start = datetime.now(UTC) - timedelta(minutes=10)
     before = [make_result(site, "cam-0", seed=i, crops=0, model_version="1", verdict="anomaly" if i % 10 == 0

@@ -9,15 +9,7 @@ import pytest
 
 from shared.config import BrokerConfig
 from shared.mqtt import PROTOCOL_5, PROTOCOL_311, MqttLink, NotConnected
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+from tests.waiting import wait_for
 
 
 def exchange(host, port, unique, expect_protocol):
@@ -30,7 +22,7 @@ def exchange(host, port, unique, expect_protocol):
         assert pub.protocol == expect_protocol
         time.sleep(0.2)
         mids = [pub.publish(f"kdtest/{unique}/x", b"%d" % i) for i in range(20)]
-        assert wait_for(lambda: len(got) == 20 and len(acks) == 20)
+        wait_for(lambda: len(got) == 20 and len(acks) == 20, what="20 messages and 20 acknowledgements")
         assert got == [b"%d" % i for i in range(20)] and sorted(acks) == sorted(mids)
     finally:
         sub.stop()
@@ -52,7 +44,7 @@ def test_falls_back_to_311_with_a_311_only_broker(tmp_path, unique):
     exe = shutil.which("amqtt", path=str(__import__("pathlib").Path(sys.executable).parent))
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: _open(port), 20), "amqtt did not start"
+        wait_for(lambda: _open(port), 20, "amqtt to start")
         exchange("127.0.0.1", port, unique, PROTOCOL_311)
     finally:
         proc.terminate()
@@ -73,7 +65,7 @@ def test_publish_while_broker_down_raises(private_broker, unique):
     try:
         assert link.wait_connected(10)
         b.stop()
-        assert wait_for(lambda: not link.connected.is_set())
+        wait_for(lambda: not link.connected.is_set(), what="the link to notice the broker is gone")
         with pytest.raises(NotConnected):
             link.publish("kdtest/x", b"1")
         b.start()
@@ -95,7 +87,7 @@ def test_last_will_marks_a_vanished_client(broker, unique):
         assert watcher.wait_connected(10)
         assert proc.stdout.readline().strip() == b"up"
         proc.kill()  # no clean disconnect: the broker must publish the will
-        assert wait_for(lambda: b"offline" in got, 15)
+        wait_for(lambda: b"offline" in got, 15, "the will (offline)")
     finally:
         proc.kill()
         watcher.stop()
@@ -119,7 +111,7 @@ def test_manual_ack_leaves_unacknowledged_messages_with_the_broker(private_broke
         assert first.subscribed.wait(10) and pub.wait_connected(10)
         for i in range(6):
             pub.publish(topic, b"%d" % i)
-        assert wait_for(lambda: len(got) == 6)
+        wait_for(lambda: len(got) == 6, what="6 messages")
         assert all(ack() for _, ack in got[:3])  # the first three are safe, the rest not
         time.sleep(0.2)  # the acknowledgements reach the broker
         first.stop()
@@ -127,7 +119,7 @@ def test_manual_ack_leaves_unacknowledged_messages_with_the_broker(private_broke
         again = []
         second = receiver(lambda t, p, ack: (again.append(p), ack()))
         try:
-            assert wait_for(lambda: len(again) >= 3)
+            wait_for(lambda: len(again) >= 3, what="3 messages after the reconnect")
             time.sleep(0.3)
             assert sorted(again) == [b"3", b"4", b"5"]
         finally:

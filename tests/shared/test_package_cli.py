@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from shared import package as pkg
-from shared.cli import main as kdfleet
+from kdfleet.cli import main as kdfleet
 from tests.package_factory import build_package, members, rewrite_member, truncate
 
 

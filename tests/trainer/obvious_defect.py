@@ -10,7 +10,8 @@ from shared.metrics import auroc
 from shared.scoring import calibrate, image_score
 from trainer.evaluate import make_runner
 from trainer.data.frames import load_square
-from trainer.train import load_checkpoint, split_normal
+from trainer.checkpoint import load_checkpoint
+from trainer.data.mvtec import split_normal
 
 
 def paste_spot(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -18,7 +18,9 @@ from tests.trainer.tiny_data import make_tiny_set
 from trainer.evaluate import evaluate, leave_one_out
 from trainer.export import OPSET, check_onnx, export_onnx, export_package, quick_package
 from trainer.models import build_model, model_config
-from trainer.train import TrainConfig, load_checkpoint, train
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import train
 
 torch.set_num_threads(1)   # one thread: robust when other processes share the cores (quick_threads)
 

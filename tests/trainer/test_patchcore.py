@@ -18,7 +18,9 @@ from trainer.inference_graph import CLASS_INPUT_NAME, InferenceGraph
 from trainer.models import build_model, get_method, model_config
 from trainer.models.patchcore import PatchCore, PatchCoreConfig, greedy_coreset
 from trainer.data.frames import load_square
-from trainer.train import TrainConfig, load_checkpoint, train
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import train
 
 torch.set_num_threads(1)
 

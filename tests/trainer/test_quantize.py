@@ -20,11 +20,14 @@ from trainer.quantize import Recipe, parse_recipes
 from trainer.quantize import graph as G
 from trainer.quantize.calibration import STRATEGIES, DataSpec, FrameReader, calibration_images
 from trainer.quantize.fp16 import convert_fp16
-from trainer.quantize.mixed import LayerSensitivity, quantize_mixed, requantize_weights
+from trainer.quantize.int4 import requantize_weights
+from trainer.quantize.mixed import LayerSensitivity, quantize_mixed
 from trainer.quantize.ptq import PTQConfig, quantize_ptq
 from trainer.quantize.qat import QATConfig, calibrate, export_qat, prepare_qat, run_qat
 from trainer.quantize.runtime import make_session, measure, onnx_map_fn
-from trainer.train import TrainConfig, load_checkpoint, train
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import train
 
 torch.set_num_threads(2)
 SIZE = 64

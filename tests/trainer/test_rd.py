@@ -14,7 +14,9 @@ from trainer.data import synth
 from trainer.export import check_onnx, export_onnx, export_package
 from trainer.models import build_model, get_method, model_config
 from trainer.models.rd import RDConfig, ReverseDistillation, cosine_distance, level_maps, rd_loss, sum_maps
-from trainer.train import TrainConfig, load_checkpoint, train
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import train
 
 torch.set_num_threads(2)
 

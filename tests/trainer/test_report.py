@@ -14,7 +14,8 @@ import torch
 from tests.trainer.tiny_data import make_tiny_set
 from trainer.cli import compare_main, evaluate_main
 from trainer.report import MEAN_ROW, group_entries, merge_one_class
-from trainer.train import TrainConfig, train
+from trainer.config import TrainConfig
+from trainer.train import train
 
 torch.set_num_threads(1)
 

@@ -14,7 +14,9 @@ from trainer.models import METHOD_NAMES, UnknownMethod, build_model, get_method,
 from trainer.models.backbone import BackboneError, build_backbone, lite_key, resnet_key
 from trainer.models.stfpm import (STFPM, StemStudent, STFPMConfig, combine_maps, feature_distance, hardest_mean,
                                   level_maps, stfpm_loss)
-from trainer.train import LAST, TrainConfig, load_checkpoint, one_class_configs, train
+from trainer.checkpoint import LAST, load_checkpoint
+from trainer.config import TrainConfig
+from trainer.train import one_class_configs, train
 
 torch.set_num_threads(1)   # one thread: robust when other processes share the cores (quick_threads)
 

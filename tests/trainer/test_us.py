@@ -18,7 +18,10 @@ from trainer.models.backbone import build_backbone, input_normalization
 from trainer.models.us import (DescriptorTeacher, UninformedStudents, USConfig, error_and_variance,
                                standardised_sum, us_loss)
 from trainer.data.frames import load_square
-from trainer.train import TrainConfig, load_checkpoint, split_normal, train
+from trainer.checkpoint import load_checkpoint
+from trainer.config import TrainConfig
+from trainer.data.mvtec import split_normal
+from trainer.train import train
 
 torch.set_num_threads(2)
 

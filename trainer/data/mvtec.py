@@ -249,3 +249,12 @@ def split_train_val(samples: Sequence[Sample], val_fraction: float = 0.2,
     train = [s for i, s in enumerate(samples) if i not in held]
     val = [s for i, s in enumerate(samples) if i in held]
     return train, val
+
+
+def split_normal(data: str | Path, classes: list[str], val_fraction: float, seed: int) -> tuple[list, list]:
+    """The normal training images of `classes`, split into (train, validation) samples."""
+    samples = load_samples(data, classes, "train")
+    normal = [s for s in samples if s.label == 0]
+    if not normal:
+        raise ValueError(f"{data}: no normal training images for {classes}")
+    return split_train_val(normal, val_fraction=val_fraction, seed=seed)

@@ -21,7 +21,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-METHOD_NAMES = ("stfpm", "rd", "us", "patchcore")
+from shared.vocabulary import METHODS
+
+METHOD_NAMES = METHODS   # one folder each
 
 
 class UnknownMethod(ValueError):
@@ -40,8 +42,8 @@ class Method:
     finalize: Callable[[nn.Module, Iterable[Tensor]], None] | None = None
     # a method without a loss: fit(model, {class: () -> normalised batches}, seed, progress) instead of training
     fit: Callable[..., None] | None = None
-    # the method's training settings (`trainer.train.TrainConfig` fields: epochs, optimizer, lr, ...), measured
-    # for it; what it leaves out comes from `trainer.train.RECIPE`, and any can be overridden per run
+    # the method's training settings (`trainer.config.TrainConfig` fields: epochs, optimizer, lr, ...), measured
+    # for it; what it leaves out comes from `trainer.config.RECIPE`, and any can be overridden per run
     recipe: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -6,7 +6,7 @@
     ptq:C[:O]  static INT8, QDQ, per-channel weights; calibration C (calibration.py), observer O (ptq.py)
     qat        INT8 by quantisation-aware fine-tuning with the method's loss (qat.py)
     mixed[:N]  INT8 with the N most sensitive layers kept FP32 (mixed.py)
-    int4       4-bit Conv weights, 8-bit activations: an accuracy experiment (mixed.py)
+    int4       4-bit Conv weights, 8-bit activations: an accuracy experiment (int4.py)
 
 `kdfleet quantize` (cli.py) builds the requested variants and writes the
 report (report.py). Heavy dependencies load inside the modules that use them.

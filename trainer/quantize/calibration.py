@@ -51,7 +51,7 @@ class DataSpec:
 
     @classmethod
     def of(cls, tcfg, data: str | None = None) -> DataSpec:
-        """The spec of a training config (`trainer.train.TrainConfig`), optionally on other data."""
+        """The spec of a training config (`trainer.config.TrainConfig`), optionally on other data."""
         return cls(str(data or tcfg.data), tuple(tcfg.classes), tcfg.size, tcfg.model.backbone,
                    tcfg.val_fraction, tcfg.seed, tcfg.resize)
 
@@ -76,7 +76,7 @@ def calibration_images(strategy: str, spec: DataSpec, n: int = 32, seed: int = 0
 
 def normal_paths(spec: DataSpec) -> tuple[list[Path], list[Path]]:
     """(training, held-out) normal image paths, split exactly as training split them."""
-    from trainer.train import split_normal
+    from trainer.data.mvtec import split_normal
 
     train, val = split_normal(spec.data, list(spec.classes), spec.val_fraction, spec.split_seed)
     return [s.path for s in train], [s.path for s in val]

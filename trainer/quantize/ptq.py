@@ -45,6 +45,7 @@ import onnx
 
 from trainer.quantize import graph as G
 from trainer.quantize.calibration import FrameReader
+from trainer.quantize.int4 import requantize_weights
 
 OBSERVERS = ("minmax", "percentile", "entropy")
 TARGETS = ("cpu", "tensorrt")
@@ -60,7 +61,7 @@ class PTQConfig:
     calib_chunk: int = 4                # frames per calibration pass: bounds memory for histogram observers
     exclude: tuple[str, ...] = ()       # further nodes kept in float (mixed precision)
     only: tuple[str, ...] = ()          # quantise just these nodes (per-layer sensitivity); empty: all
-    weight_bits: int = 8                # 4: the INT4-weight experiment (int8 storage, 4-bit grid; see mixed.py)
+    weight_bits: int = 8                # 4: the INT4-weight experiment (int8 storage, 4-bit grid; see int4.py)
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
@@ -150,8 +151,6 @@ def quantize_ptq(fp32: str | Path, out: str | Path, frames: np.ndarray, cfg: PTQ
     model = G.load(out)
     summary: dict[str, Any] = {}
     if cfg.weight_bits == 4:
-        from trainer.quantize.mixed import requantize_weights
-
         summary["int4_weights"] = requantize_weights(model, bits=4)
     if cfg.target == "cpu" and cfg.fold_input:
         summary["input_folded"] = G.fold_input_normalisation(model)

@@ -362,8 +362,9 @@ def fine_tune(checkpoint: str | Path, cfg: QATConfig = QATConfig(), progress: Ca
     from trainer.inference_graph import Normalize, to_float_nchw
     from trainer.models import get_method
     from trainer.data.frames import load_square
-    from trainer.train import (augment, load_checkpoint, make_optimizer, run_hook, split_normal,
-                               validation_loss)
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data.mvtec import split_normal
+    from trainer.train import augment, make_optimizer, run_hook, validation_loss
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

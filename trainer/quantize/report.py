@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from trainer.jsonsafe import json_safe
 from trainer.quantize import DEFAULT_RECIPES, Recipe, parse_recipes
 from trainer.quantize import graph as G
 from trainer.quantize.calibration import DataSpec, calibration_images
@@ -164,7 +164,7 @@ def quantize_report(cfg: ReportConfig, progress: Callable[[str], None] | None = 
     """Build, evaluate and time every recipe for one checkpoint; write the report files; return the report."""
     from trainer.inference_graph import InferenceGraph
     from trainer.models import get_method
-    from trainer.train import load_checkpoint
+    from trainer.checkpoint import load_checkpoint
 
     say = progress or (lambda _msg: None)
     out = Path(cfg.out)
@@ -307,22 +307,6 @@ def assemble(tcfg, cfg: ReportConfig, variants: list[Variant], eager: Latency, g
                     "torch": torch.__version__, "timing": f"batch 1, {cfg.threads} threads, best of "
                     f"{cfg.latency_rounds} interleaved rounds of {cfg.latency_runs} runs"},
     })
-
-
-def json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "__dataclass_fields__"):
-        return json_safe(asdict(x))
-    return x
 
 
 def _f(x: Any, fmt: str) -> str:

@@ -71,8 +71,11 @@ def package_main(argv: list[str]) -> int:
     inspect.add_argument("--trusted", type=Path, action="append", default=[],
                          help="public keys to name the signer by")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sign.set_defaults(handler=_sign)
+    verify.set_defaults(handler=_verify)
+    inspect.set_defaults(handler=_inspect)
     args = ap.parse_args(argv)
-    return {"sign": _sign, "verify": _verify, "inspect": _inspect}[args.command](args)
+    return args.handler(args)
 
 
 def _sign(args: argparse.Namespace) -> int:

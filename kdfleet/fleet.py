@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.demo import (
+from kdfleet.demo import (
     Fleet,
     broker_argv,
     demo_login,
@@ -447,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("up", help="start broker, hub and N agents; stop them on Ctrl-C")
+    p.set_defaults(handler=up)
     p.add_argument("--agents", type=int, default=3, help="simulated stations (default 3)")
     p.add_argument("--package", type=Path, help="model package (.kdpkg); default: the demo's model")
     p.add_argument("--key", type=Path, help="the site's private signing key (`kdfleet keys new`, with its .pub "
@@ -466,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "each process and each device's state from the hub"),
                        ("down", "stop the fleet `up` started")):
         q = sub.add_parser(name, help=text)
+        q.set_defaults(handler=status if name == "status" else down)
         q.add_argument("--workdir", type=Path, default=Path("var/fleet"), help="default var/fleet")
         if name == "status":
             q.add_argument("--json", action="store_true", help="one JSON object")
@@ -478,11 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "log_json", None) or json_wanted(), "INFO")
-    if args.command == "up":
-        if args.agents < 1:
-            raise SystemExit("--agents must be at least 1")
-        return up(args)
-    return status(args) if args.command == "status" else down(args)
+    if args.command == "up" and args.agents < 1:
+        raise SystemExit("--agents must be at least 1")
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 
 # name -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("shared.demo", "main", "run the whole fleet locally: data, model, broker, hub, 3 stations"),
+    "demo": ("kdfleet.demo", "main", "run the whole fleet locally: data, model, broker, hub, 3 stations"),
     "data": ("trainer.cli", "data_main", "make datasets (`data synth OUT --seed N`)"),
     "train": ("trainer.cli", "train_main", "train STFPM / RD / US, unified or one-class"),
     "evaluate": ("trainer.cli", "evaluate_main", "evaluate a checkpoint or package on an MVTec-layout set"),
@@ -20,15 +20,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo-model": ("trainer.cli", "demo_model_main", "train (or reuse) the small unified model the demo runs"),
     "agent": ("agent.cli", "main", "the station agent (`agent run`, `agent check`, `agent bench`)"),
     "hub": ("hub.cli", "main", "the hub: MQTT ingest, database and dashboard"),
-    "fleet": ("shared.fleet", "main", "one site as local processes (`fleet up --agents N`, `fleet status`)"),
-    "keys": ("shared.package_cli", "keys_main", "signing keys for model packages (`keys new`)"),
-    "package": ("shared.package_cli", "package_main", "sign, verify and inspect model packages"),
-    "trainer": ("shared.cli", "trainer_main", "the trainer's commands as one group (`trainer serve`, ...)"),
+    "fleet": ("kdfleet.fleet", "main", "one site as local processes (`fleet up --agents N`, `fleet status`)"),
+    "keys": ("kdfleet.package_cli", "keys_main", "signing keys for model packages (`keys new`)"),
+    "package": ("kdfleet.package_cli", "package_main", "sign, verify and inspect model packages"),
+    "trainer": ("kdfleet.cli", "trainer_main", "the trainer's commands as one group (`trainer serve`, ...)"),
 }
 
 # commands reached only through their group: `kdfleet trainer serve`
 GROUP_ONLY: dict[str, tuple[str, str, str]] = {
     "serve": ("trainer.serve", "main", "retrain from reviewed results and roll out what passes the gate"),
+}
+# a program's subcommand served by another package: the station benchmark is no part of the agent
+ROUTED: dict[tuple[str, str], tuple[str, str]] = {
+    ("agent", "bench"): ("bench.agent", "main"),
 }
 GROUPS = {"trainer": ("data", "train", "evaluate", "compare", "export", "quantize", "demo-model", "serve")}
 
@@ -51,6 +55,9 @@ def main(argv: list[str] | None = None, group: str | None = None) -> int:
         print(f"kdfleet: unknown command {name!r}\n\n{usage(names)}", file=sys.stderr)
         return 2
     module, func, _ = _lookup(name)
+    if len(argv) > 1 and (name, argv[1]) in ROUTED:
+        module, func = ROUTED[name, argv[1]]
+        argv = argv[1:]
     try:
         target = getattr(importlib.import_module(module), func)
     except ImportError as exc:
