@@ -61,18 +61,22 @@ def train_main(argv: list[str] | None = None) -> int:
     d = TrainConfig.__dataclass_fields__
     ap = argparse.ArgumentParser(
         prog="kdfleet train",
-        description="Train a knowledge-distillation anomaly model on normal images. "
+        description="Train a knowledge-distillation anomaly model (or fit a PatchCore memory bank) on normal images. "
                     "unified: one model for all the chosen classes; one-class: one model per class.",
         epilog="Checkpoints: OUT/best.pt (lowest validation loss) and OUT/last.pt (for --resume); "
                "one-class mode writes OUT/CLASS/. Prints the best checkpoint path(s).")
-    ap.add_argument("--method", choices=METHOD_NAMES, default="stfpm", help="distillation method (default stfpm)")
+    ap.add_argument("--method", choices=METHOD_NAMES, default="stfpm",
+                    help="default stfpm; patchcore is fitted in one pass, no epochs")
     ap.add_argument("--data", type=Path, required=True, help="MVTec-layout data root")
     ap.add_argument("--classes", default="all", help="'all' or a comma-separated list (default all)")
     ap.add_argument("--mode", choices=("unified", "one-class"), default="unified", help="default unified")
     ap.add_argument("--epochs", type=int, default=None, help="default: the method's recipe (" + ", ".join(
         f"{m} {recipe_of(m)['epochs']}" for m in METHOD_NAMES if recipe_of(m).get("epochs")) + ")")
     ap.add_argument("--size", type=int, default=d["size"].default,
-                    help="letterboxed input side, a multiple of 32 (default %(default)s)")
+                    help="input side, a multiple of 32 (default %(default)s)")
+    ap.add_argument("--resize", choices=("stretch", "letterbox"), default=d["resize"].default,
+                    help="how a frame becomes the square input: stretch (every pixel used) or letterbox "
+                         "(aspect kept, reflected border); the package tells the agent (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="default %(default)s")
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="default: the method's recipe")
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the method's recipe)")
@@ -97,7 +101,8 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrainConfig(
             data=str(args.data), classes=parse_classes(args.classes), method=args.method, model=model,
-            size=args.size, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+            size=args.size, resize=args.resize, epochs=args.epochs, batch_size=args.batch_size,
+            optimizer=args.optimizer, lr=args.lr,
             seed=args.seed, hflip=args.hflip, vflip=args.vflip, brightness=args.brightness,
             out=str(args.out or Path("runs") / f"{args.method}-{args.mode}"), threads=args.threads)
         configs = one_class_configs(cfg) if args.mode == "one-class" else [cfg]
