@@ -185,9 +185,14 @@ def test_a_failing_source_and_hostile_files_reach_the_dashboard_and_the_station_
                  "the rejected files counted on the device page")
         assert sorted(p.name for p in (folder / "rejected").iterdir()) == sorted(bad)
         engine = create_engine(db)
-        with engine.connect() as c:
-            sources = set(c.execute(text("SELECT source FROM results")).scalars())
-        assert sources == {f"{i:04d}.png" for i in range(4)}   # the good frames, looped, and only they
+
+        def sources() -> set[str]:
+            with engine.connect() as c:
+                return set(c.execute(text("SELECT source FROM results")).scalars())
+
+        good = {f"{i:04d}.png" for i in range(4)}
+        wait_for(lambda: sources() >= good, 30, "a result from each good frame")
+        assert sources() == good   # the good frames, looped, and only they
         assert agent.poll() is None, "the agent must keep running"
     finally:
         agent.terminate()
