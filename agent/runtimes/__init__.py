@@ -46,6 +46,17 @@ def class_indices(manifest: dict[str, Any], classes: Sequence[str] | None, n: in
     return np.asarray([known.index(c) for c in names], np.int32)
 
 
+def feed(manifest: dict[str, Any], input_name: str, batch: np.ndarray,
+         classes: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """A graph's inputs for `batch` (N, S, S, 3) uint8: the frames, and their class indices where the graph
+    takes them (`class_indices`)."""
+    inputs = {input_name: np.ascontiguousarray(batch, dtype=np.uint8)}
+    index = class_indices(manifest, classes, len(batch))
+    if index is not None:
+        inputs[manifest["class_input"]] = index
+    return inputs
+
+
 def tensorrt_available() -> bool:
     """True when tensorrt and pycuda import and a CUDA device answers."""
     try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtimes import class_indices
+from agent.runtimes import feed
 
 
 class OnnxRuntime:
@@ -26,15 +26,10 @@ class OnnxRuntime:
         self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         self.manifest = manifest
         self.input = self.session.get_inputs()[0].name
-        self.class_input = manifest.get("class_input")
         self.output = manifest.get("output_name", "anomaly_map")
         self.size = int(manifest["input_size"])
 
     def infer(self, batch: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
         """(N, S, S, 3) uint8 [, the frames' class names] -> (N, m, m) float32."""
-        feed = {self.input: np.ascontiguousarray(batch, dtype=np.uint8)}
-        index = class_indices(self.manifest, classes, len(batch))
-        if index is not None:
-            feed[self.class_input] = index
-        out = self.session.run([self.output], feed)[0]
+        out = self.session.run([self.output], feed(self.manifest, self.input, batch, classes))[0]
         return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.float32, copy=False)

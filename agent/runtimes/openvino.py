@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtimes import RuntimeUnavailable, class_indices
+from agent.runtimes import RuntimeUnavailable, feed
 
 
 class OpenVinoRuntime:
@@ -43,9 +43,5 @@ class OpenVinoRuntime:
 
     def infer(self, batch: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
         """(N, S, S, 3) uint8 [, the frames' class names] -> (N, m, m) float32."""
-        feed = {self.input: np.ascontiguousarray(batch, dtype=np.uint8)}
-        index = class_indices(self.manifest, classes, len(batch))
-        if index is not None:
-            feed[self.class_input] = index
-        out = self.request.infer(feed)[self.output]
+        out = self.request.infer(feed(self.manifest, self.input, batch, classes))[self.output]
         return np.asarray(out, np.float32).reshape(out.shape[0], out.shape[-2], out.shape[-1]).copy()

@@ -34,7 +34,7 @@ def test_every_benchmark_has_a_smallest_setting_and_a_check() -> None:
     assert set(NAMES) == {p.stem for p in (ROOT / "bench").glob("*.py")} - helpers
 
 
-# bench.ota trains the demo model (128 px, 8 epochs: about two minutes on 2 cores) before anything else
+# bench.ota builds the demo model and trains a retraining cycle from reviews before it measures anything
 SLOW = {"ota"}
 
 

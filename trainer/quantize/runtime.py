@@ -48,16 +48,22 @@ def make_session(model: str | Path | bytes, threads: int = DEFAULT_THREADS):
     return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
 
 
+def graph_feed(images: np.ndarray, class_index: int, conditional: bool) -> dict[str, np.ndarray]:
+    """The inference graph's inputs: uint8 frames (N, S, S, 3), and the class index of each where the
+    graph scores against a class (`conditional`)."""
+    inputs = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)}
+    if conditional:
+        inputs[CLASS_INPUT_NAME] = np.full(len(images), class_index, np.int32)
+    return inputs
+
+
 def onnx_map_fn(model: str | Path | bytes, threads: int = DEFAULT_THREADS) -> Callable[..., np.ndarray]:
     """A function uint8 frames (N, S, S, 3)[, class index] -> maps (N, 1, S/4, S/4) through a tuned session."""
     sess = make_session(model, threads)
     conditional = CLASS_INPUT_NAME in {i.name for i in sess.get_inputs()}
 
     def run(images: np.ndarray, class_index: int = 0) -> np.ndarray:
-        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)}
-        if conditional:
-            feed[CLASS_INPUT_NAME] = np.full(len(images), class_index, np.int32)
-        return sess.run(None, feed)[0]
+        return sess.run(None, graph_feed(images, class_index, conditional))[0]
 
     return run
 
@@ -75,14 +81,11 @@ def openvino_map_fn(model: str | Path | bytes, threads: int = DEFAULT_THREADS) -
     compiled = core.compile_model(core.read_model(data), "CPU", {
         "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
-    names = {i.get_any_name() for i in compiled.inputs}
+    conditional = CLASS_INPUT_NAME in {i.get_any_name() for i in compiled.inputs}
     output = compiled.outputs[0]
 
     def run(images: np.ndarray, class_index: int = 0) -> np.ndarray:
-        feed = {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)}
-        if CLASS_INPUT_NAME in names:
-            feed[CLASS_INPUT_NAME] = np.full(len(images), class_index, np.int32)
-        return np.asarray(request.infer(feed)[output], np.float32).copy()
+        return np.asarray(request.infer(graph_feed(images, class_index, conditional))[output], np.float32).copy()
 
     return run
 
