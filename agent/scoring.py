@@ -31,7 +31,7 @@ class Scored:
     norm_score: float       # normalised with the class calibration (threshold ~ 1 by default)
     threshold: float        # raw threshold applied (the config's override or the calibration's)
     anomalous: bool
-    smoothed: np.ndarray    # (m, m) float32 smoothed map (after the position reference) over the letterboxed square
+    smoothed: np.ndarray    # (m, m) float32 smoothed map (after the position reference) over the model's square input
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,10 @@ on the test split, and per class the image AUROC of each defect type (which
 kinds of defect a model misses); latency per image (batch 1, this CPU, FP32
 unless the ONNX says otherwise) and model size.
 
-Scoring follows the agent exactly: frames are letterboxed, the map is
-smoothed (`sigma` in map pixels) and the image score is its maximum over
-the frame's own region, the letterbox border left out
+Scoring follows the agent exactly: frames are fitted to the square as the
+model's `resize` says (stretched or letterboxed), the map is smoothed
+(`sigma` in map pixels) and the image score is its maximum over the
+frame's own region, any letterbox border left out
 (`shared.scoring.score_map`). For pixel metrics the smoothed map is cut back
 to each image's own frame (`unletterbox`) at most `pixel_side` pixels on its
 long side, and the mask is resized to the same grid. Defect images without a
@@ -53,7 +54,7 @@ DEFAULT_SIGMA = 1.0   # 4 px at full resolution, in stride-4 map pixels
 
 @dataclass
 class Runner:
-    """A callable that maps letterboxed frames to raw anomaly maps, with what is known about it.
+    """A callable that maps square uint8 frames to raw anomaly maps, with what is known about it.
 
     A class-conditional model needs each frame's class index (its position
     in the model's class list); other models ignore it.
@@ -165,12 +166,12 @@ def pixel_grid(h: int, w: int, side: int) -> tuple[int, int]:
 
 @dataclass
 class Inferred:
-    """Raw maps of a list of images and where each frame landed in its letterboxed square."""
+    """Raw maps of a list of images and where each frame landed in its square."""
 
     maps: np.ndarray                 # (N, h, w) raw
     places: list[Placement]
     shapes: list[tuple[int, int]]    # each frame's own (H, W)
-    frames: np.ndarray | None = None  # the letterboxed uint8 frames, when kept
+    frames: np.ndarray | None = None  # the square uint8 frames, when kept
 
     def scores(self, sigma: float, size: int, references: list[PositionReference | None]) -> np.ndarray:
         """Image scores (N,), each map standardised with its reference first (None: raw)."""

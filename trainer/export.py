@@ -92,8 +92,8 @@ def check_onnx(path: str | Path, model: torch.nn.Module, size: int, atol: float 
 
 
 def golden_images(runner, data: str | Path, manifest: dict[str, Any], per_class: int = 2) -> list[GoldenImage]:
-    """Per class of `manifest`, the first normal and the first anomalous test images (letterboxed PNGs)
-    and the scores the manifest's own scoring gives them."""
+    """Per class of `manifest`, the first normal and the first anomalous test images (square PNGs, fitted
+    as the model's `resize` says) and the scores the manifest's own scoring gives them."""
     from shared.scoring import package_score
     from trainer.data.mvtec import load_samples
 

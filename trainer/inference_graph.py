@@ -1,4 +1,4 @@
-"""The deployable graph: letterboxed uint8 frames in, raw anomaly map at stride 4 out.
+"""The deployable graph: square uint8 frames in, raw anomaly map at stride 4 out.
 
 Input `image` uint8 (N, S, S, 3) RGB; the normalisation happens inside, with
 the statistics the model's backbone was pretrained with

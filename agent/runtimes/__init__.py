@@ -1,6 +1,6 @@
 """Inference runtimes: ONNX Runtime or OpenVINO on a CPU, TensorRT on an NVIDIA GPU.
 
-A runtime takes a batch of letterboxed frames, uint8 (N, S, S, 3) RGB, and
+A runtime takes a batch of square frames, uint8 (N, S, S, 3) RGB, and
 returns the raw anomaly maps, float32 (N, m, m). A package whose graph is
 class-conditional (a memory bank per class: the manifest names its
 `class_input`) also needs each frame's class, given as names and fed as

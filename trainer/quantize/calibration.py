@@ -1,6 +1,6 @@
 """Calibration data for static quantisation, selectable by name.
 
-Every strategy yields what the deployed graph eats: letterboxed uint8 frames
+Every strategy yields what the deployed graph eats: square uint8 frames (fitted as the model's `resize` says)
 (N, S, S, 3), RGB. Which images set the activation ranges is the one choice
 PTQ has; these are the ones the report compares:
 
