@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from hub.db.session import Database
 from hub.leader import Leadership
@@ -40,7 +41,9 @@ class RolloutController:
         self.leadership = leadership  # None: this process alone drives rollouts
         self.reports = 0  # model/state messages applied to a rollout
         self.resent = 0  # desired models sent again to devices that reconnected
-        self._births: dict[tuple[str, str], str] = {}  # (site, device) -> the version it runs, since the last step
+        # (site, device) -> the version it runs and when its birth arrived (monotonic), since the last step
+        self._births: dict[tuple[str, str], tuple[str, float]] = {}
+        self._told: dict[tuple[str, str], float] = {}  # (site, device) -> when it was last published a desire
         self._births_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -94,7 +97,7 @@ class RolloutController:
     def _on_status(self, address: topics.Address, status: messages.Status) -> None:
         if status.online:
             with self._births_lock:
-                self._births[address.site, address.device] = status.model_version
+                self._births[address.site, address.device] = status.model_version, time.monotonic()
             self._wake.set()
 
     def step(self) -> int:
@@ -110,12 +113,16 @@ class RolloutController:
         try:
             out = rollouts.advance(session)
             told = {(o.site, o.device) for o in out}
-            again = [o for (site, device), running in births.items() if (site, device) not in told
+            # a birth that arrived before this process last published to the device came from a connection
+            # that received that message: it is not a reconnect that missed it
+            again = [o for (site, device), (running, arrived) in births.items() if (site, device) not in told
+                     and arrived > self._told.get((site, device), float("-inf"))
                      and (o := rollouts.resend(session, site, device, running)) is not None]
             out += again
             for o in out:
                 link.publish(topics.topic(o.site, o.device, topics.MODEL_DESIRED),
                              messages.encode(o.desired), qos=1, retain=True)
+                self._told[o.site, o.device] = time.monotonic()
             session.commit()
         except NotConnected as exc:
             session.rollback()
@@ -137,7 +144,7 @@ class RolloutController:
                                          "again when it reconnects")
         return len(out)
 
-    def _keep(self, births: dict[tuple[str, str], str]) -> None:
+    def _keep(self, births: dict[tuple[str, str], tuple[str, float]]) -> None:
         """Births a failed step did not answer: the next step does (newer ones win)."""
         with self._births_lock:
             self._births = births | self._births

@@ -407,6 +407,36 @@ def test_a_device_that_missed_its_update_is_told_when_it_reconnects(
     controller.stop()
 
 
+def test_a_birth_that_arrives_while_the_device_is_told_is_not_answered_again(
+        hub_db, site, unique, private_broker, wait_for, monkeypatch) -> None:
+    """A device's birth can reach the controller while a step is telling that device its new model: the
+    connection it came from also receives the message, so the next step must not tell the device again."""
+    broker = private_broker()
+    controller = RolloutController(hub_db, BrokerConfig(broker.host, broker.port), interval_s=0.1,
+                                   client_id=f"rollouts-{unique}").start()
+    assert controller.wait_ready(10)
+    station = FakeStation((broker.host, broker.port), site, "cam-0", running="1")
+    time.sleep(0.5)   # its own birth is answered (there is no rollout yet)
+    advance = rollouts.advance
+    birth = messages.Status(device="cam-0", online=True, ts=time.time(), site=site, model_id="m", model_version="1")
+
+    def advance_while_a_birth_arrives(session, now=None):
+        out = advance(session, now)
+        if any(o.device == "cam-0" for o in out):
+            controller.handle(topics.topic(site, "cam-0", topics.STATUS), messages.encode(birth))
+        return out
+
+    monkeypatch.setattr(rollouts, "advance", advance_while_a_birth_arrives)
+    with hub_db.transaction() as s:
+        rid = rollouts.start_rollout(s, model_id(hub_db, unique, "2"), Policy(canary=1, soak_s=60), site=site)
+    wait_for(lambda: {t.device: t.state for t in detail(hub_db, rid).targets}["cam-0"] == "active", 10,
+             "cam-0 active on version 2")
+    time.sleep(0.5)
+    assert station.versions() == ["2"] and controller.resent == 0
+    station.link.stop()
+    controller.stop()
+
+
 def test_the_api_refuses_unknown_keys_and_reads_pauses_resumes_and_aborts(hub_db, site, unique, app) -> None:
     with hub_db.transaction() as s:
         admin = users.create_token(s, f"admin-{unique}", "admin")[1]
