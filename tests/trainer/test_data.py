@@ -56,7 +56,7 @@ def test_a_defect_changes_its_scene_only_inside_its_mask(cls):
     """A defect image and its good twin (same scene stream) differ only near the mask, and clearly inside it."""
     size = 96
     h, w = synth.image_shape(cls, size)
-    render = synth._RENDER[cls]
+    render = synth.images._RENDER[cls]
     for defect in synth.DEFECTS[cls]:
         for k in range(2):
             good, none = render(h, w, np.random.default_rng(k), None, np.random.default_rng(50 + k))
@@ -125,9 +125,9 @@ def test_texture_photographs_load_without_network(monkeypatch: pytest.MonkeyPatc
         raise OSError("network access during data generation")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    synth._photo.cache_clear()
-    for name in set(synth._PHOTO.values()) | set(synth._FOREIGN.values()):
-        assert synth._photo(name).shape[0] >= 256
+    synth.textures._photo.cache_clear()
+    for name in set(synth.textures._PHOTO.values()) | set(synth.textures._FOREIGN.values()):
+        assert synth.textures._photo(name).shape[0] >= 256
 
 
 # ----------------------------------------------------------------------------- loader
