@@ -29,105 +29,38 @@ pages: a fresh PostgreSQL database gets sites, devices, stations, classes, 1,000
 frame's repeats into one card) and reviews via COPY, indexes rebuilt afterwards; the dashboard
 then serves over HTTP on loopback and one signed-in client requests each page with a mix of
 filters. Targets: ingest >= 5,000 results/s, 0 lost; page p95 <= 200 ms.
+
+This module measures and prints; `bench.hub_ingest` runs one ingest (broker, workers,
+publishers, row counts) and `bench.hub_data` makes the databases and the data they hold.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import http.cookiejar
-import itertools
-import multiprocessing as mp
 import os
 import re
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from bench.hub_data import fresh_database, load_million
+from bench.hub_ingest import IngestRun, ingest_run
+from bench.hub_ingest import mosquitto as mosquitto  # bench.agent starts its broker from here
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-SITE = "bench"
 TARGET_RATE = 5000.0
 TARGET_P95_MS = 200.0
-
-
-# -- shared plumbing ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine_load() -> str:
     one, five, _ = os.getloadavg()
     return f"{os.cpu_count()} CPUs, load average {one:.2f} (1 min) {five:.2f} (5 min)"
-
-
-@contextmanager
-def mosquitto(workdir: Path) -> Iterator[str]:
-    """A private Mosquitto on a free loopback port, with queues deep enough for a burst."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = workdir / "mosquitto.conf"
-    # the hub's session may fall behind a burst: keep every QoS 1 message for it
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto ({binary}) did not start on port {port}") from None
-                time.sleep(0.05)
-        yield f"mqtt://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    """A new PostgreSQL database at the newest schema revision, dropped afterwards."""
-    from sqlalchemy import create_engine, text
-
-    from hub.db.session import Database, upgrade
-
-    name = f"kdfleet_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    db = Database(url)
-    upgrade(db)
-    db.dispose()
-    try:
-        yield url
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -139,244 +72,6 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 
 # -- ingest ------------------------------------------------------------------------
-
-
-def _worker(db_url: str, broker_url: str, data_dir: str, images: dict[str, Any], index: int, ready: Any, stop: Any,
-            out: Any) -> None:
-    """One ingest process, as `kdfleet hub ingest` runs it (images: the [images] settings); reports its
-    counters at the end."""
-    import logging
-
-    from hub.config import HubConfig, ImagesConfig
-    from hub.db.session import Database
-    from hub.ingest import Ingest
-    from shared.config import BrokerConfig
-
-    logging.basicConfig(level=logging.WARNING)
-    db = Database(db_url)
-    ingest = Ingest(
-        db,
-        HubConfig(data_dir=data_dir, images=ImagesConfig(**images)).open_images(),
-        BrokerConfig.from_url(broker_url),
-        client_id=f"bench-hub-{index}",
-        shared_group="hub",
-        persistent=False,
-    ).start()
-    if not ingest.wait_ready(20):
-        out.put((index, "not subscribed"))
-        return
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    ready.release()
-    stop.wait()
-    ingest.stop()
-    db.dispose()
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    out.put((index, dataclasses.asdict(ingest.stats()) | {"cpu_s": cpu}))
-
-
-def _payloads(index: int, count: int, pool: int) -> list[tuple[str, bytes]]:
-    """(topic, payload) of `count` results of device cam-<index>, images from a small pool."""
-    from shared import messages, topics
-    from shared.ids import new_ulid
-    from shared.imaging import encode_jpeg, encode_png
-
-    rng = np.random.default_rng(index)
-    heatmaps = [encode_png(rng.integers(0, 255, (32, 40), dtype=np.uint8)) for _ in range(pool)]
-    thumbs = [encode_jpeg(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(pool)]
-    crop = encode_jpeg(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    device = f"cam-{index:02d}"
-    topic = topics.topic(SITE, device, topics.RESULT)
-    out = []
-    for i in range(count):
-        anomaly = i % 20 == 0
-        msg = messages.Result(
-            id=new_ulid(), ts=time.time(), site=SITE, device=device, station=f"line-{index % 4}",
-            cls=("bottle", "cap", "screw")[i % 3], model_version="1.4.0",
-            score=0.8 if anomaly else 0.2, norm_score=1.6 if anomaly else 0.4, threshold=0.5,
-            verdict="anomaly" if anomaly else "ok", latency_ms=20.0,
-            heatmap=heatmaps[i % pool], thumbnail=thumbs[i % pool],
-            crops=(messages.Crop(x=1, y=2, w=16, h=16, score=2.0, jpeg=crop),) if anomaly else (),
-            source=f"frame-{i}",
-        )  # fmt: skip
-        out.append((topic, messages.encode(msg)))
-    return out
-
-
-def _publisher(
-    broker_url: str, index: int, count: int, pool: int, rate: float, go: Any, ready: Any, out: Any
-) -> None:
-    """One agent: prepares its results, waits for the start, publishes them at QoS 1, `rate` a
-    second (0: as fast as the broker takes them)."""
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from shared.config import BrokerConfig
-
-    payloads = _payloads(index, count, pool)
-    broker = BrokerConfig.from_url(broker_url)
-    acked = threading.Semaphore(0)
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-agent-{index}", protocol=paho.MQTTv5)
-    client.on_publish = lambda *a: acked.release()
-    client.max_inflight_messages_set(100)
-    client.max_queued_messages_set(0)
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    ready.release()
-    go.wait()
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.time()
-    for i, (topic, payload) in enumerate(payloads):
-        if rate and i % 8 == 0:  # paced in small bursts: a camera's results come a frame apart
-            ahead = start + i / rate - time.time()
-            if ahead > 0:
-                time.sleep(ahead)
-        client.publish(topic, payload, qos=1)
-    for _ in payloads:
-        acked.acquire()
-    end = time.time()
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    client.disconnect()
-    client.loop_stop()
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    out.put((index, start, end, sum(len(p) for _, p in payloads), cpu))
-
-
-@dataclasses.dataclass
-class IngestRun:
-    workers: int
-    mode: str  # "paced" | "burst"
-    sent: int
-    stored: int
-    distinct: int
-    redelivered: int
-    offered: float  # results/s the publishers achieved
-    rate: float  # paced: committed/s while publishing; burst: drain 10-90 %
-    lag_s: float  # from the last publish to the last commit
-    payload_kb: float
-    cpu_us: float  # ingest processes' CPU time per result
-    agent_cpu_us: float  # publisher processes' CPU time per result (loopback's tax on the hub)
-
-
-def _count(db_url: str) -> Callable[[], tuple[int, int]]:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(db_url)
-
-    def count() -> tuple[int, int]:
-        with engine.connect() as c:
-            return tuple(c.execute(text("SELECT count(*), count(DISTINCT id) FROM results")).one())
-
-    count.engine = engine  # type: ignore[attr-defined]
-    return count
-
-
-def _between(samples: list[tuple[float, int]], lo: float, hi: float) -> float:
-    """Rows per second committed between times `lo` and `hi`, interpolated from the samples."""
-
-    def at(t: float) -> float:
-        for (t0, c0), (t1, c1) in itertools.pairwise(samples):
-            if t0 <= t <= t1:
-                return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c1
-        return samples[-1][1] if t > samples[-1][0] else 0
-
-    return (at(hi) - at(lo)) / (hi - lo) if hi > lo else 0.0
-
-
-def _when(samples: list[tuple[float, int]], level: float) -> float:
-    """When the committed count reached `level`."""
-    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
-        if c0 <= level <= c1 and c1 > c0:
-            return t0 + (t1 - t0) * (level - c0) / (c1 - c0)
-    return samples[-1][0]
-
-
-def ingest_run(
-    workers: int, mode: str, args: argparse.Namespace, tmp: Path, images: dict[str, Any] | None = None
-) -> IngestRun:
-    """One run: workers up, publishers go, rows counted until all are stored (or 20 s of no news)."""
-    ctx = mp.get_context("spawn")
-    paced = mode == "paced"
-    total_rate = args.rate if paced else 0.0
-    per = int(args.rate * args.seconds / args.publishers) if paced else args.results // args.publishers
-    total = per * args.publishers
-    with mosquitto(tmp) as broker, fresh_database(args.admin_url) as db_url:
-        data_dir = tmp / f"data-{workers}-{mode}"
-        ready, stop, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-        procs = [
-            ctx.Process(target=_worker, args=(db_url, broker, str(data_dir), images or {}, i, ready, stop, out))
-            for i in range(workers)
-        ]
-        for p in procs:
-            p.start()
-        for _ in procs:
-            if not ready.acquire(timeout=60):
-                raise RuntimeError("an ingest worker did not subscribe within 60 s")
-        go, pub_ready, pub_out = ctx.Event(), ctx.Semaphore(0), ctx.Queue()
-        pubs = [
-            ctx.Process(
-                target=_publisher,
-                args=(broker, i, per, args.pool, total_rate / args.publishers, go, pub_ready, pub_out),
-            )
-            for i in range(args.publishers)
-        ]
-        for p in pubs:
-            p.start()
-        for _ in pubs:
-            if not pub_ready.acquire(timeout=120):
-                raise RuntimeError("a publisher did not start within 120 s")
-        count = _count(db_url)
-        t0 = time.time()
-        go.set()
-        samples = [(t0, 0)]
-        last_change = time.monotonic()
-        while True:
-            time.sleep(0.2)
-            stored, _ = count()
-            if stored != samples[-1][1]:
-                samples.append((time.time(), stored))
-                last_change = time.monotonic()
-            if stored >= total or time.monotonic() - last_change > 20:
-                break
-        published = [pub_out.get(timeout=60) for _ in pubs]
-        for p in pubs:
-            p.join(30)
-        time.sleep(1.0)  # a late duplicate would show up now
-        stored, distinct = count()
-        count.engine.dispose()  # type: ignore[attr-defined]
-        stop.set()
-        stats = [out.get(timeout=60) for _ in procs]
-        for p in procs:
-            p.join(30)
-    if not all(isinstance(s, dict) for _, s in stats):
-        raise RuntimeError(f"an ingest worker failed: {stats}")
-    redelivered = sum(s["duplicates"] for _, s in stats)
-    pub_start = min(p[1] for p in published)
-    pub_end = max(p[2] for p in published)
-    done = _when(samples, total)
-    if paced:  # committed while the load was offered, the first second (connections warming) aside
-        rate = _between(samples, pub_start + 1.0, pub_end)
-    else:
-        rate = 0.8 * total / max(_when(samples, 0.9 * total) - _when(samples, 0.1 * total), 1e-9)
-    shutil.rmtree(data_dir, ignore_errors=True)
-    return IngestRun(
-        workers=workers,
-        mode=mode,
-        sent=total,
-        stored=stored,
-        distinct=distinct,
-        redelivered=redelivered,
-        offered=total / (pub_end - pub_start),
-        rate=rate,
-        lag_s=max(0.0, done - pub_end),
-        payload_kb=sum(p[3] for p in published) / total / 1024,
-        cpu_us=sum(s["cpu_s"] for _, s in stats) / max(stored, 1) * 1e6,
-        agent_cpu_us=sum(p[4] for p in published) / total * 1e6,
-    )
 
 
 def bench_ingest(args: argparse.Namespace) -> bool:
@@ -465,129 +160,6 @@ def bench_images(args: argparse.Namespace) -> bool:
 
 
 # -- pages -------------------------------------------------------------------------
-
-_CROCKFORD = np.array(list("0123456789ABCDEFGHJKMNPQRSTVWXYZ"))
-
-
-def ulids(ms: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """ULIDs (time part from `ms`, the rest random) for a whole column at once."""
-    n = len(ms)
-    digits = np.empty((n, 26), dtype=np.int64)
-    value = ms.astype(np.int64).copy()
-    for i in range(9, -1, -1):
-        digits[:, i] = value % 32
-        value //= 32
-    digits[:, 10:] = rng.integers(0, 32, (n, 16))
-    return np.ascontiguousarray(_CROCKFORD[digits]).view("<U26").ravel()
-
-
-def load_million(db_url: str, data_dir: Path, rows: int, seed: int = 0) -> dict[str, Any]:
-    """Sites, devices, stations, classes, `rows` results over 30 days, crops, reviews: via COPY."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    from hub.db.session import Database
-    from hub.services import users
-    from hub.store import ImageStore
-    from shared.imaging import encode_jpeg, encode_png
-
-    rng = np.random.default_rng(seed)
-    store = ImageStore(data_dir / "images")
-    images = {
-        "heat": [store.put(encode_png(rng.integers(0, 255, (32, 40), dtype=np.uint8))) for _ in range(8)],
-        "thumb": [store.put(encode_jpeg(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))) for _ in range(8)],
-        "crop": [store.put(encode_jpeg(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))) for _ in range(8)],
-    }
-    url = make_url(db_url)
-    conninfo = f"host={url.host} port={url.port or 5432} user={url.username} dbname={url.database}"
-    now = datetime.now(UTC)
-    sites = [f"plant-{i}" for i in range(4)]
-    classes = ["bottle", "cap", "screw", "capsule", "pill", "transistor"]
-    with psycopg.connect(conninfo, autocommit=False) as conn:
-        cur = conn.cursor()
-        for s in sites:
-            cur.execute("INSERT INTO sites (name, created_at) VALUES (%s, %s)", (s, now))
-        cur.execute("SELECT id, name FROM sites ORDER BY id")
-        site_ids = [i for i, _ in cur.fetchall()]
-        for sid in site_ids:
-            for st in range(4):
-                cur.execute(
-                    "INSERT INTO stations (site_id, name, created_at) VALUES (%s, %s, %s)",
-                    (sid, f"line-{st}", now),
-                )
-        for c in classes:
-            cur.execute("INSERT INTO classes (name, created_at) VALUES (%s, %s)", (c, now))
-        cur.execute("SELECT id, site_id FROM stations ORDER BY id")
-        stations = cur.fetchall()
-        cur.execute("SELECT id FROM classes ORDER BY id")
-        class_ids = [r[0] for r in cur.fetchall()]
-        devices = []
-        for k, (station_id, sid) in enumerate(stations):
-            for d in range(2):
-                cur.execute(
-                    "INSERT INTO devices (site_id, name, station_id, online, last_seen, status_at, agent_version,"
-                    " model_id, model_version, runtime, hardware, metrics_at, fps, latency_p50_ms, latency_p95_ms,"
-                    " frames_dropped, results_dropped, spool_depth, created_at) VALUES (%s, %s, %s, %s, %s, %s,"
-                    " '0.9.1', 'stfpm', '1.4.0', 'onnxruntime', 'x86_64', %s, 14.5, 22, 31, 0, 0, 0, %s)"
-                    " RETURNING id",
-                    (sid, f"cam-{k:02d}{d}", station_id, (k + d) % 5 != 0, now, now, now, now),
-                )
-                devices.append((cur.fetchone()[0], station_id))
-        # results: ids ordered with their capture times over 30 days
-        span_ms = 30 * 86400 * 1000
-        start_ms = int(now.timestamp() * 1000) - span_ms
-        ms = np.sort(rng.integers(start_ms, start_ms + span_ms, rows))
-        ids = ulids(ms + 40, rng)  # made 40 ms after capture
-        which = rng.integers(0, len(devices), rows)
-        anomaly = rng.random(rows) < 0.08
-        score = np.where(anomaly, 0.55 + rng.random(rows) * 0.4, 0.1 + rng.random(rows) * 0.35)
-        cls = rng.integers(0, len(class_ids), rows)
-        heat, thumb = rng.integers(0, 8, rows), rng.integers(0, 8, rows)
-        cur.execute(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('results', 'crops')"
-            " AND indexname LIKE 'ix_%'"
-        )
-        indexes = cur.fetchall()
-        for name, _ in indexes:  # COPY into bare tables, index once afterwards
-            cur.execute(f'DROP INDEX "{name}"')
-        columns = ("id, device_id, ts, station_id, class_id, model_version, score, norm_score, threshold,"
-                   " verdict, latency_ms, heatmap_sha, thumbnail_sha, frame_sha, source, received_at")  # fmt: skip
-        with cur.copy(f"COPY results ({columns}) FROM STDIN") as copy:
-            for i in range(rows):
-                ts = datetime.fromtimestamp(ms[i] / 1000, UTC)
-                device_id, station_id = devices[which[i]]
-                copy.write_row((
-                    str(ids[i]), device_id, ts, station_id, class_ids[cls[i]], "1.4.0", float(score[i]),
-                    float(score[i]) / 0.5, 0.5, "anomaly" if anomaly[i] else "ok", 20.0,
-                    images["heat"][heat[i]], images["thumb"][thumb[i]], None, "", ts + timedelta(milliseconds=60),
-                ))  # fmt: skip
-        anomalous = np.flatnonzero(anomaly)
-        with cur.copy("COPY crops (result_id, idx, x, y, w, h, score, image_sha) FROM STDIN") as copy:
-            for i in anomalous:
-                for idx in range(2):
-                    copy.write_row((str(ids[i]), idx, 10 * idx, 5, 16, 12, 2.0 - idx / 4, images["crop"][idx]))
-        reviewed = rng.choice(anomalous, size=min(2000, len(anomalous)), replace=False)
-        with cur.copy("COPY reviews (result_id, user_id, label, comment, created_at) FROM STDIN") as copy:
-            for k, i in enumerate(reviewed):
-                copy.write_row((str(ids[i]), None, "false_alarm" if k % 3 else "defect", "", now))
-        for _, definition in indexes:  # a partitioned table's index is listed ON ONLY the parent
-            cur.execute(definition.replace(" ON ONLY ", " ON "))
-        conn.commit()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE")
-    db = Database(db_url)
-    with db.transaction() as session:
-        users.create_user(session, "bench", "bench password", "admin")
-    db.dispose()
-    return {
-        "sites": sites,
-        "stations": [f"line-{i}" for i in range(4)],
-        "classes": classes,
-        "old_id": str(ids[rows // 3]),
-        "week_ago": (now - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M"),
-        "six_days_ago": (now - timedelta(days=6)).strftime("%Y-%m-%dT%H:%M"),
-        "anomalies": int(anomaly.sum()),
-    }
 
 
 class Browser:

@@ -30,7 +30,8 @@ PRINTS = {
 
 def test_every_benchmark_has_a_smallest_setting_and_a_check() -> None:
     assert set(PRINTS) == set(SMOKE) == set(NAMES)
-    helpers = {"__init__", "__main__", "plain_knn", "seaweedfs"}   # a baseline and a launcher, no benchmark
+    # a baseline, a launcher and the hub benchmark's parts, no benchmark
+    helpers = {"__init__", "__main__", "plain_knn", "seaweedfs", "hub_data", "hub_ingest"}
     assert set(NAMES) == {p.stem for p in (ROOT / "bench").glob("*.py")} - helpers
 
 
