@@ -20,6 +20,7 @@ from trainer.quantize import Recipe, parse_recipes
 from trainer.quantize import graph as G
 from trainer.quantize.calibration import STRATEGIES, DataSpec, FrameReader, calibration_images
 from trainer.quantize.fp16 import convert_fp16
+from trainer.quantize.input_fold import find_input_normalisation
 from trainer.quantize.int4 import requantize_weights
 from trainer.quantize.mixed import LayerSensitivity, quantize_mixed
 from trainer.quantize.ptq import PTQConfig, quantize_ptq
@@ -109,7 +110,7 @@ def test_partition_keeps_input_conversion_and_map_arithmetic_apart(fp32: Path, t
 def test_float_rewrites_are_exact(fp32: Path, tmp_path: Path) -> None:
     opt = G.optimise_float(fp32, tmp_path / "opt.onnx")
     model = G.load(opt)
-    assert G.find_input_normalisation(model) is None              # normalisation folded away
+    assert find_input_normalisation(model) is None              # normalisation folded away
     kernels = [G.attributes(n)["kernel_shape"] for n in model.graph.node if n.op_type == "Conv"]
     assert max(k[0] for k in kernels) == 5                        # no zero-grown 4x4 / 6x6 kernels left
     x = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
@@ -181,8 +182,8 @@ def test_folding_the_input_keeps_the_int8_maps(fp32: Path, spec: DataSpec, frame
     calib = calibration_images("train", spec, 8)
     folded = quantize_ptq(fp32, tmp_path / "folded.onnx", calib)
     plain = quantize_ptq(fp32, tmp_path / "plain.onnx", calib, PTQConfig(fold_input=False))
-    assert G.find_input_normalisation(G.load(folded.path)) is None
-    assert G.find_input_normalisation(G.load(plain.path)) is not None
+    assert find_input_normalisation(G.load(folded.path)) is None
+    assert find_input_normalisation(G.load(plain.path)) is not None
     assert pearson(onnx_map_fn(folded.path)(frames), onnx_map_fn(plain.path)(frames)) >= 0.98
 
 
