@@ -41,11 +41,29 @@ URL_LEN = 2048
 ADDRESS_LEN = 64  # an IPv6 address with its zone
 
 ROLES = ("viewer", "operator", "admin")  # each role may do what the ones before it may
-ROLLOUT_STATES = ("draft", "queued", "canary", "rolling", "paused", "completed", "rolled_back", "failed")
-# one device in a rollout: waiting for its wave, told (desired), then the agent's own update states
 RETRAIN_OUTCOMES = ("waiting", "refused", "published", "failed")  # a `kdfleet trainer serve` cycle
-TARGET_STATES = ("pending", "desired", *MODEL_UPDATING, MODEL_ACTIVE, MODEL_FAILED, MODEL_ROLLED_BACK, "timed_out",
-                 "offline")
+
+# a rollout (hub.services.rollouts): queued while its devices are busy in another, then canary and rolling
+# waves, which a pause interrupts, until it completes, fails or is rolled back by hand
+ROLLOUT_DRAFT = "draft"
+ROLLOUT_QUEUED = "queued"
+ROLLOUT_CANARY = "canary"
+ROLLOUT_ROLLING = "rolling"
+ROLLOUT_PAUSED = "paused"
+ROLLOUT_COMPLETED = "completed"
+ROLLOUT_ROLLED_BACK = "rolled_back"
+ROLLOUT_FAILED = "failed"
+ROLLOUT_STATES = (ROLLOUT_DRAFT, ROLLOUT_QUEUED, ROLLOUT_CANARY, ROLLOUT_ROLLING, ROLLOUT_PAUSED, ROLLOUT_COMPLETED,
+                  ROLLOUT_ROLLED_BACK, ROLLOUT_FAILED)
+
+# one device in a rollout: waiting for its wave, told (desired), then the agent's own update states
+# (shared.vocabulary MODEL_*), or, when it did not finish in time, timed out (online) or left behind (offline)
+TARGET_PENDING = "pending"
+TARGET_DESIRED = "desired"
+TARGET_TIMED_OUT = "timed_out"
+TARGET_OFFLINE = "offline"
+TARGET_STATES = (TARGET_PENDING, TARGET_DESIRED, *MODEL_UPDATING, MODEL_ACTIVE, MODEL_FAILED, MODEL_ROLLED_BACK,
+                 TARGET_TIMED_OUT, TARGET_OFFLINE)
 
 
 def utcnow() -> datetime:
@@ -365,7 +383,7 @@ class Rollout(Base):
     id: Mapped[str] = mapped_column(String(ULID_LEN), primary_key=True)  # the wire's rollout_id
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
     site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"))  # NULL: every site
-    state: Mapped[str] = mapped_column(String(16), default="draft")
+    state: Mapped[str] = mapped_column(String(16), default=ROLLOUT_DRAFT)
     canary_devices: Mapped[int] = mapped_column(Integer, default=1)  # devices updated first
     note: Mapped[str] = mapped_column(Text, default="")  # why it was started, paused or rolled back
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
@@ -398,7 +416,7 @@ class RolloutTarget(Base):
     rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"), index=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"))
     wave: Mapped[int] = mapped_column(Integer)  # 0: the canary
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=TARGET_PENDING)
     reason: Mapped[str] = mapped_column(Text, default="")
     previous_model: Mapped[str] = mapped_column(String(TEXT_LEN), default="")  # model id the device ran
     previous_version: Mapped[str] = mapped_column(String(TEXT_LEN), default="")

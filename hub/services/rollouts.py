@@ -24,18 +24,38 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from hub.db.models import Device, Model, Result, Rollout, RolloutTarget, Site, utcnow
+from hub.db.models import (
+    ROLLOUT_CANARY,
+    ROLLOUT_COMPLETED,
+    ROLLOUT_FAILED,
+    ROLLOUT_PAUSED,
+    ROLLOUT_QUEUED,
+    ROLLOUT_ROLLED_BACK,
+    ROLLOUT_ROLLING,
+    TARGET_DESIRED,
+    TARGET_OFFLINE,
+    TARGET_PENDING,
+    TARGET_TIMED_OUT,
+    Device,
+    Model,
+    Result,
+    Rollout,
+    RolloutTarget,
+    Site,
+    utcnow,
+)
 from hub.services.common import NotFound, QueryError
 from hub.services.devices import SILENT_AFTER, connection_state
 from shared import messages
 from shared.ids import new_ulid
 from shared.vocabulary import MODEL_ACTIVE, MODEL_FAILED, MODEL_IDLE, MODEL_ROLLED_BACK, MODEL_UPDATING
 
-LIVE = ("canary", "rolling")  # rollouts the controller advances
-BUSY = (*LIVE, "paused")  # rollouts whose devices no other rollout may take
+LIVE = (ROLLOUT_CANARY, ROLLOUT_ROLLING)  # rollouts the controller advances
+BUSY = (*LIVE, ROLLOUT_PAUSED)  # rollouts whose devices no other rollout may take
+STOPPED = (ROLLOUT_FAILED, ROLLOUT_ROLLED_BACK)  # rollouts that send the devices they told back
 # an update in flight on the device: the agent's own states, as its model/state messages name them
-UPDATING = ("desired", *MODEL_UPDATING)
-FAILED = (MODEL_FAILED, MODEL_ROLLED_BACK, "timed_out")  # target states that count against max_failures
+UPDATING = (TARGET_DESIRED, *MODEL_UPDATING)
+FAILED = (MODEL_FAILED, MODEL_ROLLED_BACK, TARGET_TIMED_OUT)  # target states that count against max_failures
 MAX_REASON = 1000  # characters of a target's reason kept
 MIN_RESULTS_FOR_RATE = 20  # results an updated device must have sent before its anomaly rate counts
 BASELINE_RESULTS = 200  # results before the update its anomaly rate is compared with (max_anomaly_rise)
@@ -121,7 +141,7 @@ def decide(state: str, policy: Policy, targets: Sequence[TargetStatus]) -> Decis
     timed_out = tuple(t.key for t in late if t.online)
     left_behind = tuple(t.key for t in late if not t.online)
     if late:
-        marks = dict.fromkeys(timed_out, "timed_out") | dict.fromkeys(left_behind, "offline")
+        marks = dict.fromkeys(timed_out, TARGET_TIMED_OUT) | dict.fromkeys(left_behind, TARGET_OFFLINE)
         targets = [replace(t, state=marks.get(t.key, t.state)) for t in targets]
     decision = _decide(state, policy, targets)
     return replace(decision, timed_out=timed_out, left_behind=left_behind)
@@ -130,48 +150,48 @@ def decide(state: str, policy: Policy, targets: Sequence[TargetStatus]) -> Decis
 def _decide(state: str, policy: Policy, targets: Sequence[TargetStatus]) -> Decision:
     failed = [t for t in targets if t.state in FAILED]
     if len(failed) >= policy.max_failures:
-        names = ", ".join(t.device + ("" if t.state == "failed" else f" {t.state.replace('_', ' ')}")
+        names = ", ".join(t.device + ("" if t.state == MODEL_FAILED else f" {t.state.replace('_', ' ')}")
                           for t in failed[:5])
-        return Decision("failed", note=f"{len(failed)} device update(s) failed ({names}); "
-                                       f"the limit is {policy.max_failures}")
+        return Decision(ROLLOUT_FAILED, note=f"{len(failed)} device update(s) failed ({names}); "
+                                             f"the limit is {policy.max_failures}")
     for t in targets:
-        if t.state != "active":
+        if t.state != MODEL_ACTIVE:
             continue
         if policy.max_anomaly_rate is not None and t.anomaly_rate is not None \
                 and t.anomaly_rate > policy.max_anomaly_rate:
-            return Decision("failed",
+            return Decision(ROLLOUT_FAILED,
                             note=f"{t.device}: anomaly rate {t.anomaly_rate:.1%} on the new model is above "
                                  f"the bound {policy.max_anomaly_rate:.1%}")
         if policy.max_anomaly_rise is not None and t.anomaly_rate is not None and t.rate_before is not None \
                 and t.anomaly_rate > t.rate_before + policy.max_anomaly_rise:
-            return Decision("failed",
+            return Decision(ROLLOUT_FAILED,
                             note=f"{t.device}: anomaly rate {t.anomaly_rate:.1%} on the new model against "
                                  f"{t.rate_before:.1%} before it, a rise above the bound of "
                                  f"{policy.max_anomaly_rise:.0%} points (a threshold gone wrong?)")
         if policy.max_latency_ms is not None and t.latency_ms is not None and t.latency_ms > policy.max_latency_ms:
-            return Decision("failed",
+            return Decision(ROLLOUT_FAILED,
                             note=f"{t.device}: p95 latency {t.latency_ms:.1f} ms on the new model is above "
                                  f"the bound {policy.max_latency_ms:.1f} ms")
     for wave in sorted({t.wave for t in targets}):
         members = [t for t in targets if t.wave == wave]
-        phase = "canary" if wave == 0 else "rolling"
-        pending = tuple(t.key for t in members if t.state == "pending")
+        phase = ROLLOUT_CANARY if wave == 0 else ROLLOUT_ROLLING
+        pending = tuple(t.key for t in members if t.state == TARGET_PENDING)
         if pending:
             what = "canary" if wave == 0 else f"wave {wave}"
             return Decision(phase, send=pending, note=f"{what}: {len(pending)} device(s) updating")
         if any(t.state in UPDATING for t in members):
             return Decision(phase)
-        active = [t for t in members if t.state == "active"]
+        active = [t for t in members if t.state == MODEL_ACTIVE]
         soaked = min((t.active_for_s or 0.0 for t in active), default=policy.soak_s)
         if soaked < policy.soak_s:
             return Decision(phase)
-    behind = [t.device for t in targets if t.state == "offline"]
-    updated = sum(t.state == "active" for t in targets)
+    behind = [t.device for t in targets if t.state == TARGET_OFFLINE]
+    updated = sum(t.state == MODEL_ACTIVE for t in targets)
     note = f"{updated} device(s) updated"
     if behind:
         note += (f"; {len(behind)} offline when their wave timed out ({', '.join(behind[:5])}): "
                  "each is told again when it reconnects")
-    return Decision("completed", note=note)
+    return Decision(ROLLOUT_COMPLETED, note=note)
 
 
 # -- the database ----------------------------------------------------------------------
@@ -261,7 +281,7 @@ def start_rollout(session: Session, model_id: int, policy: Policy, *, site: str 
         raise QueryError(f"device(s) {names[:200]} are in another live rollout ({others}); finish or abort it "
                          "first, or queue this one (queue: true, --queue) to start when they are free")
     rollout = Rollout(id=new_ulid(), model_id=model.id, site_id=site_row.id if site_row else None,
-                      state="queued" if busy else "canary", note=note, created_by_id=user_id,
+                      state=ROLLOUT_QUEUED if busy else ROLLOUT_CANARY, note=note, created_by_id=user_id,
                       wave_size=policy.wave_size, soak_s=policy.soak_s, max_failures=policy.max_failures,
                       max_anomaly_rate=policy.max_anomaly_rate, max_latency_ms=policy.max_latency_ms,
                       max_anomaly_rise=policy.max_anomaly_rise, wave_timeout_s=policy.wave_timeout_s,
@@ -284,7 +304,7 @@ def _busy(session: Session, device_ids: Sequence[int]) -> dict[int, str]:
         .where(Rollout.state.in_(BUSY), RolloutTarget.device_id.in_(ids)))
     going_back = session.execute(
         select(RolloutTarget.device_id, Rollout.id).join(Rollout, RolloutTarget.rollout_id == Rollout.id)
-        .where(Rollout.state.in_(("failed", "rolled_back")), RolloutTarget.device_id.in_(ids),
+        .where(Rollout.state.in_(STOPPED), RolloutTarget.device_id.in_(ids),
                RolloutTarget.sent_version != "", RolloutTarget.sent_version != RolloutTarget.previous_version))
     return dict([*live, *going_back])
 
@@ -298,7 +318,7 @@ def _sent_back_to(session: Session, device_id: int) -> tuple[str, str] | None:
     if row is None:
         return None
     target, state = row
-    if state in ("failed", "rolled_back") and target.sent_version == target.previous_version:
+    if state in STOPPED and target.sent_version == target.previous_version:
         return target.previous_model, target.previous_version
     return None
 
@@ -319,7 +339,7 @@ def _plan(session: Session, rollout: Rollout, policy: Policy, devices: Sequence[
 
 def _start_queued(session: Session, now: datetime) -> None:
     """Start each queued rollout whose devices are free, oldest first, from what they run now."""
-    for r in session.scalars(select(Rollout).where(Rollout.state == "queued").order_by(Rollout.created_at)):
+    for r in session.scalars(select(Rollout).where(Rollout.state == ROLLOUT_QUEUED).order_by(Rollout.created_at)):
         targets = list(session.scalars(select(RolloutTarget).where(RolloutTarget.rollout_id == r.id)
                                        .order_by(RolloutTarget.wave, RolloutTarget.id)))
         if _busy(session, [t.device_id for t in targets]):
@@ -332,11 +352,12 @@ def _start_queued(session: Session, now: datetime) -> None:
         left = [d for d in devices if d is not None and (d.model_id, d.model_version) != (model.name, model.version)]
         r.updated_at = now
         if not left:
-            r.state, r.note = "completed", f"every device already ran {model.name} {model.version} when it was free"
+            r.state = ROLLOUT_COMPLETED
+            r.note = f"every device already ran {model.name} {model.version} when it was free"
             continue
         back = {d.id: b for d in left if (b := _sent_back_to(session, d.id)) is not None}
         _plan(session, r, _policy(r), left, back)
-        r.state, r.note = "canary", _add_reason(r.note, "started: its devices are free")
+        r.state, r.note = ROLLOUT_CANARY, _add_reason(r.note, "started: its devices are free")
         session.flush()
 
 
@@ -357,16 +378,16 @@ def pause(session: Session, rollout_id: str, note: str = "") -> None:
     r = _rollout(session, rollout_id)
     if r.state not in LIVE:
         raise QueryError(f"rollout {rollout_id} is {r.state}; only a canary or rolling rollout can be paused")
-    r.paused_from, r.state, r.updated_at = r.state, "paused", utcnow()
+    r.paused_from, r.state, r.updated_at = r.state, ROLLOUT_PAUSED, utcnow()
     r.note = note or "paused by hand"
 
 
 def resume(session: Session, rollout_id: str, note: str = "") -> None:
     """Go on from where the pause stopped; devices told before it that have not finished are told again."""
     r = _rollout(session, rollout_id)
-    if r.state != "paused":
+    if r.state != ROLLOUT_PAUSED:
         raise QueryError(f"rollout {rollout_id} is {r.state}, not paused")
-    r.state, r.paused_from, r.updated_at = r.paused_from or "canary", None, utcnow()
+    r.state, r.paused_from, r.updated_at = r.paused_from or ROLLOUT_CANARY, None, utcnow()
     r.note = note or "resumed"
     for t in session.scalars(select(RolloutTarget).where(RolloutTarget.rollout_id == r.id,
                                                          RolloutTarget.state.in_(UPDATING))):
@@ -376,9 +397,9 @@ def resume(session: Session, rollout_id: str, note: str = "") -> None:
 def abort(session: Session, rollout_id: str, note: str = "") -> None:
     """Stop the rollout; the controller then sends every device it touched back to its previous model."""
     r = _rollout(session, rollout_id)
-    if r.state not in (*BUSY, "queued"):
+    if r.state not in (*BUSY, ROLLOUT_QUEUED):
         raise QueryError(f"rollout {rollout_id} is {r.state}; there is nothing to abort")
-    r.state, r.note, r.updated_at = "rolled_back", note or "aborted by hand", utcnow()
+    r.state, r.note, r.updated_at = ROLLOUT_ROLLED_BACK, note or "aborted by hand", utcnow()
 
 
 def _previous(session: Session, target: RolloutTarget) -> Model | None:
@@ -392,7 +413,7 @@ def _send_back(session: Session, now: datetime) -> list[Outgoing]:
     rows = session.execute(
         select(RolloutTarget, Device, Site.name).join(Rollout, RolloutTarget.rollout_id == Rollout.id)
         .join(Device, RolloutTarget.device_id == Device.id).join(Site, Device.site_id == Site.id)
-        .where(Rollout.state.in_(("failed", "rolled_back")), RolloutTarget.sent_version != "",
+        .where(Rollout.state.in_(STOPPED), RolloutTarget.sent_version != "",
                RolloutTarget.sent_version != RolloutTarget.previous_version))
     for target, device, site in rows:
         previous = _previous(session, target)
@@ -422,7 +443,7 @@ def record_state(session: Session, site: str, device: str, msg: messages.ModelSt
         select(RolloutTarget).join(Device, RolloutTarget.device_id == Device.id)
         .join(Site, Device.site_id == Site.id)
         .where(RolloutTarget.rollout_id == msg.rollout_id, Device.name == device, Site.name == site))
-    if target is None or target.state == "pending":
+    if target is None or target.state == TARGET_PENDING:
         return False
     rollout = session.get(Rollout, msg.rollout_id)
     model = session.get(Model, rollout.model_id) if rollout else None
@@ -434,7 +455,7 @@ def record_state(session: Session, site: str, device: str, msg: messages.ModelSt
             target.reason = _add_reason(target.reason, f"back on {msg.model_id} {msg.version}")
         target.updated_at = now
         return True
-    target.state = "desired" if msg.state == MODEL_IDLE else msg.state
+    target.state = TARGET_DESIRED if msg.state == MODEL_IDLE else msg.state
     target.reason = msg.reason[:MAX_REASON]
     target.updated_at = now
     if msg.state == MODEL_ACTIVE and target.active_at is None:
@@ -459,16 +480,16 @@ def advance(session: Session, now: datetime | None = None) -> list[Outgoing]:
         for target, device, site in rows:
             again = target.state in UPDATING and target.desired_at is None   # resumed: tell it again
             if target.id in send or again:
-                target.state, target.desired_at, target.updated_at = "desired", now, now
+                target.state, target.desired_at, target.updated_at = TARGET_DESIRED, now, now
                 target.sent_version = model.version
                 out.append(Outgoing(site, device.name, messages.ModelDesired(
                     model.name, model.version, model.url, model.sha256, rollout_id=r.id), device.online))
             elif target.id in decision.timed_out:
-                target.state, target.updated_at = "timed_out", now
+                target.state, target.updated_at = TARGET_TIMED_OUT, now
                 target.reason = _add_reason(target.reason, f"did not finish within {r.wave_timeout_s:g} s of "
                                                            "being told, while online")
             elif target.id in decision.left_behind:
-                target.state, target.updated_at = "offline", now
+                target.state, target.updated_at = TARGET_OFFLINE, now
                 target.reason = _add_reason(target.reason, f"offline when its wave timed out "
                                                            f"({r.wave_timeout_s:g} s); told again when it reconnects")
         if decision.state != r.state or decision.note:
@@ -497,7 +518,7 @@ def resend(session: Session, site: str, device: str, running: str) -> Outgoing |
         return None
     model = session.get(Model, rollout.model_id)
     if target.sent_version == model.version:
-        if target.state == "failed" or rollout.state in ("failed", "rolled_back"):
+        if target.state == MODEL_FAILED or rollout.state in STOPPED:
             return None   # an update it refused is not retried; a stopped rollout sends it back instead
     else:
         model = _previous(session, target)
@@ -509,7 +530,7 @@ def resend(session: Session, site: str, device: str, running: str) -> Outgoing |
 
 def _status(session: Session, t: RolloutTarget, d: Device, model: Model, now: datetime) -> TargetStatus:
     active_for = rate = latency = before = None
-    if t.state == "active" and t.active_at is not None:
+    if t.state == MODEL_ACTIVE and t.active_at is not None:
         active_for = (now - t.active_at).total_seconds()
         total, anomalies = session.execute(
             select(func.count(), func.count().filter(Result.verdict == "anomaly"))

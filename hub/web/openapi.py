@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hub.db.models import ROLES
+from hub.db.models import ROLES, ROLLOUT_DRAFT, ROLLOUT_STATES
 from hub.services.charts import WINDOWS
 from hub.services.results import REVIEW_STATES, SORTS
 from shared.vocabulary import METHODS, PRECISIONS, REVIEW_LABELS, VERDICTS
@@ -326,8 +326,7 @@ SCHEMAS: dict[str, Any] = {
             "model": {"type": "string"},
             "version": {"type": "string"},
             "note": {"type": "string"},
-            "state": {"type": "string",
-                      "enum": ["queued", "canary", "rolling", "paused", "completed", "rolled_back", "failed"]},
+            "state": {"type": "string", "enum": [s for s in ROLLOUT_STATES if s != ROLLOUT_DRAFT]},
             "url": {"type": "string", "description": "the rollout's dashboard page"},
             "policy": {"type": "object", "description": "canary, wave_size, soak_s, max_failures, "
                        "max_anomaly_rate, max_latency_ms, max_anomaly_rise, wave_timeout_s"},
