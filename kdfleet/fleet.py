@@ -19,6 +19,8 @@ package signed by it (a copy is signed when it is not) and follow the hub's desi
 (WORKDIR/agents/DEVICE.toml), and the package is in the registry. A rollout then works as on
 a plant: sign the new package with the site's key, upload it, and
 `kdfleet hub rollout start MODEL_ID --site SITE --config WORKDIR/hub.toml`.
+
+The process records, the state file and the hub's view of the site are in fleet_state.py.
 """
 from __future__ import annotations
 
@@ -31,11 +33,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,60 +51,24 @@ from kdfleet.demo import (
     station_config,
     wait_port,
 )
+from kdfleet.fleet_state import (
+    STATE_FILE,
+    ProcessRecord,
+    alive,
+    hub_view,
+    read_state,
+    start_ticks,
+    wait_online,
+    write_state,
+)
+from kdfleet.fleet_state import parse_metrics as parse_metrics  # bench.fleet reads the hub's /metrics with it
 from shared.logs import add_log_arguments, json_wanted, setup_logging
 
 log = logging.getLogger("kdfleet.fleet")
 
-STATE_FILE = "fleet.json"
 HUB_USER = "kdfleet-hub"
 PROVISION_THREADS = 4  # add-device processes at once (each rewrites the files; one final rewrite fixes races)
 SILENT_AFTER_S = 30  # the fleet's hub shows a device silent after this long without news
-
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    """A started process as the state file keeps it; `start_ticks` tells a reused pid apart."""
-
-    name: str
-    pid: int
-    start_ticks: int
-    log: str
-
-
-def start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def alive(record: ProcessRecord) -> bool:
-    """True when the recorded process still runs (the same process, not a reused pid)."""
-    return start_ticks(record.pid) == record.start_ticks
-
-
-# -- state --------------------------------------------------------------------------
-
-
-def read_state(workdir: Path) -> dict[str, Any] | None:
-    path = workdir / STATE_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"cannot read {path}: {exc}; delete it if no fleet runs from {workdir}") from None
-
-
-def write_state(workdir: Path, state: dict[str, Any]) -> None:
-    """Replace the state file in one step (mode 0600: it holds the API token)."""
-    tmp = workdir / f".{STATE_FILE}.tmp"
-    tmp.touch(mode=0o600)
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(workdir / STATE_FILE)
 
 
 # -- helpers ------------------------------------------------------------------------
@@ -185,44 +149,6 @@ def sources(data: Path, cls: str | None, n: int) -> list[tuple[Path, str]]:
     if not classes:
         raise SystemExit(f"--data {data} has no CLASS/test folders (MVTec layout): name the class it shows with --cls")
     return [(data / classes[i % len(classes)] / "test", classes[i % len(classes)]) for i in range(n)]
-
-
-def http_get(url: str, token: str, timeout: float = 5.0) -> bytes:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read()
-
-
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) of each sample in a Prometheus text exposition."""
-    out = []
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m:
-            labels = {k: re.sub(r"\\(.)", r"\1", v) for k, v in LABEL.findall(m.group(2) or "")}
-            out.append((m.group(1), labels, float(m.group(3))))
-    return out
-
-
-def hub_view(state: dict[str, Any]) -> dict[str, Any]:
-    """The site as the hub sees it: devices (from /api/devices), per-device results in the last
-    minute, ingest rate and lag (from /metrics). Raises OSError when the hub does not answer."""
-    base, token, site = state["dashboard"], state["token"], state["site"]
-    found = json.loads(http_get(f"{base}api/devices?site={site}", token))["devices"]
-    samples = parse_metrics(http_get(f"{base}metrics", token).decode())
-    per_device = {s[1]["device"]: s[2] for s in samples
-                  if s[0] == "kdfleet_device_results_last_minute" and s[1].get("site") == site}
-    overall = {(s[0], s[1].get("stat", "")): s[2] for s in samples if not s[1].get("device")}
-    devices = [{"device": d["name"], "state": d["state"], "last_seen": d["last_seen"], "fps": d["fps"],
-                "spool_depth": d["spool_depth"], "results_last_minute": int(per_device.get(d["name"], 0))}
-               for d in found]
-    return {"devices": devices, "ingest_rate": overall.get(("kdfleet_ingest_rate", "")),
-            "lag_avg_s": overall.get(("kdfleet_ingest_lag_seconds", "avg")),
-            "lag_max_s": overall.get(("kdfleet_ingest_lag_seconds", "max"))}
 
 
 # -- commands -----------------------------------------------------------------------
@@ -365,24 +291,6 @@ def up(args: argparse.Namespace) -> int:
         (workdir / STATE_FILE).unlink(missing_ok=True)
         log.info("fleet stopped")
     return 0
-
-
-def wait_online(state: dict[str, Any], fleet: Fleet, n: int, timeout: float) -> float | None:
-    """Poll the hub until all `n` devices are online with a result stored; the monotonic time
-    then, or None after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fleet.check()
-        try:
-            view = hub_view(state)
-        except (OSError, ValueError):
-            view = {"devices": []}
-        ready = [d for d in view["devices"] if d["state"] == "online" and d["last_seen"]
-                 and d["results_last_minute"] > 0]
-        if len(ready) >= n:
-            return time.monotonic()
-        time.sleep(0.5)
-    return None
 
 
 def status(args: argparse.Namespace) -> int:

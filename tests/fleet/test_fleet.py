@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from kdfleet.fleet import ProcessRecord, alive, parse_metrics, start_ticks
+from kdfleet.fleet_state import ProcessRecord, alive, parse_metrics, start_ticks
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
