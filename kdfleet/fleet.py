@@ -19,8 +19,6 @@ package signed by it (a copy is signed when it is not) and follow the hub's desi
 (WORKDIR/agents/DEVICE.toml), and the package is in the registry. A rollout then works as on
 a plant: sign the new package with the site's key, upload it, and
 `kdfleet hub rollout start MODEL_ID --site SITE --config WORKDIR/hub.toml`.
-
-The process records, the state file and the hub's view of the site are in fleet_state.py.
 """
 from __future__ import annotations
 
