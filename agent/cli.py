@@ -112,25 +112,24 @@ def check_station(args: argparse.Namespace) -> int:
         keys = [load_public_key(k) for k in cfg.trusted_keys] or None
         package = read_package(cfg.package, trusted_keys=keys)
         m = package.manifest
-        missing = [s.cls for s in cfg.sources if s.cls not in m["classes"]]
-        report(f"package {m['model_id']} {m['version']} ({m['precision']}, "
+        missing = [s.cls for s in cfg.sources if s.cls not in m.classes]
+        report(f"package {m.model_id} {m.version} ({m.precision}, "
                f"{'signed' if package.signed_by else 'unsigned'})",
-               f"classes {missing} not in the model {m['classes']}" if missing else None)
+               f"classes {missing} not in the model {list(m.classes)}" if missing else None)
     except (PackageError, OSError, ValueError) as exc:
         report("package", str(exc))
     if package is not None:
         try:
             from agent.runtimes import open_runtime
-            from shared.imaging import decode_image
-            from shared.scoring import package_score
+            from agent.updater import UpdateError, self_test
 
             rt = open_runtime(cfg.runtime, package.model, package.manifest, cfg.threads)
-            worst = 0.0
-            for g in package.golden:
-                score = package_score(rt.infer(decode_image(g.png)[None], [g.cls])[0], package.manifest, g.cls)
-                worst = max(worst, abs(score - g.score) / max(abs(g.score), 1e-6))
-            report(f"runtime {rt.name}, golden self-test ({len(package.golden)} images, worst error {worst:.1e})",
-                   None if worst < 0.05 else "scores differ from the manifest's by more than 5 %")
+            try:
+                worst = self_test(rt, package)
+                report(f"runtime {rt.name}, golden self-test ({len(package.golden)} images, worst error "
+                       f"{worst:.1e})")
+            except UpdateError as exc:
+                report(f"runtime {rt.name}, golden self-test", str(exc))
         except Exception as exc:  # any runtime failure is what check must report
             report("runtime", f"{type(exc).__name__}: {exc}")
     import threading

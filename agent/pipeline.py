@@ -44,6 +44,7 @@ from agent.spool import Spool, SpoolFull
 from shared import messages, topics
 from shared.ids import new_ulid
 from shared.imaging import Placement, fit_square
+from shared.manifest import Manifest
 from shared.mqtt import MqttLink, NotConnected
 from shared.package import Package, load_public_key
 from shared.vocabulary import VERDICT_ANOMALY, VERDICT_OK
@@ -66,17 +67,17 @@ class ActiveModel:
     scorer: Scorer
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self.package.manifest
 
     @property
     def size(self) -> int:
-        return int(self.package.manifest["input_size"])
+        return self.package.manifest.input_size
 
     @property
     def fitting(self) -> tuple[int, str]:
         """How a frame becomes this model's input: (square side, "stretch" or "letterbox")."""
-        return self.size, self.package.manifest.get("resize", "letterbox")   # packages before `resize` letterbox
+        return self.size, self.package.manifest.resize
 
     def fit(self, image: np.ndarray) -> tuple[np.ndarray, Placement]:
         return fit_square(image, *self.fitting)
@@ -179,7 +180,7 @@ class Agent:
         return self.active.package
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         return self.active.manifest
 
     @property
@@ -199,22 +200,22 @@ class Agent:
         """Run the active package through another runtime (benchmarks compare runtimes this way)."""
         self.active = ActiveModel(self.active.package, runtime, self.active.scorer)
 
-    def build_runtime(self, model: bytes, manifest: dict) -> Runtime:
+    def build_runtime(self, model: bytes, manifest: Manifest) -> Runtime:
         """A runtime for a package this station can use; refuses one that lacks a source's class."""
-        missing = [s.cls for s in self.cfg.sources if s.cls not in manifest["classes"]]
+        missing = [s.cls for s in self.cfg.sources if s.cls not in manifest.classes]
         if missing:
-            raise UpdateError(f"source class(es) {missing} are not in model {manifest['model_id']} "
-                              f"{manifest['version']} (it knows {manifest['classes']})")
+            raise UpdateError(f"source class(es) {missing} are not in model {manifest.model_id} "
+                              f"{manifest.version} (it knows {list(manifest.classes)})")
         return open_runtime(self.cfg.runtime, model, manifest, threads=self.cfg.threads)
 
-    def _scorer(self, manifest: dict) -> Scorer:
+    def _scorer(self, manifest: Manifest) -> Scorer:
         return Scorer(manifest, self.cfg.thresholds, thumbnail_px=self.cfg.heatmap_size)
 
     def _swap(self, package: Package, runtime: Runtime) -> None:
         """Make a built, self-tested model the one the pipeline runs (update worker thread)."""
         old = self.active
         self.active = ActiveModel(package, runtime, self._scorer(package.manifest))
-        log.info("now running %s %s (was %s)", package.manifest["model_id"], package.version, old.package.version)
+        log.info("now running %s %s (was %s)", package.manifest.model_id, package.version, old.package.version)
         try:
             self._birth()
         except NotConnected:
@@ -242,7 +243,7 @@ class Agent:
     def _status(self, online: bool) -> messages.Status:
         return messages.Status(
             device=self.cfg.device, online=online, ts=time.time(), site=self.cfg.site, station=self.cfg.station,
-            version=__version__, model_id=self.manifest["model_id"], model_version=self.manifest["version"],
+            version=__version__, model_id=self.manifest.model_id, model_version=self.manifest.version,
             runtime=self.runtime.name, hardware=f"{platform.machine()} {platform.node()}"[:120])
 
     def _birth(self) -> None:
@@ -409,7 +410,7 @@ class Agent:
                                     with_frame=with_frame)
         result = messages.Result(
             id=new_ulid(), ts=cap.ts, site=self.cfg.site, device=self.cfg.device,
-            station=cap.source.station or self.cfg.station, cls=cls, model_version=model.manifest["version"],
+            station=cap.source.station or self.cfg.station, cls=cls, model_version=model.manifest.version,
             score=scored.score, norm_score=scored.norm_score, threshold=scored.threshold,
             verdict=VERDICT_ANOMALY if scored.anomalous else VERDICT_OK,
             latency_ms=latency, heatmap=images.heatmap, thumbnail=images.thumbnail, crops=images.crops,
@@ -488,8 +489,8 @@ class Agent:
     def run(self, until_drained: bool = False) -> None:
         """Run until interrupted (or, with `until_drained`, until every source ended and all was delivered)."""
         self.start()
-        log.info("agent %s/%s running %s (%s) with %s", self.cfg.site, self.cfg.device, self.manifest["model_id"],
-                 self.manifest["version"], self.runtime.name)
+        log.info("agent %s/%s running %s (%s) with %s", self.cfg.site, self.cfg.device, self.manifest.model_id,
+                 self.manifest.version, self.runtime.name)
         (log.info if self.cfg.trusted_keys else log.warning)("%s", self.cfg.package_policy())
         try:
             while not self.stop.is_set():

@@ -9,12 +9,12 @@ re-encoded smaller until it fits its byte budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
 
 from shared.imaging import Placement, encode_jpeg, encode_png, unletterbox
+from shared.manifest import Manifest
 from shared.messages import MAX_IMAGE, Crop
 from shared.scoring import ClassCalibration, find_regions, scale_box, score_map
 
@@ -47,22 +47,19 @@ class Rendered:
 class Scorer:
     """Scores maps and renders the result images for one model package."""
 
-    def __init__(self, manifest: dict[str, Any], thresholds: dict[str, float] | None = None, *,
+    def __init__(self, manifest: Manifest, thresholds: dict[str, float] | None = None, *,
                  thumbnail_px: int = 128, heatmap_format: str = "jpeg", crop_px: int = 256,
                  max_crops: int = 8, crop_pad: float = 0.25, frame_px: int = 1024) -> None:
-        self.sigma = float(manifest["sigma"])
-        self.input_size = int(manifest["input_size"])
-        self.calibration: dict[str, ClassCalibration] = {}
+        self.sigma = manifest.sigma
+        self.input_size = manifest.input_size
         thresholds = thresholds or {}
-        unknown = sorted(set(thresholds) - set(manifest["calibration"]))
+        unknown = sorted(set(thresholds) - set(manifest.calibration))
         if unknown:
             raise ValueError(f"threshold override(s) for {unknown}: not classes of the model "
-                             f"({', '.join(sorted(manifest['calibration']))})")
-        for cls, d in manifest["calibration"].items():
-            cal = ClassCalibration.from_dict(d)
-            if cls in thresholds:
-                cal = cal.with_threshold(thresholds[cls])
-            self.calibration[cls] = cal
+                             f"({', '.join(sorted(manifest.calibration))})")
+        self.calibration: dict[str, ClassCalibration] = {
+            cls: cal.with_threshold(thresholds[cls]) if cls in thresholds else cal
+            for cls, cal in manifest.calibration.items()}
         self.thumbnail_px = thumbnail_px
         self.heatmap_format = heatmap_format
         self.crop_px = crop_px

@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared import messages
+from shared.manifest import Manifest
 from shared.package import Package, PackageError, file_sha256, read_package
 from shared.vocabulary import (MODEL_ACTIVE, MODEL_BUILDING, MODEL_DOWNLOADING, MODEL_FAILED, MODEL_ROLLED_BACK,
                                MODEL_TESTING, MODEL_VERIFYING)
@@ -44,7 +45,7 @@ MAX_PACKAGE = 4 << 30     # refuse anything larger before writing it to the devi
 _VERSION = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,63}$")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
-BuildRuntime = Callable[[bytes, dict[str, Any]], Any]
+BuildRuntime = Callable[[bytes, Manifest], Any]
 OnState = Callable[[messages.ModelState], None]
 
 
@@ -161,7 +162,7 @@ class Updater:
         report(MODEL_ACTIVE)
         return installed
 
-    def _open_runtime(self, model: bytes, manifest: dict[str, Any]) -> Any:
+    def _open_runtime(self, model: bytes, manifest: Manifest) -> Any:
         from agent.runtimes import open_runtime
 
         return open_runtime(self.runtime, model, manifest)
@@ -253,8 +254,8 @@ class Updater:
         except PackageError as exc:   # the reason names the package, not the agent's download file
             raise UpdateError(str(exc).replace(str(part), f"package {desired.model_id} {desired.version}")) from None
         m = package.manifest
-        if (m["model_id"], m["version"]) != (desired.model_id, desired.version):
-            raise UpdateError(f"package is {m['model_id']} {m['version']}, the hub asked for "
+        if (m.model_id, m.version) != (desired.model_id, desired.version):
+            raise UpdateError(f"package is {m.model_id} {m.version}, the hub asked for "
                               f"{desired.model_id} {desired.version}; fix the registry entry")
         return package
 
@@ -314,7 +315,7 @@ def self_test(runtime: Any, package: Package) -> float:
 
     if not package.golden:
         raise UpdateError("package has no golden images, so it cannot be self-tested; re-export it")
-    tol = float(package.manifest.get("golden_tolerance", GOLDEN_TOLERANCE))
+    tol = package.manifest.golden_tolerance or GOLDEN_TOLERANCE
     worst = 0.0
     for g in package.golden:
         score = package_score(runtime.infer(decode_image(g.png)[None], [g.cls])[0], package.manifest, g.cls)

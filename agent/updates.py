@@ -71,7 +71,7 @@ class UpdateWorker:
 
     def _follow(self, want: messages.ModelDesired) -> None:
         running = self.current()
-        if (running.manifest["model_id"], running.version) == (want.model_id, want.version):
+        if (running.manifest.model_id, running.version) == (want.model_id, want.version):
             self._report(messages.ModelState(self.updater.device, time.time(), MODEL_ACTIVE, want.model_id,
                                              want.version, want.rollout_id))
             return
@@ -86,7 +86,7 @@ class UpdateWorker:
                 self._report(messages.ModelState(
                     self.updater.device, time.time(), MODEL_ROLLED_BACK, want.model_id, want.version, want.rollout_id,
                     reason=f"back on {want.model_id} {want.version}, the model it ran before "
-                           f"{running.manifest['model_id']} {running.version}, as the hub asked"))
+                           f"{running.manifest.model_id} {running.version}, as the hub asked"))
             else:
                 installed = self.updater.apply(want, build_runtime=self.build, on_state=self._report)
                 package = installed.package or self.updater.read(installed.path)
@@ -95,7 +95,7 @@ class UpdateWorker:
             self.applied += 1
             self.swapped_at = time.monotonic()
         except UpdateError as exc:   # already reported as failed by the updater; the old model runs on
-            log.warning("staying on %s %s: %s", running.manifest["model_id"], running.version, exc)
+            log.warning("staying on %s %s: %s", running.manifest.model_id, running.version, exc)
         except Exception as exc:
             log.exception("update to %s %s failed", want.model_id, want.version)
             self._report(messages.ModelState(self.updater.device, time.time(), MODEL_FAILED, want.model_id,

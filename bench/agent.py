@@ -124,7 +124,7 @@ def ensure_int8(fp32_package: Path, checkpoint: Path, data: Path, folder: Path, 
     fp32.write_bytes(fp32_read.model)
     # the FP32 package's own evaluation (same data, same split) is the reference the INT8 drop is measured against
     reference = Variant(Recipe("fp32"), fp32_package, {},
-                        metrics={k: fp32_read.manifest["metrics"]["mean"][k] for k in METRICS})
+                        metrics={k: fp32_read.manifest.metrics["mean"][k] for k in METRICS})
     spec = DataSpec.of(tcfg, data)
     log("INT8: calibrating on 32 training frames and quantising")
     res = quantize_ptq(fp32, folder / "ptq_train.onnx", calibration_images("train", spec, 32))
@@ -237,8 +237,8 @@ def measure(spec: RunSpec) -> dict[str, Any]:
         c = agent.counters
         stages = {k: _pcts(v) for k, v in vars(c).items() if k.endswith("_ms") and isinstance(v, deque) and v}
         out = {
-            "label": spec.label, "runtime": agent.runtime.name, "model_id": agent.manifest["model_id"],
-            "precision": agent.manifest["precision"], "size": size, "frames": n, "captured": c.captured,
+            "label": spec.label, "runtime": agent.runtime.name, "model_id": agent.manifest.model_id,
+            "precision": agent.manifest.precision, "size": size, "frames": n, "captured": c.captured,
             "spooled": c.spooled, "skipped": c.skipped, "dropped": c.dropped, "anomalies": c.anomalies,
             "fps": c.spooled / (t1 - t0), "fps_spooled": c.spooled / ((t_spooled or t1) - t0),
             "seconds": t1 - t0, "cpu_cores": cpu / (t1 - t0), "peak_rss_mb": rss_mb, "pipeline": stages,
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from shared.package import read_package
 
-    classes = read_package(package).manifest["classes"]
+    classes = list(read_package(package).manifest.classes)
     cls = args.cls or ("screw" if "screw" in classes else classes[0])
     if cls not in classes:
         print(f"bench.agent: class {cls!r} is not in the model ({', '.join(classes)})", file=sys.stderr)

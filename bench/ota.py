@@ -75,9 +75,7 @@ def repackage(src: Path, out: Path, version: str, key: pkg.Ed25519PrivateKey) ->
     p = pkg.read_package(src)
     model = out.with_suffix(".onnx")
     model.write_bytes(p.model)
-    manifest = {k: v for k, v in p.manifest.items() if k not in ("files", "golden")}
-    manifest["version"] = version
-    path = pkg.write_package(out, manifest, model, list(p.golden), key=key)
+    path = pkg.write_package(out, p.manifest.as_version(version), model, list(p.golden), key=key)
     model.unlink()
     return path
 
@@ -128,7 +126,7 @@ class Bench:
         self.pub = pkg.save_keypair(self.key, work / "keys" / "site.key")
         self.versions = {v: repackage(package, work / f"v{v[0]}.kdpkg", v, self.key) for v in ("1.0.0", "2.0.0")}
         manifest = pkg.read_package(self.versions["1.0.0"]).manifest
-        self.name, classes = manifest["model_id"], manifest["classes"]
+        self.name, classes = manifest.model_id, list(manifest.classes)
         self.port = pick_port(18830)
         self.start_broker()
         self.db = Database(f"sqlite:///{work / 'hub.db'}")

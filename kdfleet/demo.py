@@ -202,8 +202,7 @@ def second_version(workdir: Path, package: Path, key: Path) -> Path:
     out = workdir / "signed" / f"{package.stem}-{version}.kdpkg"
     if out.exists():
         return out
-    manifest = {k: v for k, v in first.manifest.items() if k not in ("created", "files", "golden")}
-    manifest.update(version=version, parent=first.version)
+    manifest = first.manifest.as_version(version, parent=first.version)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         model = Path(tmp) / "model.onnx"
         model.write_bytes(first.model)
@@ -267,8 +266,8 @@ def registered(hub_url: str, token: str, package: Path, notes: str) -> dict:
     if model is not None:
         return model
     manifest = read_package(package).manifest
-    found = _api(hub_url, token, f"/api/models?name={urllib.parse.quote(manifest['model_id'])}")["models"]
-    return next(m for m in found if m["version"] == manifest["version"])
+    found = _api(hub_url, token, f"/api/models?name={urllib.parse.quote(manifest.model_id)}")["models"]
+    return next(m for m in found if m["version"] == manifest.version)
 
 
 @dataclass
@@ -321,7 +320,7 @@ def best_detected_first(data: Path, package: Path) -> list[str]:
         raise SystemExit(f"{data} has no CLASS/test folders (the MVTec AD layout)")
     from shared.package import read_package
 
-    measured = read_package(package).manifest.get("metrics", {}).get("classes", {})
+    measured = read_package(package).manifest.metrics.get("classes", {})
     return sorted(classes, key=lambda c: -(measured.get(c, {}).get("image_auroc") or 0.0))
 
 

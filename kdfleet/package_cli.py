@@ -111,7 +111,7 @@ def _verify(args: argparse.Namespace) -> int:
         return _fail("package verify", f"REFUSED: {exc}")
     m = package.manifest
     how = f"signed by {package.signed_by}" if package.signed_by else "integrity only (no --trusted key given)"
-    print(f"ok {args.package}: {m['model_id']} {m['version']}, {len(m['files'])} members match, {how}")
+    print(f"ok {args.package}: {m.model_id} {m.version}, {len(m.files)} members match, {how}")
     return 0
 
 
@@ -128,10 +128,10 @@ def summary(path: Path, trusted: list | None = None) -> dict[str, Any]:
             except PackageError:
                 signer = "signed by none of the given trusted keys"
     return {
-        "model_id": m["model_id"], "version": m["version"], "method": m["method"], "backbone": m["backbone"],
-        "precision": m["precision"], "classes": m["classes"], "input_size": m["input_size"],
-        "metrics": m["metrics"], "golden": len(m["golden"]), "created": m["created"],
-        "parent": m.get("parent"), "size_bytes": path.stat().st_size, "signer": signer,
+        "model_id": m.model_id, "version": m.version, "method": m.method, "backbone": m.backbone,
+        "precision": m.precision, "classes": list(m.classes), "input_size": m.input_size,
+        "metrics": m.metrics, "golden": len(m.golden), "created": m.created,
+        "parent": m.parent, "size_bytes": path.stat().st_size, "signer": signer,
     }
 
 

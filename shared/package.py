@@ -21,23 +21,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.vocabulary import METHODS, PRECISIONS
+from shared.manifest import BOOKKEEPING, PACKAGE_SCHEMA_VERSION, Manifest, ManifestError
 
-PACKAGE_SCHEMA_VERSION = 1
 SUFFIX = ".kdpkg"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 MODEL = "model.onnx"
 MAX_MEMBER = 512 * 1024 * 1024
-
-
-# key -> type(s) every manifest must carry
-REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "schema_version": int, "model_id": str, "version": str, "method": str, "backbone": str,
-    "classes": list, "input_size": int, "map_size": int, "sigma": (int, float),
-    "mean": list, "std": list, "precision": str, "calibration": dict, "metrics": dict,
-    "created": str, "files": dict, "golden": list,
-}
 
 
 class PackageError(ValueError):
@@ -58,14 +48,14 @@ class GoldenImage:
 class Package:
     """A verified package loaded in memory."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     model: bytes
     golden: tuple[GoldenImage, ...]
     signed_by: str | None   # fingerprint of the trusted key that signed it, if any
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
 
 def sha256(data: bytes) -> str:
@@ -80,49 +70,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def validate_manifest(m: Any) -> dict[str, Any]:
-    """Check a manifest's shape; raises PackageError naming the first problem."""
-    if not isinstance(m, dict):
-        raise PackageError("manifest is not a JSON object")
-    for key, typ in REQUIRED.items():
-        if key not in m:
-            raise PackageError(f"manifest lacks {key!r}")
-        if not isinstance(m[key], typ) or isinstance(m[key], bool):
-            raise PackageError(f"manifest {key!r} has the wrong type ({type(m[key]).__name__})")
-    if m["schema_version"] != PACKAGE_SCHEMA_VERSION:
-        raise PackageError(f"package schema {m['schema_version']} is not supported "
-                           f"(this build reads {PACKAGE_SCHEMA_VERSION}); update the agent")
-    if m["method"] not in METHODS:
-        raise PackageError(f"unknown method {m['method']!r}")
-    if m["precision"] not in PRECISIONS:
-        raise PackageError(f"unknown precision {m['precision']!r}")
-    if not m["classes"] or not all(isinstance(c, str) for c in m["classes"]):
-        raise PackageError("manifest 'classes' must be a non-empty list of names")
-    missing = [c for c in m["classes"] if c not in m["calibration"]]
-    if missing:
-        raise PackageError(f"manifest has no calibration for class(es) {missing}")
-    for c, cal in m["calibration"].items():
-        if not all(isinstance(cal.get(k), (int, float)) for k in ("center", "scale", "threshold")):
-            raise PackageError(f"calibration of {c!r} needs numeric center, scale, threshold")
-        if cal["scale"] <= 0:
-            raise PackageError(f"calibration of {c!r} has a non-positive scale")
-        if cal.get("reference") is not None:
-            from shared.scoring import PositionReference   # numpy: only for packages that carry one
-
-            try:
-                PositionReference.from_dict(cal["reference"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise PackageError(f"calibration of {c!r} has a malformed position reference: {exc}") from exc
-    if m.get("resize", "letterbox") not in ("stretch", "letterbox"):   # shared.imaging.RESIZE_MODES
-        raise PackageError(f"manifest 'resize' must be 'stretch' or 'letterbox', got {m['resize']!r}")
-    if m.get("class_input") is not None and not isinstance(m["class_input"], str):
-        raise PackageError("manifest 'class_input' must be the name of the graph's class-index input, or null")
-    if MODEL not in m["files"]:
-        raise PackageError(f"manifest does not list {MODEL}")
-    return m
-
-
-def write_package(out: str | Path, manifest: dict[str, Any], model_path: str | Path,
+def write_package(out: str | Path, manifest: Manifest | dict[str, Any], model_path: str | Path,
                   golden: Iterable[GoldenImage] = (), key: Ed25519PrivateKey | None = None) -> Path:
     """Write a package; fills in schema_version, created, files and golden, signs when `key` is given."""
     out = Path(out)
@@ -133,12 +81,15 @@ def write_package(out: str | Path, manifest: dict[str, Any], model_path: str | P
         name = f"golden/{g.name}"
         members[name] = g.png
         golden_entries.append({"file": name, "cls": g.cls, "score": float(g.score)})
-    m = dict(manifest)
+    m = manifest.to_dict() if isinstance(manifest, Manifest) else dict(manifest)
     m["schema_version"] = PACKAGE_SCHEMA_VERSION
     m.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     m["files"] = {name: sha256(data) for name, data in members.items()}
     m["golden"] = golden_entries
-    validate_manifest(m)
+    try:
+        Manifest.from_dict(m)
+    except ManifestError as exc:
+        raise PackageError(f"{out}: {exc}") from None
     manifest_bytes = json.dumps(m, indent=2, sort_keys=True).encode()
     members = {MANIFEST: manifest_bytes, **members}
     if key is not None:
@@ -167,23 +118,28 @@ def read_package(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey] | No
     if trusted_keys is not None:
         signed_by = _verify_signature(path, manifest_bytes, signature, list(trusted_keys))
     try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError as exc:
-        raise PackageError(f"{path}: manifest is not valid JSON ({exc})") from None
-    validate_manifest(manifest)
-    listed = manifest["files"]
+        manifest = Manifest.from_dict(json.loads(manifest_bytes))
+    except ValueError as exc:   # not JSON, or a ManifestError
+        raise PackageError(f"{path}: manifest is not valid ({exc}); re-export the package") from None
+    for key in BOOKKEEPING:
+        if key not in manifest.source:
+            raise PackageError(f"{path}: manifest lacks {key!r}; re-export the package")
+    listed = manifest.files
     extra = set(members) - set(listed)
     if extra:
         raise PackageError(f"{path}: members not listed in the manifest: {sorted(extra)}")
+    if MODEL not in listed:
+        raise PackageError(f"{path}: manifest does not list {MODEL}")
     for name, digest in listed.items():
         if name not in members:
             raise PackageError(f"{path}: {name} is listed but missing (truncated package?)")
         if sha256(members[name]) != digest:
             raise PackageError(f"{path}: {name} does not match its sha256 (corrupted or tampered)")
-    golden = tuple(
-        GoldenImage(Path(g["file"]).name, members[g["file"]], g["cls"], float(g["score"]))
-        for g in manifest["golden"]
-    )
+    try:
+        golden = tuple(GoldenImage(Path(g["file"]).name, members[g["file"]], g["cls"], float(g["score"]))
+                       for g in manifest.golden)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackageError(f"{path}: a golden image entry is malformed ({exc!r}); re-export the package") from None
     return Package(manifest, members[MODEL], golden, signed_by)
 
 

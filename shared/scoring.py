@@ -25,6 +25,7 @@ import numpy as np
 
 if TYPE_CHECKING:   # the core stays numpy-only at run time
     from shared.imaging import Placement
+    from shared.manifest import Manifest
 
 REFERENCE_GRID = 16    # cells per side of a position reference: 16 px cells at 256 px, as good as per pixel here
 SPREAD_FLOOR = 0.5     # no cell's spread below half the median cell's: calm areas must not amplify noise
@@ -93,11 +94,10 @@ def image_score(amap: np.ndarray, sigma: float, placement: Placement | None = No
     return score_map(amap, sigma, None, placement, size)[1]
 
 
-def package_score(amap: np.ndarray, manifest: dict[str, Any], cls: str) -> float:
-    """The image score a model package defines for a whole letterboxed map of class `cls`
-    (its position reference, its sigma): what golden images record and self-tests check."""
-    cal = ClassCalibration.from_dict(manifest["calibration"][cls])
-    return score_map(amap, float(manifest["sigma"]), cal.reference)[1]
+def package_score(amap: np.ndarray, manifest: Manifest, cls: str) -> float:
+    """The image score a model package defines for a whole map of class `cls` (its position
+    reference, its sigma): what golden images record and self-tests check."""
+    return score_map(amap, manifest.sigma, manifest.calibration[cls].reference)[1]
 
 
 def _block_means(a: np.ndarray, grid: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 
 from shared.imaging import fit_square, read_image
 from shared.package import read_package
-from shared.scoring import ClassCalibration, image_score
+from shared.scoring import image_score
 from tests.trainer.tiny_data import make_tiny_set
 from tests.waiting import wait_for
 from trainer.export import export_package
@@ -97,12 +97,12 @@ def test_results_travel_from_model_to_database(trained, hub, broker, unique, tmp
     # the scores the hub stored are the agent's: recompute them independently from the package
     pkg = read_package(package)
     session = ort.InferenceSession(pkg.model, providers=["CPUExecutionProvider"])
-    size, sigma = pkg.manifest["input_size"], pkg.manifest["sigma"]
-    cal = ClassCalibration.from_dict(pkg.manifest["calibration"]["disc"])
+    size, sigma = pkg.manifest.input_size, pkg.manifest.sigma
+    cal = pkg.manifest.calibration["disc"]
     by_source = {r.source: r for r in rows}
     assert sorted(by_source) == sorted(str(p.relative_to(folder)) for p in files)
     for p in files:
-        boxed, placement = fit_square(read_image(p), size, pkg.manifest["resize"])
+        boxed, placement = fit_square(read_image(p), size, pkg.manifest.resize)
         amap = session.run(None, {"image": boxed[None]})[0][0, 0]
         expected = image_score(cal.standardise(amap), sigma, placement, size)   # the frame, as the agent does
         row = by_source[str(p.relative_to(folder))]

@@ -296,7 +296,7 @@ def describe_model(path: Path) -> tuple[str, list[str], str | None]:
         from shared.package import read_package
 
         man = read_package(path).manifest
-        return man["method"], list(man["classes"]), None
+        return man.method, list(man.classes), None
     if path.suffix == ".onnx":
         raise ValueError(f"{path}: an ONNX file does not say its method or classes; give its checkpoint (.pt) "
                          "or package (.kdpkg)")

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from shared.imaging import Placement, read_mask, unletterbox
+from shared.manifest import LEGACY_RESIZE, Manifest
 from shared.scoring import ClassCalibration, PositionReference, calibrate, fit_reference, score_map
 from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, InferenceGraph
 
@@ -68,10 +69,16 @@ class Runner:
     class_conditional: bool = False
 
     @property
+    def manifest(self) -> Manifest | None:
+        """The package's manifest, for a runner of a package."""
+        return self.meta.get("manifest")
+
+    @property
     def resize(self) -> str:
-        """How frames become its square input: the checkpoint's or package's setting (older packages letterbox)."""
-        return self.meta.get("config", {}).get("resize") or self.meta.get("manifest", {}).get("resize") \
-            or self.meta.get("resize", "letterbox")
+        """How frames become its square input: the checkpoint's or package's setting, else the one given."""
+        if self.manifest is not None:
+            return self.manifest.resize
+        return self.meta.get("config", {}).get("resize") or self.meta.get("resize", LEGACY_RESIZE)
 
     def __call__(self, images: np.ndarray, class_index: int | np.ndarray = 0) -> np.ndarray:
         index = np.array(np.broadcast_to(np.asarray(class_index, np.int32), (len(images),)))   # a writable copy
@@ -301,7 +308,9 @@ def load_masks(samples: list, grids: list[tuple[int, int]]) -> list[np.ndarray]:
 
 def model_classes(runner: Runner) -> list[str]:
     """The classes a model was trained or fitted on, in its own order (a class-conditional graph's indices)."""
-    return list(runner.meta.get("config", {}).get("classes") or runner.meta.get("manifest", {}).get("classes") or [])
+    if runner.manifest is not None:
+        return list(runner.manifest.classes)
+    return list(runner.meta.get("config", {}).get("classes") or [])
 
 
 def class_index_of(runner: Runner, cls: str, known: list[str]) -> int:
@@ -339,9 +348,8 @@ def evaluate(model_or_onnx: Any, data_root: str | Path, classes: list[str] | Non
     if resize is not None:
         runner.meta.setdefault("resize", resize)
     cfg = runner.meta.get("config", {})
-    manifest = runner.meta.get("manifest", {})
-    if manifest:
-        sigma = float(manifest.get("sigma", sigma))
+    if runner.manifest is not None:
+        sigma = runner.manifest.sigma
     val_fraction = val_fraction if val_fraction is not None else cfg.get("val_fraction", 0.2)
     seed = seed if seed is not None else cfg.get("seed", 0)
     classes = list(classes or model_classes(runner) or discover_classes(data_root))

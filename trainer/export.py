@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from shared.imaging import encode_png
+from shared.manifest import Manifest
 from shared.package import GoldenImage, write_package
 from trainer.evaluate import DEFAULT_SIGMA, evaluate, onnx_runner, torch_runner
 from trainer.jsonsafe import json_safe
@@ -91,22 +92,22 @@ def check_onnx(path: str | Path, model: torch.nn.Module, size: int, atol: float 
     return err
 
 
-def golden_images(runner, data: str | Path, manifest: dict[str, Any], per_class: int = 2) -> list[GoldenImage]:
+def golden_images(runner, data: str | Path, manifest: Manifest, per_class: int = 2) -> list[GoldenImage]:
     """Per class of `manifest`, the first normal and the first anomalous test images (square PNGs, fitted
     as the model's `resize` says) and the scores the manifest's own scoring gives them."""
     from shared.scoring import package_score
     from trainer.data.mvtec import load_samples
 
     picks = []
-    for cls in manifest["classes"]:
+    for cls in manifest.classes:
         test = load_samples(data, [cls], "test")
         normal = [s for s in test if s.label == 0][: (per_class + 1) // 2]
         anomalous = [s for s in test if s.label == 1][: per_class // 2]
         picks += normal + anomalous
-    images, _ = load_square([s.path for s in picks], runner.size, resize=manifest["resize"])
+    images, _ = load_square([s.path for s in picks], runner.size, resize=manifest.resize)
     out = []
     for s, img in zip(picks, images, strict=True):
-        amap = runner(img[None], manifest["classes"].index(s.cls))[0, 0]
+        amap = runner(img[None], manifest.classes.index(s.cls))[0, 0]
         name = f"{s.cls}-{s.defect}-{Path(s.path).stem}.png"
         out.append(GoldenImage(name, encode_png(img), s.cls, package_score(amap, manifest, s.cls)))
     return out
@@ -139,7 +140,11 @@ def export_package(checkpoint: str | Path, out: str | Path, data: str | Path | N
 
 
 def build_manifest(cfg: TrainConfig, result: dict[str, Any], sigma: float, version: str,
-                   model_id: str | None, parent: str | None, ckpt: dict[str, Any]) -> dict[str, Any]:
+                   model_id: str | None, parent: str | None, ckpt: dict[str, Any], *, precision: str = "fp32",
+                   quantization: dict[str, Any] | None = None, drop_vs_fp32: dict[str, float] | None = None
+                   ) -> Manifest:
+    """The manifest of a model evaluated as `result` (trainer.evaluate): its identity, input, calibration
+    and metrics; `precision` and the `quantization` recipe for a quantised graph, with its `drop_vs_fp32`."""
     scope = "unified" if len(cfg.classes) > 1 else cfg.classes[0]
     keep = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "fpr_at_threshold", "tpr_at_threshold")
     metrics = {
@@ -149,7 +154,9 @@ def build_manifest(cfg: TrainConfig, result: dict[str, Any], sigma: float, versi
         "latency_ms": result["latency_ms"], "size_mb": result["size_mb"], "runtime": result["runtime"],
         "epochs": ckpt["epoch"], "val_loss": ckpt["best_val"],
     }
-    return json_safe({
+    if drop_vs_fp32 is not None:
+        metrics["drop_vs_fp32"] = drop_vs_fp32
+    return Manifest.from_dict(json_safe({
         "model_id": model_id or f"{cfg.method}-{cfg.model.backbone}-{scope}-{cfg.size}",
         "version": version,
         "method": cfg.method,
@@ -161,13 +168,13 @@ def build_manifest(cfg: TrainConfig, result: dict[str, Any], sigma: float, versi
         "sigma": sigma,
         "mean": list(input_normalization(cfg.model.backbone)[0]),
         "std": list(input_normalization(cfg.model.backbone)[1]),
-        "precision": "fp32",
-        "quantization": None,
+        "precision": precision,
+        "quantization": quantization,
         "class_input": CLASS_INPUT_NAME if get_method(cfg.method).class_conditional else None,
         "calibration": result["calibration"],
         "metrics": metrics,
         "parent": parent,
-    })
+    }))
 
 
 # -- the demo's preset ----------------------------------------------------------

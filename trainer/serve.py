@@ -39,12 +39,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shared.scoring import ClassCalibration
 from shared.vocabulary import REVIEW_DEFECT, REVIEW_FALSE_ALARM
 
 from trainer.gate import HOLDOUT, SPLITS, Limits, assign_split, gate
@@ -381,11 +383,10 @@ def quantize(cfg: ServeConfig, checkpoint: Path, out: Path) -> tuple[Path, dict[
 
 def scored(runner: Any, data: Path, classes: list[str], val_fraction: float, seed: int,
            collected: dict[str, dict[str, Any]], sigma: float, latency_runs: int,
-           shipped: dict[str, Any] | None = None) -> dict[str, Any]:
+           shipped: Mapping[str, ClassCalibration] | None = None) -> dict[str, Any]:
     """evaluate() with per-image details, plus the raw scores of the collected images by role and split
     (`hub[role][split]`). With `shipped` (a package's calibration per class), the test set is scored with
     the reference and judged at the threshold the package ships, not at a recalibration."""
-    from shared.scoring import ClassCalibration
     from trainer.evaluate import evaluate, score_images
 
     result = evaluate(runner, data, classes, runner.size, sigma=sigma, val_fraction=val_fraction, seed=seed,
@@ -393,7 +394,7 @@ def scored(runner: Any, data: Path, classes: list[str], val_fraction: float, see
     for cls in classes:
         m = result["classes"][cls]
         if shipped is not None:
-            cal = ClassCalibration.from_dict(shipped[cls])
+            cal = shipped[cls]
             m["scores"] = score_images(runner, m["paths"], sigma, reference=cal.reference)[0].tolist()
             m["calibration"] = cal.to_dict()
         cal = ClassCalibration.from_dict(m["calibration"])
@@ -420,10 +421,9 @@ def build_package(cfg: ServeConfig, checkpoint: Path, onnx_path: Path, result: d
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     tcfg = TrainConfig.from_dict(ckpt["config"])
-    manifest = build_manifest(tcfg, result, result["sigma"], version, cfg.model_id, parent, ckpt)
-    if recipe is not None:
-        manifest["precision"] = "int8"
-        manifest["quantization"] = json_safe(recipe)
+    manifest = build_manifest(tcfg, result, result["sigma"], version, cfg.model_id, parent, ckpt,
+                              precision="fp32" if recipe is None else "int8",
+                              quantization=None if recipe is None else json_safe(recipe))
     golden = golden_images(onnx_runner(onnx_path), data, manifest)
     key = load_private_key(cfg.key) if cfg.key else None
     return write_package(out, manifest, onnx_path, golden, key=key)
@@ -562,8 +562,7 @@ def _cycle(cfg: ServeConfig, hub: Hub, state: dict[str, Any]) -> Outcome:
         cur_runner = make_runner(package or ckpt_path)
         shipped = None
         if package:
-            sigma = float(cur_runner.meta["manifest"].get("sigma", sigma))
-            shipped = cur_runner.meta["manifest"]["calibration"]
+            sigma, shipped = cur_runner.manifest.sigma, cur_runner.manifest.calibration
         cur_data = Path(cur_cfg.data) if Path(cur_cfg.data).exists() else cfg.data
         cur_result = scored(cur_runner, cur_data, classes, cur_cfg.val_fraction, cur_cfg.seed,
                             collected, sigma, cfg.latency_runs, shipped)

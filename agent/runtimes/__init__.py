@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
+
+from shared.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -29,31 +31,31 @@ class Runtime(Protocol):
     def infer(self, batch: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray: ...
 
 
-def class_indices(manifest: dict[str, Any], classes: Sequence[str] | None, n: int) -> np.ndarray | None:
+def class_indices(manifest: Manifest, classes: Sequence[str] | None, n: int) -> np.ndarray | None:
     """The class-index input for `n` frames of `classes` (one name per frame, or one for all), or None
     for a graph that takes no class."""
-    if not manifest.get("class_input"):
+    if not manifest.class_conditional:
         return None
     if not classes:
         raise ValueError("this model scores each frame against its own class: pass the frames' classes")
     names = list(classes) * n if len(classes) == 1 else list(classes)
     if len(names) != n:
         raise ValueError(f"{len(names)} class names for {n} frames")
-    known = manifest["classes"]
+    known = manifest.classes
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"class(es) {unknown} are not in this model ({', '.join(known)})")
     return np.asarray([known.index(c) for c in names], np.int32)
 
 
-def feed(manifest: dict[str, Any], input_name: str, batch: np.ndarray,
+def feed(manifest: Manifest, input_name: str, batch: np.ndarray,
          classes: Sequence[str] | None) -> dict[str, np.ndarray]:
     """A graph's inputs for `batch` (N, S, S, 3) uint8: the frames, and their class indices where the graph
     takes them (`class_indices`)."""
     inputs = {input_name: np.ascontiguousarray(batch, dtype=np.uint8)}
     index = class_indices(manifest, classes, len(batch))
     if index is not None:
-        inputs[manifest["class_input"]] = index
+        inputs[manifest.class_input] = index
     return inputs
 
 
@@ -69,7 +71,7 @@ def tensorrt_available() -> bool:
         return False
 
 
-def open_runtime(kind: str, model: bytes, manifest: dict[str, Any], threads: int = 0,
+def open_runtime(kind: str, model: bytes, manifest: Manifest, threads: int = 0,
                  cache_dir: str | None = None) -> Runtime:
     """Open `kind`; "auto" picks TensorRT when a GPU and tensorrt are present, else ONNX Runtime.
 

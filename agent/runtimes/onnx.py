@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from agent.runtimes import feed
+from shared.manifest import Manifest
 
 
 class OnnxRuntime:
@@ -15,7 +15,7 @@ class OnnxRuntime:
 
     name = "onnxruntime"
 
-    def __init__(self, model: bytes, manifest: dict[str, Any], threads: int = 0) -> None:
+    def __init__(self, model: bytes, manifest: Manifest, threads: int = 0) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -26,8 +26,8 @@ class OnnxRuntime:
         self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
         self.manifest = manifest
         self.input = self.session.get_inputs()[0].name
-        self.output = manifest.get("output_name", "anomaly_map")
-        self.size = int(manifest["input_size"])
+        self.output = manifest.output_name
+        self.size = manifest.input_size
 
     def infer(self, batch: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
         """(N, S, S, 3) uint8 [, the frames' class names] -> (N, m, m) float32."""

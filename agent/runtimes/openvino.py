@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from agent.runtimes import RuntimeUnavailable, feed
+from shared.manifest import Manifest
 
 
 class OpenVinoRuntime:
@@ -20,7 +20,7 @@ class OpenVinoRuntime:
 
     name = "openvino"
 
-    def __init__(self, model: bytes, manifest: dict[str, Any], threads: int = 0) -> None:
+    def __init__(self, model: bytes, manifest: Manifest, threads: int = 0) -> None:
         try:
             import openvino as ov
         except ImportError:
@@ -35,11 +35,11 @@ class OpenVinoRuntime:
         self.compiled = core.compile_model(network, "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.manifest = manifest
-        self.class_input = manifest.get("class_input")
+        self.class_input = manifest.class_input
         names = [i.get_any_name() for i in self.compiled.inputs]
         self.input = next(n for n in names if n != self.class_input)
         self.output = self.compiled.outputs[0]
-        self.size = int(manifest["input_size"])
+        self.size = manifest.input_size
 
     def infer(self, batch: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
         """(N, S, S, 3) uint8 [, the frames' class names] -> (N, m, m) float32."""

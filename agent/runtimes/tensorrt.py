@@ -13,11 +13,11 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from agent.runtimes import RuntimeUnavailable, class_indices
+from shared.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def engine_key(onnx_sha256: str, trt_version: str, gpu: str, precision: str) -> 
 class TensorRTRuntime:
     name = "tensorrt"
 
-    def __init__(self, model: bytes, manifest: dict[str, Any], cache_dir: str | Path | None = None,
+    def __init__(self, model: bytes, manifest: Manifest, cache_dir: str | Path | None = None,
                  max_batch: int = MAX_BATCH) -> None:
         try:
             import pycuda.driver as cuda
@@ -56,10 +56,10 @@ class TensorRTRuntime:
         try:
             self.logger = trt.Logger(trt.Logger.WARNING)
             self.manifest = manifest
-            self.class_input = manifest.get("class_input")   # a class-conditional graph's second input
-            self.size = int(manifest["input_size"])
+            self.class_input = manifest.class_input   # a class-conditional graph's second input
+            self.size = manifest.input_size
             self.max_batch = max_batch
-            precision = manifest.get("precision", "fp32")
+            precision = manifest.precision
             key = engine_key(hashlib.sha256(model).hexdigest(), trt.__version__, self.gpu,
                              f"{precision}-b{max_batch}")  # the profile's batch range shapes the engine
             cache = Path(cache_dir or "var/agent/engines")
@@ -147,7 +147,7 @@ class TensorRTRuntime:
         n = batch.shape[0]
         index = class_indices(self.manifest, classes, n)
         if n > self.max_batch:
-            names = None if index is None else [self.manifest["classes"][k] for k in index]
+            names = None if index is None else [self.manifest.classes[k] for k in index]
             return np.concatenate([self.infer(batch[i:i + self.max_batch], names and names[i:i + self.max_batch])
                                    for i in range(0, n, self.max_batch)])
         self.context_cuda.push()

@@ -20,11 +20,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from hub.store import is_sha
+from shared.manifest import Manifest
 from shared.package import SUFFIX, PackageError, read_package
 
 CHUNK = 1 << 20
@@ -43,7 +44,7 @@ class StoredPackage:
     sha256: str
     size_bytes: int
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     signed_by: str | None
 
 

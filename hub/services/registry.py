@@ -148,9 +148,9 @@ def lineage(session: Session, model: ModelView) -> Lineage:
     return Lineage(ancestors, children)
 
 
-def summary_metrics(manifest: Mapping[str, Any]) -> dict[str, Any]:
+def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """What the registry shows of a package's metrics: means, per-class image AUROC, cost, drop vs FP32."""
-    m = manifest.get("metrics") or {}
+    m = metrics or {}
     mean = m.get("mean") or {}
     out: dict[str, Any] = {k: mean[k] for k in ("image_auroc", "pixel_auroc", "aupro") if _number(mean.get(k))}
     classes = {c: v.get("image_auroc") for c, v in (m.get("classes") or {}).items() if isinstance(v, dict)}
@@ -206,17 +206,17 @@ def register_package(
     """Register an uploaded, verified package from its own manifest; `url(id)` is where the hub serves it."""
     m = stored.manifest
     data = {
-        "name": m["model_id"],
-        "version": m["version"],
+        "name": m.model_id,
+        "version": m.version,
         "sha256": stored.sha256,
         "size_bytes": stored.size_bytes,
         "url": "/",  # replaced below, once the id is known
-        "method": m["method"],
-        "classes": m["classes"],
-        "precision": m["precision"],
+        "method": m.method,
+        "classes": list(m.classes),
+        "precision": m.precision,
         "notes": notes,
-        "parent_version": m.get("parent") or "",
-        "metrics": summary_metrics(m),
+        "parent_version": m.parent or "",
+        "metrics": summary_metrics(m.metrics),
     }
     model = _create(session, data, user_id)
     model.url = url(model.id)
@@ -232,9 +232,9 @@ def attach_package(
     if model is None:
         raise NotFound(f"no model with id {model_id}")
     m = stored.manifest
-    if (m["model_id"], m["version"]) != (model.name, model.version):
+    if (m.model_id, m.version) != (model.name, model.version):
         raise QueryError(
-            f"the upload is {m['model_id']} {m['version']}, but model {model_id} is "
+            f"the upload is {m.model_id} {m.version}, but model {model_id} is "
             f"{model.name} {model.version}; upload it to its own entry or POST it to /api/models"
         )
     if stored.sha256 != model.sha256 or stored.size_bytes != model.size_bytes:

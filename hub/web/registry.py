@@ -3,8 +3,6 @@ devices running it), and their rollouts."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
@@ -13,6 +11,7 @@ from hub.services.common import NotFound, QueryError
 from hub.web.auth import requires
 from hub.web.db import get_session
 from hub.web.fleet import silent_after
+from shared.manifest import Manifest
 
 bp = Blueprint("registry", __name__, url_prefix="/models")
 ACTIONS = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}
@@ -32,7 +31,7 @@ def index() -> ResponseReturnValue:
                            sites=devices.site_names(session))
 
 
-def hosted_manifest(sha: str) -> tuple[dict[str, Any], str | None] | None:
+def hosted_manifest(sha: str) -> tuple[Manifest, str | None] | None:
     """The manifest and signer of the package this hub hosts under `sha`, or None. Read once per
     package: the file is content-addressed, so what it says never changes."""
     from hub.web.api import package_store

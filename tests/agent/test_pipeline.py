@@ -81,9 +81,9 @@ def test_one_result_per_image_with_the_runtime_s_scores(tmp_path, tiny_package, 
     sess = ort.InferenceSession(pkg.model, providers=["CPUExecutionProvider"])
     for name, spot in truth.items():
         r = by_name[name]
-        boxed, placement = letterbox(read_image(folder / name), pkg.manifest["input_size"])
-        expected = image_score(sess.run(None, {"image": boxed[None]})[0][0, 0], pkg.manifest["sigma"],
-                               placement, pkg.manifest["input_size"])
+        boxed, placement = letterbox(read_image(folder / name), pkg.manifest.input_size)
+        expected = image_score(sess.run(None, {"image": boxed[None]})[0][0, 0], pkg.manifest.sigma,
+                               placement, pkg.manifest.input_size)
         assert r.score == expected                   # bit for bit: same runtime, same scoring code
         assert r.verdict == ("anomaly" if spot else "ok"), (name, r.score)
         assert (len(r.crops) > 0) == spot

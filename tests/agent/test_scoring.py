@@ -5,16 +5,21 @@ import numpy as np
 import pytest
 
 from agent.scoring import Scorer
+from shared.manifest import Manifest
 from shared.scoring import calibrate, fit_reference, image_score, package_score
 
 
-def manifest_with_reference(seed: int = 0) -> tuple[dict, np.ndarray]:
+def manifest_with_reference(seed: int = 0) -> tuple[Manifest, np.ndarray]:
     rng = np.random.default_rng(seed)
     normals = rng.gamma(2.0, 0.05, (20, 32, 32)).astype(np.float32)
     normals[:, :4] *= 4                                   # the top rows run high on every normal image
     ref = fit_reference(normals)
     cal = calibrate([image_score(ref.standardise(m), 1.0) for m in normals[:10]], reference=ref)
-    return {"sigma": 1.0, "input_size": 128, "classes": ["part"], "calibration": {"part": cal.to_dict()}}, normals
+    manifest = Manifest.from_dict(dict(
+        model_id="m", version="1", method="stfpm", backbone="efficientnet-lite0", classes=["part"], input_size=128,
+        map_size=32, sigma=1.0, mean=[127.0] * 3, std=[128.0] * 3, precision="fp32",
+        calibration={"part": cal.to_dict()}, metrics={}))
+    return manifest, normals
 
 
 def test_scorer_standardises_with_the_class_reference_like_the_package() -> None:

@@ -151,8 +151,8 @@ def test_false_alarms_retrain_pass_the_gate_and_roll_out(
 
     # lineage: the parent is what the fleet runs (2.0.0, as cam-a reports), the version one patch above it
     pkg = read_package(cycle["package"], trusted_keys=[new_key().public_key(), _public(signing)])
-    assert pkg.manifest["version"] == "2.0.1" and pkg.manifest["parent"] == "2.0.0"
-    assert pkg.manifest["classes"] == ["disc"] and pkg.manifest["model_id"] == model_name(tmp_path)
+    assert pkg.manifest.version == "2.0.1" and pkg.manifest.parent == "2.0.0"
+    assert pkg.manifest.classes == ("disc",) and pkg.manifest.model_id == model_name(tmp_path)
     with hub_db.session() as session:
         model = session.scalars(select(Model).where(Model.id == cycle["hub_model_id"])).one()
         assert (model.name, model.version, model.parent_version) == (model_name(tmp_path), "2.0.1", "2.0.0")

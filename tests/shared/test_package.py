@@ -30,7 +30,9 @@ def test_write_read_round_trip(tmp_path, model_file):
     out = pkg.write_package(tmp_path / "m.kdpkg", manifest(), model_file, golden)
     p = pkg.read_package(out)
     assert p.model == model_file.read_bytes()
-    assert p.manifest["files"]["model.onnx"] == pkg.sha256(p.model)
+    assert p.manifest.files["model.onnx"] == pkg.sha256(p.model)
+    assert p.manifest.classes == ("brick", "screw") and p.manifest.calibration["screw"].threshold == 1.5
+    assert p.manifest.resize == "letterbox" and p.manifest.class_input is None   # defaults of older packages
     assert p.golden == tuple(golden)
     assert p.signed_by is None
 
@@ -98,6 +100,10 @@ def test_truncated_and_extra_members_are_refused(tmp_path, model_file):
     ({"classes": []}, "non-empty"),
     ({"calibration": {"brick": {"center": 0, "scale": 1, "threshold": 1}}}, "no calibration"),
     ({"input_size": "256"}, "wrong type"),
+    ({"classes": ["brick", "brick"]}, "twice"),
+    ({"resize": "crop"}, "'resize' must be one of"),
+    ({"std": [0.2]}, "one length"),
+    ({"precision": "int3"}, "unknown precision"),
     ({"calibration": {c: {"center": 0, "scale": 1, "threshold": 1, "reference": {"mean": [[0.0]], "spread": [[0.0]]}}
                       for c in ("brick", "screw")}}, "malformed position reference"),
 ])

@@ -108,11 +108,11 @@ def test_package(checkpoint: Path, tiny: Path, tmp_path: Path) -> None:
     m = pkg.manifest
     for key in ("model_id", "version", "method", "backbone", "classes", "input_size", "map_size", "sigma",
                 "mean", "std", "precision", "quantization", "calibration", "metrics", "parent"):
-        assert key in m
-    got = (m["version"], m["method"], m["precision"], m["input_size"], m["map_size"])
-    assert got == ("1.2.3", "stfpm", "fp32", 64, 16)
-    assert m["classes"] == ["disc", "stripes"] and set(m["calibration"]) == {"disc", "stripes"}
-    assert 0 <= m["metrics"]["mean"]["image_auroc"] <= 1
+        assert key in m.to_dict()
+    got = (m.version, m.method, m.precision, m.input_size, m.map_size, m.resize)
+    assert got == ("1.2.3", "stfpm", "fp32", 64, 16, "stretch")
+    assert m.classes == ("disc", "stripes") and set(m.calibration) == {"disc", "stripes"}
+    assert 0 <= m.metrics["mean"]["image_auroc"] <= 1
     assert not list(tmp_path.glob("*.onnx"))   # the intermediate file is cleaned up
     sess = ort.InferenceSession(pkg.model, providers=["CPUExecutionProvider"])
     assert {g.cls for g in pkg.golden} == {"disc", "stripes"} and len(pkg.golden) == 4
@@ -121,11 +121,11 @@ def test_package(checkpoint: Path, tiny: Path, tmp_path: Path) -> None:
         assert frame.shape == (64, 64, 3)
         (amap,) = sess.run(None, {"image": frame[None]})
         assert package_score(amap[0, 0], m, g.cls) == pytest.approx(g.score, rel=1e-5)
-    for cls in m["classes"]:   # a class's reference travels in the manifest exactly where its trial kept it
-        ref = ClassCalibration.from_dict(m["calibration"][cls]).reference
-        assert (ref is not None) == m["metrics"]["classes"][cls]["reference_used"]
+    for cls in m.classes:   # a class's reference travels in the manifest exactly where its trial kept it
+        ref = m.calibration[cls].reference
+        assert (ref is not None) == m.metrics["classes"][cls]["reference_used"]
     on = read_package(export_package(checkpoint, tmp_path / "on.kdpkg", reference="on", latency_runs=1))
-    ref = ClassCalibration.from_dict(on.manifest["calibration"]["disc"]).reference
+    ref = on.manifest.calibration["disc"].reference
     assert ref is not None and ref.mean.shape == (16, 16) and (ref.spread > 0).all()
 
 
@@ -136,7 +136,7 @@ def test_quick_package_is_cached(tiny: Path, tmp_path: Path) -> None:
     t = time.monotonic()
     again = quick_package(tiny, tmp_path, size=64, epochs=1)
     assert again == first and time.monotonic() - t < max(1.0, took / 5)
-    assert read_package(first).manifest["classes"] == ["disc", "stripes"]
+    assert read_package(first).manifest.classes == ("disc", "stripes")
     other = quick_package(tiny, tmp_path, size=64, epochs=2)   # new settings: a new package
     assert other != first and other.exists()
 
@@ -152,5 +152,5 @@ def test_cli_train_evaluate_export(tiny: Path, tmp_path: Path, capsys: pytest.Ca
     assert "image AUROC" in capsys.readouterr().out
     assert "disc" in json.loads((tmp_path / "r.json").read_text())[str(ckpt)]["classes"]
     assert export_main([str(ckpt), "--out", str(tmp_path / "m.kdpkg")]) == 0
-    assert read_package(capsys.readouterr().out.strip()).manifest["classes"] == ["disc"]
+    assert read_package(capsys.readouterr().out.strip()).manifest.classes == ("disc",)
     assert train_main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2

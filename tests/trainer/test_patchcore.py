@@ -103,14 +103,14 @@ def test_the_graph_searches_the_bank_in_onnx(fitted: Path, tmp_path: Path) -> No
 def test_the_package_runs_on_the_agent_s_runtime_per_class(fitted: Path, data: Path, tmp_path: Path) -> None:
     pkg = read_package(export_package(fitted, tmp_path / "pc.kdpkg", data, latency_runs=1, golden_per_class=2))
     m = pkg.manifest
-    assert m["method"] == "patchcore" and m["class_input"] == CLASS_INPUT_NAME and m["classes"] == CLASSES
+    assert m.method == "patchcore" and m.class_input == CLASS_INPUT_NAME and list(m.classes) == CLASSES
     rt = open_runtime("onnxruntime", pkg.model, m, threads=1)
     from shared.imaging import decode_image
 
     for g in pkg.golden:   # the golden self-test an agent runs before it swaps a package in
         assert package_score(rt.infer(decode_image(g.png)[None], [g.cls])[0], m, g.cls) == pytest.approx(
             g.score, rel=1e-4, abs=1e-4)
-    frames, _ = load_square(sorted((data / "washer" / "test" / "good").glob("*.png"))[:2], SIZE, resize=m["resize"])
+    frames, _ = load_square(sorted((data / "washer" / "test" / "good").glob("*.png"))[:2], SIZE, resize=m.resize)
     mixed = rt.infer(frames, ["washer", "brick"])
     np.testing.assert_allclose(mixed[0], rt.infer(frames[:1], ["washer"])[0], rtol=1e-5)
     assert mixed[1].mean() > mixed[0].mean()     # a washer scored against the brick bank

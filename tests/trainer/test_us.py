@@ -132,8 +132,8 @@ def test_onnx_runtime_agrees_with_torch(trained: Path, tmp_path: Path) -> None:
 
 def test_packages_through_the_shared_export(trained: Path, data: Path, tmp_path: Path) -> None:
     pkg = read_package(export_package(trained, tmp_path / "us.kdpkg", data, latency_runs=2, golden_per_class=2))
-    assert pkg.manifest["method"] == "us" and pkg.manifest["map_size"] == SIZE // 4
-    assert set(pkg.manifest["calibration"]) == {"washer"}
+    assert pkg.manifest.method == "us" and pkg.manifest.map_size == SIZE // 4
+    assert set(pkg.manifest.calibration) == {"washer"}
 
 
 def test_detects_an_obvious_defect(trained: Path, data: Path) -> None:

@@ -263,10 +263,9 @@ def package_variant(v: Variant, tcfg, cfg: ReportConfig, folder: Path, reference
     ckpt = {"epoch": None, "best_val": None}
     manifest = build_manifest(tcfg, v.evaluation, sigma, "0.1.0",
                               f"{tcfg.method}-{tcfg.model.backbone}-{tcfg.size}-{v.recipe.name.replace(':', '-')}",
-                              None, ckpt)
-    manifest["precision"] = v.recipe.precision
-    manifest["quantization"] = json_safe({k: val for k, val in v.detail.items() if k != "package"})
-    manifest["metrics"]["drop_vs_fp32"] = json_safe({k: reference.metrics[k] - v.metrics[k] for k in v.metrics})
+                              None, ckpt, precision=v.recipe.precision,
+                              quantization=json_safe({k: val for k, val in v.detail.items() if k != "package"}),
+                              drop_vs_fp32=json_safe({k: reference.metrics[k] - v.metrics[k] for k in v.metrics}))
     golden = golden_images(onnx_runner(v.path), cfg.data or tcfg.data, manifest)
     return write_package(folder / f"{v.recipe.name.replace(':', '_')}.kdpkg", manifest, v.path, golden)
 
