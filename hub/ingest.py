@@ -33,6 +33,11 @@ With an MQTT 5 broker, results and metrics are read through a shared
 subscription (``$share/<group>/...``) so several ingest processes split the
 load; status stays an ordinary subscription because brokers do not send
 retained messages (the birth messages) to shared ones.
+
+`Ingest` is one class and this is one module: its two threads (the network
+thread that validates, the writer that stores, sends receipts and acknowledges)
+share its queue, counters and stop flag, and the hand-over between them is
+what has to be read in one place.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ so a result re-sent after an outage is recognised and stored once.
 Stations and product classes are rows of their own that results refer to;
 `models` and `rollouts` hold the model registry the OTA rollouts work from.
 Schema changes go through Alembic (hub/migrations), never `create_all`.
+
+The whole schema is one module on purpose: the tables refer to one another and
+Alembic (hub/migrations/env.py) compares the migrations with all of their
+metadata at once, so it is read as one.
 """
 
 from __future__ import annotations

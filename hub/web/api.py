@@ -4,6 +4,11 @@ Authenticate with ``Authorization: Bearer <token>`` (`kdfleet hub add-token
 NAME --role ROLE`) or a dashboard session. Times are ISO 8601 in UTC; images
 are URLs under /images/. Lists page with `before` (the `next` URL in each
 answer). The OpenAPI 3 description is at /api/openapi.json.
+
+The module's length is its number of routes, each a few lines over a service
+function. They share one blueprint, whose endpoint names ("api.result",
+"api.model_package", ...) the templates and the API's own links use, so they
+stay in one module, read beside openapi.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The OpenAPI 3 description of the JSON API, served at /api/openapi.json.
 
 Written by hand next to the views it describes; a test checks that every
-/api route is documented and every documented path exists.
+/api route is documented and every documented path exists. It is one document,
+read and checked as a whole, so it stays one module however many routes
+the API has.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ EfficientNet-Lite uses TensorFlow's "same" padding. For inputs divisible by 32
 every strided convolution sees an even size, so the padding is a fixed
 constant per layer: no shape logic runs per call and the ONNX graph holds only
 static Pad and Conv nodes.
+
+Both families stay in this one module (about 400 lines) with what they share:
+the `Backbone` base that taps the requested strides, and the checked loader.
 """
 from __future__ import annotations
 
