@@ -1,5 +1,5 @@
 """Running the hub until SIGINT or SIGTERM: `serve` (dashboard, ingest, rollouts, retention in one
-process) and extra `ingest` workers. `hub.cli` opens the database and hands it over."""
+process) and extra `ingest` workers. `hub.commands.run` opens the database and hands it over."""
 from __future__ import annotations
 
 import logging
