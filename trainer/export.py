@@ -24,7 +24,8 @@ import torch
 from shared.imaging import encode_png
 from shared.manifest import Manifest
 from shared.package import GoldenImage, write_package
-from trainer.evaluate import DEFAULT_SIGMA, evaluate, onnx_runner, torch_runner
+from trainer.evaluate import DEFAULT_SIGMA, evaluate
+from trainer.runners import onnx_runner, torch_runner
 from trainer.jsonsafe import json_safe
 from trainer.inference_graph import CLASS_INPUT_NAME, INPUT_NAME, MAP_STRIDE, OUTPUT_NAME, InferenceGraph
 from trainer.models import get_method

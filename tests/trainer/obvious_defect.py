@@ -8,7 +8,7 @@ import numpy as np
 
 from shared.metrics import auroc
 from shared.scoring import calibrate, image_score
-from trainer.evaluate import make_runner
+from trainer.runners import make_runner
 from trainer.data.frames import load_square
 from trainer.checkpoint import load_checkpoint
 from trainer.data.mvtec import split_normal

@@ -87,7 +87,7 @@ def build_package(cfg: ServeConfig, checkpoint: Path, onnx_path: Path, result: d
     import torch
 
     from shared.package import load_private_key, write_package
-    from trainer.evaluate import onnx_runner
+    from trainer.runners import onnx_runner
     from trainer.export import build_manifest, golden_images
     from trainer.jsonsafe import json_safe
     from trainer.config import TrainConfig

@@ -122,7 +122,8 @@ def start_rollout(hub: Hub, state: dict[str, Any], policy: dict[str, Any]) -> tu
 
 
 def _cycle(cfg: ServeConfig, hub: Hub, state: dict[str, Any]) -> Outcome:
-    from trainer.evaluate import DEFAULT_SIGMA, make_runner, onnx_runner
+    from trainer.evaluate import DEFAULT_SIGMA
+    from trainer.runners import make_runner, onnx_runner
     from trainer.export import check_onnx, export_onnx
     from trainer.checkpoint import load_checkpoint
     from trainer.config import TrainConfig
