@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.models import METHOD_NAMES
     from trainer.quantize import parse_recipes
     from trainer.quantize.qat import QATConfig
-    from trainer.quantize.report import ReportConfig, format_table, quantize_report, write_report
+    from trainer.quantize.report import ReportConfig, quantize_report
+    from trainer.quantize.report_files import format_table, write_report
 
     p = argparse.ArgumentParser(prog="python -m bench.quantization", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="runs/bench-quantization", help="data, checkpoints and reports go here")

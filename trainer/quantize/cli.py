@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
 
 def quantize_main(argv: list[str] | None = None) -> int:
     from trainer.quantize.qat import QATConfig
-    from trainer.quantize.report import ReportConfig, format_table, quantize_report
+    from trainer.quantize.report import ReportConfig, quantize_report
+    from trainer.quantize.report_files import format_table
 
     args = parser().parse_args(argv)
     try:
