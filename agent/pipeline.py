@@ -17,6 +17,10 @@ The model in use is one `ActiveModel` (package, runtime, scorer) read once
 per batch: an over-the-air update (agent/updates.py) builds and self-tests
 the new one aside and swaps the reference, so inference never waits on it
 and every frame is scored by the model that inferred it.
+
+The stages stay in one module, past the usual length: they share the queues,
+the counters, the stop event and the active model, and the hand-offs between
+them are what a reader needs to see together.
 """
 from __future__ import annotations
 
@@ -28,11 +32,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from agent import __version__
+from agent import __version__, health
 from agent.config import AgentConfig, SourceConfig
 from agent.publisher import Publisher
 from agent.runtimes import Runtime, open_runtime
@@ -435,16 +438,16 @@ class Agent:
             fps = c.window_frames / max(now - c.window_start, 1e-6)
             c.window_start, c.window_frames = now, 0
             lat = np.array(c.latency_ms) if c.latency_ms else np.zeros(1)
-            infer = latency_percentiles(c.infer_ms)
-            score = latency_percentiles(c.score_ms)
+            infer = health.latency_percentiles(c.infer_ms)
+            score = health.latency_percentiles(c.score_ms)
             dropped, rejected = c.dropped, c.rejected
         return messages.Metrics(
             device=self.cfg.device, ts=time.time(), fps=fps,
             latency_p50_ms=float(np.percentile(lat, 50)), latency_p95_ms=float(np.percentile(lat, 95)),
             frames_dropped=dropped, spool_depth=self.spool.depth(), pending_receipts=self.publisher.unconfirmed(),
-            results_dropped=sum(self.spool.dropped().values()), cpu_percent=_cpu_percent(),
-            temperature_c=_temperature(), infer_p50_ms=infer[0], infer_p95_ms=infer[1],
-            score_p50_ms=score[0], score_p95_ms=score[1], gpu_percent=_gpu_percent(),
+            results_dropped=sum(self.spool.dropped().values()), cpu_percent=health.cpu_percent(),
+            temperature_c=health.temperature(), infer_p50_ms=infer[0], infer_p95_ms=infer[1],
+            score_p50_ms=score[0], score_p95_ms=score[1], gpu_percent=health.gpu_percent(),
             frames_rejected=rejected, source_error=self.source_error())
 
     # -- life cycle ---------------------------------------------------------------
@@ -504,52 +507,3 @@ class Agent:
             log.info("stopping")
         finally:
             self.shutdown()
-
-
-def latency_percentiles(values: deque[float]) -> tuple[float, float]:
-    """p50 and p95 of a latency window; -1 for an empty one."""
-    if not values:
-        return -1.0, -1.0
-    a = np.array(values)
-    return float(np.percentile(a, 50)), float(np.percentile(a, 95))
-
-
-# Jetson boards report GPU load in tenths of a percent here
-JETSON_GPU_LOAD = ("/sys/devices/gpu.0/load", "/sys/devices/platform/gpu.0/load",
-                   "/sys/devices/platform/bus@0/17000000.gpu/load")
-
-
-def _gpu_percent() -> float:
-    """GPU load in percent where readable: Jetson sysfs, else NVML (nvidia-ml-py) if installed; -1 otherwise."""
-    for path in JETSON_GPU_LOAD:
-        try:
-            return int(Path(path).read_text().strip()) / 10.0
-        except (OSError, ValueError):
-            continue
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return float(pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(0)).gpu)
-    except Exception:   # no NVML library, no GPU, no driver: unknown
-        return -1.0
-
-
-def _cpu_percent() -> float:
-    try:
-        import psutil
-
-        return float(psutil.cpu_percent(interval=None))
-    except ImportError:
-        return -1.0
-
-
-def _temperature() -> float:
-    """The hottest thermal zone (Jetsons and most PCs expose them), -1 when none is readable."""
-    temps = []
-    for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
-        try:
-            temps.append(int(zone.read_text().strip()) / 1000.0)
-        except (OSError, ValueError):
-            continue
-    return max(temps) if temps else -1.0

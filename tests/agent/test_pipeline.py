@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from agent.config import load
-from agent.pipeline import Agent, latency_percentiles
+from agent.health import latency_percentiles
+from agent.pipeline import Agent
 from shared import messages, topics
 from shared.config import BrokerConfig
 from shared.imaging import letterbox, read_image
