@@ -24,6 +24,9 @@ alone, one frame at a time on one thread, to show where the time goes.
 
 Targets (issue "The edge agent"): STFPM INT8 at 256 px >= 150 frames/s end to end and peak RSS
 <= 400 MB on a 2-core CPU.
+
+One module past the usual length: a benchmark is read as a whole, from the packages it builds to
+the table it prints, and nothing else imports its parts.
 """
 from __future__ import annotations
 

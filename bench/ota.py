@@ -25,6 +25,9 @@ raise false alarms), each agent trusting that key.
    rolls it out to every agent. Printed: the gate's figures on held-out and trained-on images, the
    cycle's time, the rollout's, and the line's own false-alarm rate and recall (results on good and
    defect images) before and after, measured in the same run.
+
+One module past the usual length: a benchmark is read as a whole, from the fleet it starts to the
+table it prints, and nothing else imports its parts.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ as the Models page shows). --data and --package run your own data set and model.
 Ctrl-C (or SIGTERM) stops everything in reverse order, in any phase: the
 children run in their own sessions, so only the demo hears it and stops them
 one kind at a time.
+
+The phases stay in one module, read from top to bottom in the order they run;
+the process bookkeeping they share is kdfleet.fleet's.
 """
 from __future__ import annotations
 

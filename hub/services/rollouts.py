@@ -12,6 +12,9 @@ rolled_back); either way `advance` then sends every device it touched back
 to its previous model. `sent_version` on each target makes that idempotent.
 A device offline when its wave times out is left behind (state offline):
 the wave goes on without it, and `resend` tells it again when it reconnects.
+
+One module past the usual length: the policy, the transitions it drives and
+the read views of a rollout are one state machine, read together.
 """
 
 from __future__ import annotations
