@@ -30,6 +30,8 @@ if TYPE_CHECKING:   # the core stays numpy-only at run time
 REFERENCE_GRID = 16    # cells per side of a position reference: 16 px cells at 256 px, as good as per pixel here
 SPREAD_FLOOR = 0.5     # no cell's spread below half the median cell's: calm areas must not amplify noise
 REFERENCE_IMAGES = 64  # normal training images per class behind its reference, evenly spread over the set
+# whether a class's position reference is used: on trial (kept where it scores better), always, never
+REFERENCE_CHOICES = ("auto", "on", "off")
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:

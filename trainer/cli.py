@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.imaging import RESIZE_MODES
+from shared.scoring import REFERENCE_CHOICES
 from trainer.models import METHOD_NAMES
 
-REFERENCE_CHOICES = ("auto", "on", "off")   # trainer.evaluate.REFERENCE_CHOICES, without importing torch here
 EPILOG_DATA = "The set follows the MVTec AD layout: OUT/CLASS/{train/good, test/<defect>, ground_truth/<defect>}."
 
 
@@ -29,6 +30,14 @@ THREADS_HELP = ("CPU threads for torch (default: one per core); use 1 when other
 def fail(prog: str, msg: str) -> int:
     print(f"{prog}: {msg}", file=sys.stderr)
     return 2
+
+
+def reference_flag(ap: argparse.ArgumentParser) -> None:
+    """--reference: whether each class's position reference is used (trainer.evaluate.reference_trial)."""
+    ap.add_argument("--reference", choices=REFERENCE_CHOICES, default="auto",
+                    help="each class's position reference: auto keeps it where it scores synthetic anomalies on "
+                         "held-out normal images better than the raw map; on / off for every class "
+                         "(default %(default)s)")
 
 
 def parse_classes(text: str) -> tuple[str, ...]:
@@ -75,7 +84,7 @@ def train_main(argv: list[str] | None = None) -> int:
         f"{m} {recipe_of(m)['epochs']}" for m in METHOD_NAMES if recipe_of(m).get("epochs")) + ")")
     ap.add_argument("--size", type=int, default=d["size"].default,
                     help="input side, a multiple of 32 (default %(default)s)")
-    ap.add_argument("--resize", choices=("stretch", "letterbox"), default=d["resize"].default,
+    ap.add_argument("--resize", choices=RESIZE_MODES, default=d["resize"].default,
                     help="how a frame becomes the square input: stretch (every pixel used) or letterbox "
                          "(aspect kept, reflected border); the package tells the agent (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="default %(default)s")
@@ -171,17 +180,14 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default=None, help="comma-separated classes (default: the model's)")
     ap.add_argument("--size", type=int, default=None, help="input side (default: the model's)")
     ap.add_argument("--yardstick", action="store_true", help="also evaluate the PatchCore yardstick")
-    ap.add_argument("--resize", choices=("stretch", "letterbox"), default=None,
+    ap.add_argument("--resize", choices=RESIZE_MODES, default=None,
                     help="how frames become the input of an .onnx file (checkpoints and packages say it themselves; "
                          "default for .onnx: letterbox)")
     ap.add_argument("--json", type=Path, default=None, help="write the full results as JSON here")
     ap.add_argument("--report", type=Path, default=None, metavar="DIR",
                     help="also write a report folder (results.json, report.md, ROC / histogram / worst-miss "
                          "PNGs), as `kdfleet compare` does")
-    ap.add_argument("--reference", choices=REFERENCE_CHOICES, default="auto",
-                    help="each class's position reference: auto keeps it where it scores synthetic anomalies on "
-                         "held-out normal images better than the raw map; on / off for every class "
-                         "(default %(default)s)")
+    reference_flag(ap)
     ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = ap.parse_args(argv)
 

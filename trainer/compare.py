@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from trainer.cli import (
-    REFERENCE_CHOICES,
     THREADS_HELP,
     WORST,
     describe_model,
@@ -24,6 +23,7 @@ from trainer.cli import (
     machine_line,
     mode_of,
     parse_classes,
+    reference_flag,
 )
 from trainer.models import METHOD_NAMES
 
@@ -54,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worst", type=int, default=WORST, help="worst misses shown per class and kind (default "
                                                               "%(default)s)")
     ap.add_argument("--latency-runs", type=int, default=20, help="timed single-image runs (default %(default)s)")
-    ap.add_argument("--reference", choices=REFERENCE_CHOICES, default="auto",
-                    help="each class's position reference: auto keeps it where it scores synthetic anomalies on "
-                         "held-out normal images better than the raw map; on / off for every class "
-                         "(default %(default)s)")
+    reference_flag(ap)
     ap.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     args = ap.parse_args(argv)
     if args.train == bool(args.models):

@@ -43,7 +43,8 @@ import cv2
 import numpy as np
 
 from shared.imaging import Placement, read_mask, unletterbox
-from shared.scoring import ClassCalibration, PositionReference, calibrate, fit_reference, score_map
+from shared.scoring import (REFERENCE_CHOICES, ClassCalibration, PositionReference, calibrate, fit_reference,
+                            score_map)
 from trainer.inference_graph import MAP_STRIDE
 from trainer.runners import Runner, make_runner, measure_latency, run_batched
 
@@ -110,7 +111,6 @@ def score_images(runner: Runner, paths: list[str], sigma: float, batch_size: int
 
 # -- the position reference, on trial per class ------------------------------------
 
-REFERENCE_CHOICES = ("auto", "on", "off")
 MIN_REFERENCE_IMAGES = 4   # fewer held-out normal images give no usable spread per position
 
 
