@@ -92,6 +92,11 @@ def test_train_images_vary(dataset: Path):
         assert min(np.abs(a - b).mean() for a, b in itertools.pairwise(imgs)) > 1.0, cls
 
 
+def test_a_thin_defect_at_a_small_size_still_has_a_mask() -> None:
+    img, mask = synth.render("pcb", "extra", seed=3, index=2, size=64)   # a solder bridge thinner than a pixel
+    assert mask is not None and mask.any() and mask.shape == img.shape[:2]
+
+
 def test_regenerating_replaces_own_output_but_never_a_foreign_folder(tmp_path: Path):
     out = tmp_path / "data"
     small = dict(SMALL, n_train=2, n_test_defect=1, n_test_good=1)

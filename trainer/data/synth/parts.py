@@ -254,7 +254,7 @@ def _pcb_extra(rgb: np.ndarray, rng: np.random.Generator, u: np.ndarray, v: np.n
         cov = _cover(d * size)
         glint = 1 + 0.4 * np.exp(-(((u - bu) * size / (2 * px)) ** 2 + ((v - bv) * size / (2 * px)) ** 2))
         _paint(rgb, cov, glint[..., None] * np.float32([0.8, 0.8, 0.77]))
-        return cov >= 0.5
+        return cov >= min(0.5, 0.5 * float(cov.max()))   # at small sizes a bridge is thinner than a pixel
     free = cv2.erode(board * (1 - body), np.ones((9, 9), np.uint8))
     for _ in range(20):
         x, y = _pick(rng, h, w, free)
