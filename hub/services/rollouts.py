@@ -56,6 +56,8 @@ from shared.vocabulary import MODEL_ACTIVE, MODEL_FAILED, MODEL_IDLE, MODEL_ROLL
 LIVE = (ROLLOUT_CANARY, ROLLOUT_ROLLING)  # rollouts the controller advances
 BUSY = (*LIVE, ROLLOUT_PAUSED)  # rollouts whose devices no other rollout may take
 STOPPED = (ROLLOUT_FAILED, ROLLOUT_ROLLED_BACK)  # rollouts that send the devices they told back
+PAUSABLE = LIVE
+ABORTABLE = (*BUSY, ROLLOUT_QUEUED)
 # an update in flight on the device: the agent's own states, as its model/state messages name them
 UPDATING = (TARGET_DESIRED, *MODEL_UPDATING)
 FAILED = (MODEL_FAILED, MODEL_ROLLED_BACK, TARGET_TIMED_OUT)  # target states that count against max_failures
@@ -238,6 +240,18 @@ class RolloutDetail:
     created_at: datetime
     updated_at: datetime
 
+    @property
+    def can_pause(self) -> bool:
+        return self.state in PAUSABLE
+
+    @property
+    def can_resume(self) -> bool:
+        return self.state == ROLLOUT_PAUSED
+
+    @property
+    def can_abort(self) -> bool:
+        return self.state in ABORTABLE
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.targets:
@@ -379,7 +393,7 @@ def _policy(r: Rollout) -> Policy:
 def pause(session: Session, rollout_id: str, note: str = "") -> None:
     """Stop sending new waves; updates already under way finish."""
     r = _rollout(session, rollout_id)
-    if r.state not in LIVE:
+    if r.state not in PAUSABLE:
         raise QueryError(f"rollout {rollout_id} is {r.state}; only a canary or rolling rollout can be paused")
     r.paused_from, r.state, r.updated_at = r.state, ROLLOUT_PAUSED, utcnow()
     r.note = note or "paused by hand"
@@ -400,7 +414,7 @@ def resume(session: Session, rollout_id: str, note: str = "") -> None:
 def abort(session: Session, rollout_id: str, note: str = "") -> None:
     """Stop the rollout; the controller then sends every device it touched back to its previous model."""
     r = _rollout(session, rollout_id)
-    if r.state not in (*BUSY, ROLLOUT_QUEUED):
+    if r.state not in ABORTABLE:
         raise QueryError(f"rollout {rollout_id} is {r.state}; there is nothing to abort")
     r.state, r.note, r.updated_at = ROLLOUT_ROLLED_BACK, note or "aborted by hand", utcnow()
 

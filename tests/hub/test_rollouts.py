@@ -247,10 +247,13 @@ def test_the_rollout_page_shows_each_device_and_admins_steer_it(hub_db, site, si
     assert "Abort and roll back" not in page                     # the buttons are for admins
     assert operator.post(f"/models/rollouts/{rid}/pause", data={"csrf_token": token}).status_code == 403
     admin, token = sign_in("admin")
-    assert "Abort and roll back" in admin.get(f"/models/rollouts/{rid}").get_data(as_text=True)
+    live = admin.get(f"/models/rollouts/{rid}").get_data(as_text=True)
+    assert "Abort and roll back" in live and ">Pause<" in live and ">Resume<" not in live
     done = admin.post(f"/models/rollouts/{rid}/pause", data={"csrf_token": token, "note": "line stop"})
     assert done.status_code == 302
     assert detail(hub_db, rid).state == "paused" and detail(hub_db, rid).note == "line stop"
+    paused = admin.get(f"/models/rollouts/{rid}").get_data(as_text=True)
+    assert ">Resume<" in paused and ">Pause<" not in paused and "Abort and roll back" in paused
     again = admin.post(f"/models/rollouts/{rid}/pause", data={"csrf_token": token})
     assert again.status_code == 409 and "only a canary or rolling rollout" in again.get_data(as_text=True)
     assert admin.post(f"/models/rollouts/{rid}/pause", data={}).status_code in (400, 403)   # no CSRF token
