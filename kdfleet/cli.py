@@ -8,16 +8,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module, function, one-line help)
+from trainer import commands as trainer_commands
+
+# name -> (module, function, one-line help); the trainer's own table supplies its commands
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("kdfleet.demo", "main", "run the whole fleet locally: data, model, broker, hub, 3 stations"),
-    "data": ("trainer.cli", "data_main", "make datasets (`data synth OUT --seed N`)"),
-    "train": ("trainer.cli", "train_main", "train STFPM / RD / US, unified or one-class"),
-    "evaluate": ("trainer.cli", "evaluate_main", "evaluate a checkpoint or package on an MVTec-layout set"),
-    "compare": ("trainer.cli", "compare_main", "unified vs one-class for each method: the per-class report folder"),
-    "export": ("trainer.cli", "export_main", "export a checkpoint to ONNX and pack a model package"),
-    "quantize": ("trainer.quantize.cli", "quantize_main", "FP16 / PTQ / QAT variants and their accuracy-speed report"),
-    "demo-model": ("trainer.cli", "demo_model_main", "train (or reuse) the small unified model the demo runs"),
+    **{n: c for n, c in trainer_commands.COMMANDS.items() if n not in trainer_commands.GROUP_ONLY},
     "agent": ("agent.cli", "main", "the station agent (`agent run`, `agent check`, `agent bench`)"),
     "hub": ("hub.cli", "main", "the hub: MQTT ingest, database and dashboard"),
     "fleet": ("kdfleet.fleet", "main", "one site as local processes (`fleet up --agents N`, `fleet status`)"),
@@ -25,28 +21,22 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "package": ("kdfleet.package_cli", "package_main", "sign, verify and inspect model packages"),
     "trainer": ("kdfleet.cli", "trainer_main", "the trainer's commands as one group (`trainer serve`, ...)"),
 }
-
-# commands reached only through their group: `kdfleet trainer serve`
-GROUP_ONLY: dict[str, tuple[str, str, str]] = {
-    "serve": ("trainer.serve", "main", "retrain from reviewed results and roll out what passes the gate"),
-}
 # a program's subcommand served by another package: the station benchmark is no part of the agent
 ROUTED: dict[tuple[str, str], tuple[str, str]] = {
     ("agent", "bench"): ("bench.agent", "main"),
 }
-GROUPS = {"trainer": ("data", "train", "evaluate", "compare", "export", "quantize", "demo-model", "serve")}
 
 
 def usage(names: list[str]) -> str:
     width = max(len(n) for n in names)
     lines = ["usage: kdfleet <command> [options]   (kdfleet <command> --help for more)", "", "commands:"]
-    lines += [f"  {n.ljust(width)}  {_lookup(n)[2]}" for n in names]
+    lines += [f"  {n.ljust(width)}  {COMMANDS[n][2]}" for n in names]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None, group: str | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    names = list(GROUPS[group]) if group else list(COMMANDS)
+    names = list(COMMANDS)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(names))
         return 0
@@ -54,7 +44,7 @@ def main(argv: list[str] | None = None, group: str | None = None) -> int:
     if name not in names:
         print(f"kdfleet: unknown command {name!r}\n\n{usage(names)}", file=sys.stderr)
         return 2
-    module, func, _ = _lookup(name)
+    module, func, _ = COMMANDS[name]
     if len(argv) > 1 and (name, argv[1]) in ROUTED:
         module, func = ROUTED[name, argv[1]]
         argv = argv[1:]
@@ -70,13 +60,9 @@ def main(argv: list[str] | None = None, group: str | None = None) -> int:
     return int(result or 0)
 
 
-def _lookup(name: str) -> tuple[str, str, str]:
-    return COMMANDS.get(name) or GROUP_ONLY[name]
-
-
 def trainer_main(argv: list[str]) -> int:
     """`kdfleet trainer <command>`: the trainer's group, the same as `python -m trainer`."""
-    return main(argv, group="trainer")
+    return trainer_commands.main(argv, prog="kdfleet trainer")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""`python -m trainer <command>`: the trainer's commands (data, train, evaluate, export)."""
+"""`python -m trainer <command>`: the trainer's commands (trainer/commands.py)."""
 import sys
 
-from kdfleet.cli import main
+from trainer.commands import main
 
-sys.exit(main(group="trainer"))
+sys.exit(main())
