@@ -118,8 +118,8 @@ def best_unified(results: dict[str, Any]) -> dict[str, Any] | None:
 
 def int8_variant(entry: dict[str, Any], data: Path, out: Path, threads: int) -> dict[str, Any]:
     """PTQ INT8 of a unified checkpoint, evaluated like every model. Calibrated on random-normal frames
-    (`trainer.quantize.calibration`): the calibration that lost least in every quantisation report so far,
-    on the synthetic set and the real ones (docs/results.md)."""
+    (`trainer.quantize.calibration`) with the default (percentile) observer: the recipe that lost least
+    in the quantisation reports on the real sets (docs/results.md)."""
     from trainer.evaluate import evaluate
     from trainer.export import export_onnx
     from trainer.quantize.calibration import DataSpec, calibration_images

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.quantize import DEFAULT_RECIPES, KINDS, parse_recipes
+from trainer.quantize import DEFAULT_OBSERVER, DEFAULT_RECIPES, KINDS, OBSERVERS, TARGETS, parse_recipes
 from trainer.models import METHOD_NAMES
 
 
@@ -23,9 +23,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for timing and evaluation (default 2)")
     p.add_argument("--calib-images", type=int, default=32, help="calibration frames per strategy (default 32)")
-    p.add_argument("--observer", default="minmax", choices=("minmax", "percentile", "entropy"),
-                   help="PTQ observer for recipes that name none (default minmax)")
-    p.add_argument("--target", default="cpu", choices=("cpu", "tensorrt"),
+    p.add_argument("--observer", default=DEFAULT_OBSERVER, choices=OBSERVERS,
+                   help="PTQ observer for recipes that name none (default %(default)s)")
+    p.add_argument("--target", default="cpu", choices=TARGETS,
                    help="cpu: uint8 activations for ONNX Runtime; tensorrt: int8 symmetric (default cpu)")
     p.add_argument("--keep", type=int, default=4, help="layers `mixed` keeps FP32 (default 4)")
     p.add_argument("--qat-epochs", type=int, default=3, help="QAT fine-tuning epochs (default 3)")

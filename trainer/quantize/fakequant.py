@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-TARGETS = ("cpu", "tensorrt")
+from trainer.quantize import TARGETS
 ACTIVATIONS = {F.relu, F.relu6, torch.relu, F.hardtanh, torch.clamp, torch.clip}
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
 ADDS = {operator.add, torch.add, operator.iadd}

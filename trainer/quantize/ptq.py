@@ -43,17 +43,16 @@ from typing import Any
 import numpy as np
 import onnx
 
+from trainer.quantize import DEFAULT_OBSERVER, OBSERVERS, TARGETS
 from trainer.quantize import graph as G
 from trainer.quantize.calibration import FrameReader
 from trainer.quantize.int4 import requantize_weights
 
-OBSERVERS = ("minmax", "percentile", "entropy")
-TARGETS = ("cpu", "tensorrt")
 
 
 @dataclass(frozen=True)
 class PTQConfig:
-    observer: str = "minmax"            # min-max: exact ranges; the map's peaks are in the tails percentile clips
+    observer: str = DEFAULT_OBSERVER    # trainer.quantize.OBSERVERS (the map arithmetic stays float: graph.py)
     per_channel: bool = True            # depthwise kernels differ by 100x between channels
     target: str = "cpu"
     fold_input: bool = True             # CPU target only: uint8 frame straight into the first convolutions

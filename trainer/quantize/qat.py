@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from trainer.quantize import graph as G
-from trainer.quantize.fakequant import TARGETS, freeze, freeze_weights, prepare_qat, set_quantisation
+from trainer.quantize import TARGETS
+from trainer.quantize.fakequant import freeze, freeze_weights, prepare_qat, set_quantisation
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from trainer.jsonsafe import json_safe
 from trainer.quantize.report_files import write_report
-from trainer.quantize import DEFAULT_RECIPES, Recipe, parse_recipes
+from trainer.quantize import DEFAULT_OBSERVER, DEFAULT_RECIPES, Recipe, parse_recipes
 from trainer.quantize import graph as G
 from trainer.quantize.calibration import DataSpec, calibration_images
 from trainer.quantize.ptq import PTQConfig
@@ -49,7 +49,7 @@ class ReportConfig:
     threads: int = DEFAULT_THREADS
     calib_images: int = 32
     calib_seed: int = 0
-    observer: str = "minmax"             # for ptq recipes that name none
+    observer: str = DEFAULT_OBSERVER     # for ptq recipes that name none
     target: str = "cpu"
     keep: int = 4                        # layers kept FP32 by `mixed` without a count
     sensitivity_images: int = 8          # held-out normal frames the sensitivity is measured on
