@@ -78,10 +78,12 @@ class FakeStation:
         self.site, self.name, self.fail_version, self.running = site, name, fail_version, running
         self.desired: list[messages.ModelDesired] = []
         self.lock = threading.Lock()
-        # with `running`, a birth message naming that version on every connect, as an agent sends
+        # with `running`, a birth message naming that version on every connect, as an agent sends; the link is
+        # in place before it connects, since its callbacks (the birth, a retained desire's answers) publish on it
         self.link = MqttLink(BrokerConfig(*broker), f"dev-{site}-{name}",
                              subscriptions=[(topics.topic(site, name, topics.MODEL_DESIRED), 1)],
-                             on_message=self.on_desired, on_connect=self.birth if running else None).start()
+                             on_message=self.on_desired, on_connect=self.birth if running else None)
+        self.link.start()
         assert self.link.wait_connected(10) and self.link.subscribed.wait(10)
 
     def birth(self) -> None:
