@@ -34,7 +34,8 @@ class Collector:
         self.device = device
         self.link = MqttLink(BrokerConfig(*broker), client_id, clean_start=not persistent,
                              subscriptions=[(topics.topic(site, device, topics.RESULT), 1)],
-                             on_message=self.on_message).start()
+                             on_message=self.on_message)
+        self.link.start()   # assigned first: a persistent session's results arrive at once, and are confirmed on it
         assert self.link.wait_connected(10) and self.link.subscribed.wait(10)
 
     def on_message(self, topic: str, payload: bytes) -> None:
