@@ -208,7 +208,8 @@ class Ingest:
             clean_start=not self.persistent,
             manual_ack=self.manual_ack,
             receive_maximum=self.inflight,
-        ).start()
+        )
+        self._link.start()   # assigned first: a persistent session's messages may be stored and confirmed at once
         log.info(
             "ingest connecting to %s as %s (site %s, shared group %s)",
             self.broker.url,

@@ -55,7 +55,8 @@ class RolloutController:
         # "": a desired model no device subscribes to yet is retained for it; `step` logs which devices are offline
         self._link = MqttLink(self.broker, self.client_id, clean_start=False, on_message=self.handle,
                               subscriptions=[(topics.subscription(topics.MODEL_STATE), 1),
-                                             (topics.subscription(topics.STATUS), 1)], unrouted="").start()
+                                             (topics.subscription(topics.STATUS), 1)], unrouted="")
+        self._link.start()
         self._thread = threading.Thread(target=self._loop, name="hub-rollouts", daemon=True)
         self._thread.start()
         log.info("rollout controller connecting to %s", self.broker.url)
