@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in names:
         print(f"kdfleet: unknown command {name!r}\n\n{usage(names)}", file=sys.stderr)
         return 2
+    if name in trainer_commands.COMMANDS:   # the trainer dispatches its own commands
+        return trainer_commands.main(argv, prog="kdfleet")
     module, func, _ = COMMANDS[name]
     if len(argv) > 1 and (name, argv[1]) in ROUTED:
         module, func = ROUTED[name, argv[1]]
@@ -51,10 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = getattr(importlib.import_module(module), func)
     except ImportError as exc:
-        extra = module.split(".")[0]
         print(f"kdfleet {name}: needs a package that is not installed ({exc.name}); "
-              f"install it with: pip install 'kdfleet[{'train' if extra == 'trainer' else extra}]'",
-              file=sys.stderr)
+              f"install it with: pip install 'kdfleet[{module.split('.')[0]}]'", file=sys.stderr)
         return 2
     result = target(argv[1:])
     return int(result or 0)
